@@ -4,7 +4,7 @@
 
 # %% ../nbs/03_store.ipynb #caae98fd
 from __future__ import annotations
-import json, re, sqlite3, struct, sys, threading
+import json, math, re, sqlite3, struct, sys, threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -44,6 +44,15 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             report_id {bigint} NOT NULL REFERENCES quality_reports(id), symbol TEXT NOT NULL,
             n_bars {bigint} NOT NULL, score {real} NOT NULL, PRIMARY KEY (report_id, symbol))""",
     ]),
+    (2, 'model registry', [
+        """CREATE TABLE IF NOT EXISTS models (
+            id TEXT PRIMARY KEY, created TEXT NOT NULL, parent TEXT, symbols TEXT NOT NULL, steps {bigint} NOT NULL,
+            seed {bigint} NOT NULL, artifact_sha256 TEXT NOT NULL, params_sha256 TEXT NOT NULL, data_sha256 TEXT NOT NULL,
+            metadata {json} NOT NULL)""",
+        """CREATE TABLE IF NOT EXISTS champion_history (
+            seq {id}, ts TEXT NOT NULL, model_id TEXT NOT NULL REFERENCES models(id), previous TEXT,
+            action TEXT NOT NULL, reason TEXT NOT NULL, metrics {json} NOT NULL)""",
+    ]),
 ]
 
 # %% ../nbs/03_store.ipynb #a952930f
@@ -53,6 +62,9 @@ def _sqlite_path(url:str) -> Path:
 def _ts_to_db(engine:str, ts) -> object:
     t = to_utc(ts)
     return None if t is None else (t.value if engine == 'sqlite' else t.to_pydatetime())
+
+# PostgreSQL advisory-lock keys: writers of the same thing in different sessions take turns (SQLite's BEGIN IMMEDIATE already does)
+_PG_LOCKS = {'migrate': 0x74726164_00000001, 'bars': 0x74726164_00000002}
 
 class Store:
     "Bars and records on SQLite or PostgreSQL; `Store()` opens the configured database and migrates it."
@@ -134,17 +146,30 @@ class Store:
                     except Exception: pass
                 raise
 
+    def _pg_lock(self, what:str):
+        "On PostgreSQL, wait for other sessions' `what` ('migrate' or 'bars') writers and hold the lock until this transaction ends."
+        if self.engine == 'postgresql': self.execute('SELECT pg_advisory_xact_lock(?)', (_PG_LOCKS[what],))
+
+    def _applied_versions(self) -> set[int]:
+        "Versions recorded in `schema_version` (none for a new database); only reads, so it never waits for a writer."
+        exists = self.query("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'") if self.engine == 'sqlite' \
+                 else self.query("SELECT 1 WHERE to_regclass('schema_version') IS NOT NULL")
+        return {r[0] for r in self.query('SELECT version FROM schema_version')} if exists else set()
+
     def migrate(self) -> list[int]:
         "Apply pending migrations; returns the versions applied."
         applied = []
-        with self.transaction():
-            self.execute('CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied TEXT NOT NULL)')
-            have = {r[0] for r in self.query('SELECT version FROM schema_version')}
-            for v, name, stmts in MIGRATIONS:
-                if v in have: continue
-                for s in stmts: self.execute(s)
-                self.execute('INSERT INTO schema_version (version, name, applied) VALUES (?, ?, ?)', (v, name, _now()))
-                applied.append(v)
+        # an up-to-date database is opened without taking the write lock, so a reader never waits for a writer's transaction
+        if {v for v, _, _ in MIGRATIONS} - self._applied_versions():
+            with self.transaction():
+                self._pg_lock('migrate')   # two processes opening a new database at once would both run CREATE TABLE
+                self.execute('CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied TEXT NOT NULL)')
+                have = {r[0] for r in self.query('SELECT version FROM schema_version')}
+                for v, name, stmts in MIGRATIONS:
+                    if v in have: continue
+                    for s in stmts: self.execute(s)
+                    self.execute('INSERT INTO schema_version (version, name, applied) VALUES (?, ?, ?)', (v, name, _now()))
+                    applied.append(v)
         if self.engine == 'postgresql': self._maybe_hypertable()
         return applied
 
@@ -158,8 +183,13 @@ class Store:
         except Exception: self.timescale = False
 
 # %% ../nbs/03_store.ipynb #f2499c41
-_UPSERT_SET = ', '.join(f'{c}=excluded.{c}' for c in NUMERIC_COLUMNS)
 _COLS = 'symbol, timeframe, ts, open, high, low, close, volume'
+_UPSERT_SET = ', '.join(f'{c}=excluded.{c}' for c in NUMERIC_COLUMNS)
+# ... but only where a value differs: re-ingesting unchanged bars then rewrites nothing (no new row versions, no WAL)
+_CHANGED = {'sqlite': ' OR '.join(f'bars.{c} IS NOT excluded.{c}' for c in NUMERIC_COLUMNS),
+            'postgresql': ' OR '.join(f'bars.{c} IS DISTINCT FROM excluded.{c}' for c in NUMERIC_COLUMNS)}
+def _upsert(engine:str, select:str) -> str:
+    return f'INSERT INTO bars ({_COLS}) {select} ON CONFLICT (symbol, timeframe, ts) DO UPDATE SET {_UPSERT_SET} WHERE {_CHANGED[engine]}'
 
 def _pg_copy_payload(df:pd.DataFrame, timeframe:str) -> bytes:
     "PostgreSQL binary COPY payload for bars, built with NumPy (no per-row Python)."
@@ -190,19 +220,22 @@ def write_bars(self:Store, bars:pd.DataFrame, # bars in the bar schema (normalis
         if self.engine == 'sqlite':
             rows = zip(df['symbol'].tolist(), [tf]*len(df), df['ts'].to_numpy('datetime64[ns]').view('int64').tolist(),
                        *(df[c].tolist() for c in NUMERIC_COLUMNS))
-            self.conn.executemany(f'INSERT INTO bars ({_COLS}) VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(symbol, timeframe, ts) DO UPDATE SET {_UPSERT_SET}', rows)
+            self.conn.executemany(_upsert('sqlite', 'VALUES (?,?,?,?,?,?,?,?)'), rows)
         else:
             payload = _pg_copy_payload(df, tf)
             lo, hi = df['ts'].min().to_pydatetime(), df['ts'].max().to_pydatetime()
             syms = df['symbol'].unique().tolist()
+            # the fast path is only safe if no other session inserts these keys between the check and the COPY
+            self._pg_lock('bars')
             overlap = self.query('SELECT 1 FROM bars WHERE timeframe = ? AND symbol = ANY(?) AND ts BETWEEN ? AND ? LIMIT 1', (tf, syms, lo, hi))
             cur = self.conn.cursor()
             if not overlap:   # fast path: nothing to replace, COPY straight into the table
                 with cur.copy(f'COPY bars ({_COLS}) FROM STDIN (FORMAT BINARY)') as cp: cp.write(payload)
             else:
                 cur.execute('CREATE TEMP TABLE IF NOT EXISTS bars_stage (LIKE bars INCLUDING DEFAULTS) ON COMMIT DELETE ROWS')
+                cur.execute('TRUNCATE bars_stage')   # an earlier write in this transaction left its rows here
                 with cur.copy(f'COPY bars_stage ({_COLS}) FROM STDIN (FORMAT BINARY)') as cp: cp.write(payload)
-                cur.execute(f'INSERT INTO bars ({_COLS}) SELECT {_COLS} FROM bars_stage ON CONFLICT (symbol, timeframe, ts) DO UPDATE SET {_UPSERT_SET}')
+                cur.execute(_upsert('postgresql', f'SELECT {_COLS} FROM bars_stage'))
     return len(df)
 
 # %% ../nbs/03_store.ipynb #a3238f8d
@@ -246,6 +279,15 @@ def count_bars(self:Store, symbols=None, timeframe:str|None=None) -> int:
     return int(self.query(q, p)[0][0])
 
 # %% ../nbs/03_store.ipynb #95a19832
+def _json(d) -> str:
+    "JSON text for the report column: NaN and infinities (not JSON; PostgreSQL's JSONB rejects them) become null."
+    def clean(x):
+        if isinstance(x, float) and not math.isfinite(x): return None
+        if isinstance(x, dict): return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)): return [clean(v) for v in x]
+        return x
+    return json.dumps(clean(d), default=str)
+
 @patch
 def save_quality_report(self:Store, report, # a `QualityReport`
                         kind:str='ingest', # 'ingest' for a stored batch, 'check' for a re-check of stored data
@@ -254,7 +296,7 @@ def save_quality_report(self:Store, report, # a `QualityReport`
     d = report.to_dict()
     with self.transaction():
         vals = (report.created, kind, report.source, ','.join(report.symbols), report.timeframe, report.start, report.end,
-                report.n_bars, report.n_clean, report.score, report.threshold, int(report.blocked), rows_written, report.data_sha256, json.dumps(d, default=str))
+                report.n_bars, report.n_clean, report.score, report.threshold, int(report.blocked), rows_written, report.data_sha256, _json(d))
         q = ('INSERT INTO quality_reports (created, kind, source, symbols, timeframe, start_ts, end_ts, n_bars, n_clean, score, threshold, blocked, '
              'rows_written, data_sha256, report) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)')
         if self.engine == 'postgresql': rid = self.query(q + ' RETURNING id', vals)[0][0]
