@@ -62,9 +62,16 @@ def _line(what:str, seconds:float, n:int, target:int|None) -> bool:
 def _timed(f):
     t = time.perf_counter(); f(); return time.perf_counter() - t
 
-def bench_engine(url:str, engine:str, df) -> bool:
+def bench_engine(url:str, engine:str, df, report=None) -> bool:
     from trader.store import Store
     n, ok = len(df), True
+    if report is not None:   # the whole ingest as `trader ingest` does it: quality gate, then the store (fresh database)
+        from trader.quality import DataQualityGate
+        with Store(url.replace('bench.db', 'bench_e2e.db') if engine == 'sqlite' else url) as s2:
+            def e2e():
+                s2.ingest(DataQualityGate().check(df, '1Min', source='synthetic'))
+            _line(f"{engine}: full ingest, gate + store (as trader ingest)", _timed(e2e), n, None)
+            s2.execute('DELETE FROM quality_symbols'); s2.execute('DELETE FROM quality_reports'); s2.execute('DELETE FROM bars')
     changed = df.assign(**{c: df[c]*1.0001 for c in ('open', 'high', 'low', 'close')}, volume=df['volume'] + 1)
     with Store(url) as store:
         assert store.engine == engine and store.count_bars() == 0
@@ -107,9 +114,9 @@ def main() -> int:
         _line("quality gate: DataQualityGate().check(df, '1Min')", _timed(check), len(df), None)
         print(f"  gate verdict: {report.summary()}", flush=True)
         if report.blocked: print("bench_ingest: the synthetic batch was blocked by the gate", file=sys.stderr); return 1
-        ok = bench_engine(f"sqlite:///{tmp}/bench.db", 'sqlite', df)
+        ok = bench_engine(f"sqlite:///{tmp}/bench.db", 'sqlite', df, report)
         pg_url, drop = _pg_database(os.environ['TRADER_TEST_PG_URL'])
-        try: ok &= bench_engine(pg_url, 'postgresql', df)
+        try: ok &= bench_engine(pg_url, 'postgresql', df, report)
         finally: drop()
     print(f"bench_ingest: {'all targets met' if ok else 'TARGET MISSED'}", flush=True)
     return 0 if ok else 1

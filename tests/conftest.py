@@ -78,3 +78,17 @@ def store(db_url) -> Store:
     s = Store(db_url)
     yield s
     s.close()
+
+
+# -- the `slow` marker: long training budgets, skipped unless asked for (`pytest -m slow` or `--runslow`) --------
+def pytest_addoption(parser):
+    parser.addoption('--runslow', action='store_true', default=False, help='also run tests marked slow')
+
+def pytest_configure(config):
+    config.addinivalue_line('markers', 'slow: long-running (training budgets); run with `pytest -m slow` or `--runslow`')
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption('--runslow') or 'slow' in (config.getoption('-m') or ''): return
+    skip = pytest.mark.skip(reason='slow: run with --runslow or -m slow')
+    for item in items:
+        if 'slow' in item.keywords: item.add_marker(skip)

@@ -53,6 +53,25 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             seq {id}, ts TEXT NOT NULL, model_id TEXT NOT NULL REFERENCES models(id), previous TEXT,
             action TEXT NOT NULL, reason TEXT NOT NULL, metrics {json} NOT NULL)""",
     ]),
+    (3, 'runs: backtests and paper sessions, their series, orders, decisions; gate history', [
+        """CREATE TABLE IF NOT EXISTS runs (
+            id TEXT PRIMARY KEY, kind TEXT NOT NULL, created TEXT NOT NULL, updated TEXT NOT NULL, status TEXT NOT NULL,
+            model_id TEXT, symbols TEXT NOT NULL, start_ts TEXT, end_ts TEXT, params {json} NOT NULL, metrics {json} NOT NULL)""",
+        "CREATE INDEX IF NOT EXISTS runs_kind_created ON runs (kind, created)",
+        """CREATE TABLE IF NOT EXISTS run_series (
+            run_id TEXT NOT NULL, series TEXT NOT NULL, ts {ts} NOT NULL, value {real},
+            PRIMARY KEY (run_id, series, ts)){without_rowid}""",
+        """CREATE TABLE IF NOT EXISTS run_orders (
+            run_id TEXT NOT NULL, seq {bigint} NOT NULL, ts {ts} NOT NULL, symbol TEXT NOT NULL, side TEXT NOT NULL,
+            qty {real} NOT NULL, price {real} NOT NULL, fees {real} NOT NULL, slippage {real} NOT NULL,
+            client_order_id TEXT, decision_ts {ts}, reference_price {real}, status TEXT NOT NULL,
+            PRIMARY KEY (run_id, seq))""",
+        """CREATE TABLE IF NOT EXISTS run_decisions (
+            run_id TEXT NOT NULL, ts {ts} NOT NULL, action INTEGER NOT NULL, label TEXT NOT NULL, confidence {real} NOT NULL,
+            model_id TEXT, targets {json} NOT NULL, breaches {json} NOT NULL, PRIMARY KEY (run_id, ts))""",
+        """CREATE TABLE IF NOT EXISTS gate_history (
+            id {id}, created TEXT NOT NULL, date TEXT NOT NULL, run_id TEXT, status TEXT NOT NULL, figures {json} NOT NULL)""",
+    ]),
 ]
 
 # %% ../nbs/03_store.ipynb #a952930f
