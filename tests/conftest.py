@@ -94,28 +94,5 @@ def pytest_collection_modifyitems(config, items):
         if 'slow' in item.keywords: item.add_marker(skip)
 
 
-# -- prepared models: registered RecurrentPPO models whose policy always takes one action ------------------------
-def fixed_action_model(store, settings, action:int, symbols=('AAPL', 'MSFT'), note:str=''):
-    """Register a model that always chooses `action` (its action head is overwritten), for tests that need
-    models known to be better or worse (promotion, nightly, drills). Returns the model id."""
-    import json, shutil
-    from sb3_contrib import RecurrentPPO
-    import torch
-    from trader.registry import Registry, ARTIFACT, new_model_id
-    from trader.train import train, params_sha256
-    tiny = settings.model_copy(update={'train': settings.train.model_copy(update={'n_steps': 64, 'batch_size': 64, 'n_epochs': 1, 'checkpoint_every': 0})})
-    base = train(','.join(symbols), steps=64, seed=0, settings=tiny, store=store, progress=False)
-    reg = Registry(store, settings)
-    model = RecurrentPPO.load(reg.artifact(base.model_id), device='cpu')
-    with torch.no_grad():
-        model.policy.action_net.weight.zero_()
-        model.policy.action_net.bias.fill_(-20.0)
-        model.policy.action_net.bias[action] = 20.0
-    mid = new_model_id(symbols)
-    d = reg.model_dir(mid); d.mkdir(parents=True)
-    model.save(d/ARTIFACT)
-    meta = {k: v for k, v in base.meta.items() if k not in ('id', 'artifact_sha256', 'created')}
-    meta.update(kind='prepared', parent=base.model_id, params_sha256=params_sha256(model),
-                note=note or f'prepared for tests: always action {action}')
-    reg.register(mid, meta)
-    return mid
+# -- prepared models: registered models whose policy always takes one action (see trader.train.fixed_action_model) --
+from trader.train import fixed_action_model  # noqa: E402,F401  (re-exported for the tests)

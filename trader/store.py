@@ -72,6 +72,24 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
         """CREATE TABLE IF NOT EXISTS gate_history (
             id {id}, created TEXT NOT NULL, date TEXT NOT NULL, run_id TEXT, status TEXT NOT NULL, figures {json} NOT NULL)""",
     ]),
+    (4, 'paper trading: broker state, loop state, heartbeats, risk events, controls, audit log', [
+        """CREATE TABLE IF NOT EXISTS broker_orders (
+            broker TEXT NOT NULL, client_order_id TEXT NOT NULL, symbol TEXT NOT NULL, side TEXT NOT NULL, qty {real} NOT NULL,
+            order_type TEXT NOT NULL, status TEXT NOT NULL, submitted TEXT NOT NULL, bar_ts {ts}, reference_price {real},
+            filled_ts {ts}, fill_price {real}, fees {real}, broker_order_id TEXT, PRIMARY KEY (broker, client_order_id))""",
+        """CREATE TABLE IF NOT EXISTS broker_positions (broker TEXT NOT NULL, symbol TEXT NOT NULL, qty {real} NOT NULL,
+            PRIMARY KEY (broker, symbol))""",
+        """CREATE TABLE IF NOT EXISTS broker_accounts (broker TEXT PRIMARY KEY, cash {real} NOT NULL, initial_cash {real} NOT NULL,
+            last_bar_ts {ts}, last_prices {json} NOT NULL, connected INTEGER NOT NULL)""",
+        """CREATE TABLE IF NOT EXISTS loop_state (run_id TEXT PRIMARY KEY, last_bar_ts {ts}, state {json} NOT NULL, updated TEXT NOT NULL)""",
+        """CREATE TABLE IF NOT EXISTS heartbeats (run_id TEXT NOT NULL, ts TEXT NOT NULL, bar_ts {ts}, feed TEXT NOT NULL,
+            PRIMARY KEY (run_id, ts))""",
+        """CREATE TABLE IF NOT EXISTS risk_events (id {id}, run_id TEXT, ts TEXT NOT NULL, bar_ts {ts}, kind TEXT NOT NULL,
+            level INTEGER NOT NULL, detail {json} NOT NULL)""",
+        """CREATE TABLE IF NOT EXISTS controls (key TEXT PRIMARY KEY, value TEXT NOT NULL, updated TEXT NOT NULL, reason TEXT NOT NULL)""",
+        """CREATE TABLE IF NOT EXISTS audit_log (seq {bigint} PRIMARY KEY, ts TEXT NOT NULL, kind TEXT NOT NULL, payload TEXT NOT NULL,
+            prev_hash TEXT NOT NULL, hash TEXT NOT NULL)""",
+    ]),
 ]
 
 # %% ../nbs/03_store.ipynb #a952930f
