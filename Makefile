@@ -10,7 +10,7 @@ export NUMBA_CACHE_DIR ?= $(CURDIR)/.cache/numba
 export MPLBACKEND ?= Agg
 export PYTHONHASHSEED ?= 0
 
-.PHONY: install demo test test-pg bench sync-check clean-check nbtest pytest clean
+.PHONY: install demo serve test bench sync-check clean-check nbtest pytest clean
 
 install: $(STAMP)   ## create .venv once; re-run only when settings.ini/setup.py change
 
@@ -23,6 +23,9 @@ $(STAMP): settings.ini setup.py
 
 demo: install    ## DEMO_SERVE=0 runs every stage without serving the dashboard
 	$(BIN)/trader demo $(if $(filter 0 no false,$(DEMO_SERVE)),--no-serve,)
+
+serve: install   ## the dashboard alone (read-only); CONTROL=1 enables the kill switch, resume and drill buttons
+	$(BIN)/trader dashboard $(if $(filter 1 yes true,$(CONTROL)),--control,)
 
 sync-check: install
 	@$(BIN)/nbdev_export
@@ -38,7 +41,7 @@ clean-check: install
 	@echo "clean check: notebooks are clean"
 
 nbtest: install
-	TRADER_HOME=$(CURDIR)/.test-home/nbs $(BIN)/nbdev_test --n_workers 2
+	TRADER_HOME=$(CURDIR)/.test-home/nbs TRADER_REPORTS=$(CURDIR)/.test-home/reports $(BIN)/nbdev_test --n_workers 2
 
 pytest: install
 	$(BIN)/python -m pytest tests/ -q

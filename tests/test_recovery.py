@@ -53,7 +53,7 @@ def _ctx():
     if not _CTX:
         ctx = mp.get_context('forkserver')
         # the fork server imports these once; every child starts from there (this module: for `_child` below)
-        ctx.set_forkserver_preload([__name__, 'trader.cli', 'trader.live', 'trader.train', 'sb3_contrib'])
+        ctx.set_forkserver_preload([__name__, 'trader.cli', 'trader.live', 'trader.train', 'sb3_contrib', 'torch._dynamo'])
         _CTX.append(ctx)
     return _CTX[0]
 
