@@ -10,9 +10,9 @@ How:
   rollback done twice would be visible).
 * Reference: an uninterrupted `trader paper` replay of the holdout (the real console script) in a copy of the prepared home.
 * Crash run, in another copy: `trader paper ... --speed 200` is started, killed with SIGKILL, restarted with the same
-  arguments, 11 times (one kill during start-up, ten while bars are being processed), then left to finish (the real console
-  script again). The kill points are drawn with a seeded random: a target bar spread over the replay, and a way of killing:
-  from outside after a random delay, from outside as soon as the store shows the broker ahead of the ledger (an order or an
+  arguments, 11 times (one kill at start-up or on the first bar, ten while bars are being processed), then left to finish;
+  `trader audit verify` (the console script) at the end. The kill points are drawn with a seeded random: a target bar
+  spread over the replay, and a way of killing: from outside after a random delay, from outside as soon as the store shows the broker ahead of the ledger (an order or an
   open that the loop has not committed), or at an exact point inside the process (it sends itself SIGKILL right after the
   broker accepted an order, right after the broker filled orders at the open, inside the bar's transaction after the ledger
   rows were written, right after a bar committed, right after the guardian's model rollback).
@@ -28,6 +28,7 @@ all through the replay) and guardian on (it fires mid-replay: flatten, halt, rol
 """
 import json, math, multiprocessing as mp, os, random, re, shutil, signal, sqlite3, subprocess, sys, time
 from pathlib import Path
+import pandas as pd
 import pytest
 
 TRADER = str(Path(sys.executable).parent/'trader')
@@ -39,8 +40,7 @@ TOML = '[train]\nn_steps = 128\nbatch_size = 64\nn_epochs = 2\ncheckpoint_every 
 MIN_ORDERS = 24                  # "dozens of orders" over the holdout
 
 # ---------------------------------------------------------------------------------------------------------------------
-# processes: the real console script for the reference, the final resume and `audit verify`; forked `trader.cli.main`
-# for the restarts that get killed
+# processes: the real console script for the references and `audit verify`; forked `trader.cli.main` for the crash runs
 def _env(home) -> dict:
     return {'TRADER_HOME': str(home), 'TRADER_DB_URL': '', 'TRADER_CONFIG': str(Path(home)/'trader.toml')}
 
@@ -61,7 +61,6 @@ def _die(): os.kill(os.getpid(), signal.SIGKILL)
 
 def _arm(hook:dict):
     "In the child: send ourselves SIGKILL at an exact point of the first bar at or after hook['from_ns']."
-    import pandas as pd
     from trader import broker as B, live as L, registry as R, runs as RU
     t0, at = pd.Timestamp(hook['from_ns'], tz='UTC'), hook['at']
     if at == 'order':            # the broker has accepted (committed) an order of a bar the loop has not committed
@@ -185,18 +184,25 @@ def copy_home(src, dst, guardian:bool):
     _write_toml(dst, guardian)
     return dst
 
-def reference_run(base, dst, guardian:bool) -> dict:
-    "An uninterrupted replay with the real console script."
-    home = copy_home(base, dst, guardian)
-    r = trader(home, *PAPER, '--speed', 'max')
-    assert r.returncode == 0, r.stderr
-    snap = snapshot(home)
-    assert snap['status'] == 'done'
-    return snap
+def reference_runs(base, dsts:dict) -> dict:
+    "Uninterrupted replays with the real console script, in copies of `base` (guardian off and on, side by side)."
+    procs = {}
+    for guardian, dst in dsts.items():
+        home = copy_home(base, dst, guardian)
+        procs[guardian] = (home, subprocess.Popen([TRADER, *PAPER, '--speed', 'max'], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                                  text=True, env={**os.environ, **_env(home)}))
+    out = {}
+    for guardian, (home, p) in procs.items():
+        try: _, err = p.communicate(timeout=180)
+        except subprocess.TimeoutExpired: p.kill(); p.communicate(); pytest.fail('the reference replay did not end within 180 s')
+        assert p.returncode == 0, err
+        out[guardian] = snapshot(home)
+        assert out[guardian]['status'] == 'done'
+    return out
 
 @pytest.fixture(scope='module')
 def prepared(tmp_path_factory):
-    "A home with the sample, champion lineage [P, A, B] (B: a trained model that trades often), and the guardian-off reference."
+    "A home with the sample, champion lineage [P, A, B] (B: a trained model that trades often), and the two references."
     from trader.config import load_settings
     from trader.store import Store
     from trader.train import fixed_action_model
@@ -214,13 +220,12 @@ def prepared(tmp_path_factory):
         run_forked(base, ['train', '--symbols', 'AAPL,MSFT', '--steps', '1024', '--seed', str(seed), '-q'], log)
         model = re.search(r'registered (\S+):', Path(log).read_text()).group(1)
         run_forked(base, ['models', 'champion', model], root/'champion.log')
-        ref_dir = root/f'ref-off-{seed}'
-        ref = reference_run(base, ref_dir, False)
-        if len(ref['ledger']) >= MIN_ORDERS: break
+        refs = reference_runs(base, {False: root/f'ref-off-{seed}', True: root/f'ref-on-{seed}'})
+        if len(refs[False]['ledger']) >= MIN_ORDERS: break
     else: pytest.fail(f"no 1024-step model traded >= {MIN_ORDERS} times over the holdout")
     print(f"\nprepared in {time.perf_counter() - t0:.1f}s: model {model} (seed {seed}), lineage {before + [model]}; "
-          f"reference without guardian: {len(ref['ledger'])} fills, {len(ref['broker'])} broker orders")
-    return {'root': root, 'base': base, 'model': model, 'lineage': before + [model], 'ref_off': ref, 'ref_off_home': ref_dir}
+          f"references: guardian off {len(refs[False]['ledger'])} fills, guardian on {len(refs[True]['ledger'])} fills")
+    return {'root': root, 'base': base, 'model': model, 'lineage': before + [model], 'ref_off': refs[False], 'ref_on': refs[True]}
 
 # ---------------------------------------------------------------------------------------------------------------------
 # the crash loop
@@ -235,8 +240,6 @@ def events_from_ref(ref, times) -> dict:
            'fill': sorted({idx[o[8]] for o in broker if o[4] == 'opg' and o[5] == 'filled' and o[8] in idx}),
            'mid_commit': sorted({idx[r[1]] for r in ref['ledger'] if r[1] in idx}),
            'after_commit': list(range(len(times))),
-           'poll_order': sorted({idx[o[6]] for o in broker if o[6] in idx}),
-           'poll_open': sorted({idx[o[8]] for o in broker if o[4] == 'opg' and o[5] == 'filled' and o[8] in idx}),
            'rollback': sorted({idx[b] for b, k, *_ in ref['events'] if k == 'guardian' and b in idx})}
     return out
 
@@ -296,7 +299,7 @@ def plan_kills(rng, n_bars, events, n=10, guardian_bar=None) -> list[dict]:
         edges = [g + 2 + (n_bars - g - 8)*k//rest for k in range(rest + 1)]
         kinds += ['timed']*rest
         targets += [rng.randrange(edges[k], edges[k + 1]) for k in range(rest)]
-    return [{'kind': 'startup', 'delay': rng.uniform(0.05, 0.4)}] + \
+    return [{'kind': 'startup', 'delay': rng.uniform(0.02, 0.3)}] + \
            [{'kind': k, 'target': t, 'jitter': rng.uniform(0.0, 0.008)} for k, t in zip(kinds, targets)]
 
 def crash_loop(home, ref, plan, logdir, events) -> list[dict]:
@@ -328,15 +331,16 @@ def crash_loop(home, ref, plan, logdir, events) -> list[dict]:
                     time.sleep(spec['jitter']); how = f"{spec['jitter']*1e3:.1f} ms after bar {goal} was committed"
                 else:
                     # as soon as the broker is ahead of the ledger: an order (poll_order) or an open (poll_open) of an uncommitted bar
-                    t1, want = time.perf_counter(), [i for i in events[kind] if i > goal]
+                    t1 = time.perf_counter()
                     how = f"{kind}: first moment the broker was ahead of the ledger after bar {goal}"
-                    while p.is_alive() and time.perf_counter() < min(deadline, t1 + 3):
+                    while p.is_alive() and time.perf_counter() < min(deadline, t1 + 0.25):
                         c = probe.committed()
+                        if c >= len(times) - 4: how += ' (near the end: killed now)'; break    # never let it finish
                         if kind == 'poll_open' and probe.broker_opened() > c: break
                         if kind == 'poll_order' and probe.run_id() and probe.c.execute(
                                 'SELECT 1 FROM broker_orders WHERE broker = ? AND bar_ts > ? LIMIT 1',
                                 (f'sim-{probe.rid}', times[c] if c >= 0 else -1)).fetchall(): break
-                    else: how += ' (not seen in time: killed anyway)'
+                    else: how += ' (not seen within 0.25 s: killed anyway)'
                 if p.is_alive(): os.kill(p.pid, signal.SIGKILL)
             p.join(max(1.0, deadline - time.perf_counter()))
             if p.is_alive():
@@ -345,9 +349,10 @@ def crash_loop(home, ref, plan, logdir, events) -> list[dict]:
             rec = {'k': k, 'kind': kind, 'how': how, 'rc': p.exitcode, 'seconds': time.perf_counter() - t_start,
                    'committed_before': c0, **probe.landing()}
             records.append(rec)
-            print(f"  kill {k:2d} {kind:<12} rc {rec['rc']:>3}  after {rec['seconds']:.2f}s; committed bars {c0 + 1} -> {rec['committed'] + 1}; "
-                  f"broker opened bar {rec.get('broker_opened')}, {rec.get('orders_ahead')} order(s) ahead of the ledger, "
-                  f"{rec.get('fills_not_in_ledger')} fill(s) not in the ledger; {how}")
+            day = lambda i: 'none' if i < 0 else f"{i} ({pd.Timestamp(times[i], tz='UTC'):%Y-%m-%d})"
+            print(f"  kill {k:2d} {kind:<12} rc {rec['rc']} at {rec['seconds']:.2f}s; last committed bar {day(c0)} -> {day(rec['committed'])}"
+                  + (f"; broker had opened bar {rec['broker_opened']}, {rec['orders_ahead']} order(s) and {rec['fills_not_in_ledger']} fill(s) "
+                     f"not in the ledger" if rec['run'] else '; no run yet') + f"; {how}")
             if p.exitcode not in (-signal.SIGKILL,):
                 pytest.fail(f"restart {k} ended with {p.exitcode} instead of being killed:\n{log.read_text()[-3000:]}")
     finally: probe.close()
@@ -401,11 +406,12 @@ def crash_and_check(prepared, ref, guardian:bool, name:str):
     print(f"\n{name}: {len(times)} bars, reference {len(ref['ledger'])} fills" + (f", guardian fires at bar {g}" if g is not None else ''))
     t0 = time.perf_counter()
     records = crash_loop(home, ref, plan, logdir, events)
-    # the last restart: the console script, left to finish
-    r = trader(home, *PAPER, '--speed', SPEED)
-    assert r.returncode == 0, r.stderr
-    assert 'resumed' in r.stdout, r.stdout
-    print(f"{name}: {sum(x['rc'] == -9 for x in records)} kills, finished in {time.perf_counter() - t0:.1f}s: {r.stdout.splitlines()[0]}")
+    # the last restart, left to finish
+    log = logdir/'final.log'
+    run_forked(home, [*PAPER, '--speed', SPEED], log)
+    out = log.read_text()
+    assert 'resumed' in out, out
+    print(f"{name}: {sum(x['rc'] == -9 for x in records)} kills, finished in {time.perf_counter() - t0:.1f}s: {out.splitlines()[0]}")
     crash = snapshot(home)
     check_against(crash, ref, records, home)
     mid = [x for x in records if x['committed'] >= 0 and (x['orders_ahead'] or x['broker_opened'] > x['committed'] or x['fills_not_in_ledger'])]
@@ -421,7 +427,7 @@ def test_kill_and_resume_guardian_off(prepared):
 
 def test_kill_and_resume_guardian_on(prepared):
     "The guardian fires mid-replay (flatten, halt, rollback within the bar): kills at that bar too."
-    ref = reference_run(prepared['base'], prepared['root']/'ref-on', True)
+    ref = prepared['ref_on']
     fired = [e for e in ref['events'] if e[1] == 'guardian']
     if not fired: pytest.skip('the guardian does not fire with this model over the holdout')
     assert isinstance(fired[0][3].get('rollback'), dict), f"the reference's guardian did not roll back: {fired[0]}"

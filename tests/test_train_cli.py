@@ -78,8 +78,10 @@ def test_models_commands_and_tamper(home):
 
 @pytest.mark.slow
 def test_acceptance_20k_twice_same_hash(tmp_path):
-    "The issue's own figure: 20,000 steps twice with seed 0 give identical weights (about 2 x 40 s)."
+    "The issue's own figure: 20,000 steps twice with seed 0 give identical weights (about 2 x 40 s), default hyperparameters."
+    (tmp_path/'trader.toml').write_text('')
     r = trader(tmp_path, 'ingest', '--source', 'sample', '--symbols', 'AAPL,MSFT', '-q'); assert r.returncode == 0
     a = registered(trader(tmp_path, 'train', '--symbols', 'AAPL,MSFT', '--steps', '20000', '--seed', '0', '-q').stdout)
     b = registered(trader(tmp_path, 'train', '--symbols', 'AAPL,MSFT', '--steps', '20000', '--seed', '0', '-q').stdout)
     assert params_hash(tmp_path, a) == params_hash(tmp_path, b)
+    print(f"20,000 steps twice, seed 0: params sha256 {params_hash(tmp_path, a)[:16]} == {params_hash(tmp_path, b)[:16]}")
