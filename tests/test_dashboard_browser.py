@@ -1,0 +1,303 @@
+"""The dashboard in a real browser: `trader dashboard` (Voila) driven by headless Chromium through Playwright.
+
+* read-only: the KPI tiles show the store's figures, the P&L figure is drawn with data, the gate light is shown and the
+  controls are disabled;
+* control mode (`--control`): the kill switch pressed on the page halts a running paper replay at its next bar, and the
+  page then says so.
+
+Screenshots go to reports/dashboard-readonly.png and reports/dashboard-control.png (and the test's temporary folder).
+Needs Debian's Chromium at /usr/bin/chromium (`apt-get install chromium chromium-driver`; `.ci/run` installs it):
+without it the tests are skipped locally and fail in CI (CI=true). Playwright's own browser download is not used.
+Everything listens on loopback ports picked at random; the browser is not allowed to fetch anything else.
+"""
+import os, re, signal, socket, subprocess, sys, time
+from pathlib import Path
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TRADER = str(Path(sys.executable).parent/'trader')
+CHROMIUM = '/usr/bin/chromium'
+CHROMIUM_ARGS = ['--no-sandbox', '--disable-gpu', '--disable-background-networking', '--disable-component-update',
+                 '--disable-sync', '--no-first-run', '--disable-quic']
+FAST = '[train]\nn_steps = 128\nbatch_size = 64\nn_epochs = 2\ncheckpoint_every = 0\n'
+REPLAY = '2012-01-03:2012-03-30'                       # the finished run the read-only page shows
+LIVE_REPLAY, LIVE_SPEED = '2012-04-02:2012-12-31', 4    # ~190 bars at 4 bars/s: still running when the kill switch is pressed
+PAGE_WAIT = 90.0    # Voila starts a kernel and executes the notebook on the first request
+HALT_WAIT = 30.0
+HINT = "install Debian's Chromium with `apt-get install chromium chromium-driver` (provides /usr/bin/chromium)"
+
+def chromium() -> str:
+    "Path of Debian's Chromium and a working Playwright; a missing one skips the test locally and fails it in CI."
+    ci = os.environ.get('CI') == 'true'
+    if not os.access(CHROMIUM, os.X_OK):
+        if ci: pytest.fail(f"{CHROMIUM} is required in CI but was not found; the CI entry point (.ci/run) installs the Debian packages `chromium chromium-driver`", pytrace=False)
+        pytest.skip(f"{CHROMIUM} not found; {HINT}")
+    try: import playwright.sync_api  # noqa: F401
+    except ImportError:
+        if ci: pytest.fail("the Python package `playwright` is required in CI but is not installed (dev requirements)", pytrace=False)
+        pytest.skip("the Python package `playwright` is not installed: `pip install playwright` (its browser download is not needed)")
+    return CHROMIUM
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
+
+def tail(path:Path, n:int=40) -> str:
+    return '\n'.join(path.read_text(errors='replace').splitlines()[-n:]) if path.exists() else ''
+
+def children(pid:int) -> list[int]:
+    "Every descendant of `pid` (from /proc), so processes that leave the group (Voila's kernels) can be stopped too."
+    kids = {}
+    for d in Path('/proc').iterdir():
+        if not d.name.isdigit(): continue
+        try: ppid = int((d/'stat').read_text().rsplit(')', 1)[1].split()[1])
+        except (OSError, IndexError, ValueError): continue
+        kids.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [pid]
+    while todo:
+        for k in kids.get(todo.pop(), []): out.append(k); todo.append(k)
+    return out
+
+def alive(pid:int) -> bool:
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    try: return (Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()[0]) != 'Z'
+    except OSError: return False
+
+def stop(p:subprocess.Popen):
+    """Stop `p`, started in its own session, with everything it started: SIGTERM to the group (Voila shuts its kernels
+    down), SIGKILL to whatever is left. `trader dashboard` runs Voila as a child; signalling only `p` would orphan it."""
+    if getattr(p, 'stopped', False): return
+    p.stopped = True
+    desc = children(p.pid)
+    if p.poll() is None or any(alive(d) for d in desc):
+        try: os.killpg(p.pid, signal.SIGTERM)
+        except ProcessLookupError: pass
+        end = time.monotonic() + 15
+        while time.monotonic() < end and (p.poll() is None or any(alive(d) for d in desc)): time.sleep(0.2)
+        for pid in [p.pid, *desc]:
+            if pid == p.pid and p.poll() is not None: continue
+            if alive(pid):
+                try: os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError: pass
+    try: p.wait(10)
+    except subprocess.TimeoutExpired: pass
+
+def trader_env(home:Path, **extra) -> dict:
+    return {**os.environ, 'TRADER_HOME': str(home), 'TRADER_DB_URL': '', 'TRADER_CONFIG': str(home/'trader.toml'),
+            'TRADER_REPORTS': str(home/'reports'), 'NUMBA_CACHE_DIR': os.environ.get('NUMBA_CACHE_DIR', str(ROOT/'.cache'/'numba')), **extra}
+
+def trader(home:Path, *args) -> subprocess.CompletedProcess:
+    r = subprocess.run([TRADER, *args], capture_output=True, text=True, env=trader_env(home), timeout=300, cwd=ROOT)
+    assert r.returncode == 0, f'trader {" ".join(args)}: {r.stdout}\n{r.stderr}'
+    return r
+
+def open_store(home:Path):
+    from trader.store import Store
+    return Store(f'sqlite:///{home}/trader.db')
+
+WHOLE_PAGE = '''() => { let h = document.documentElement.scrollHeight;
+  for (const e of document.querySelectorAll('*')) {   // Voila's page scrolls inside a container, not the document
+    if (e.scrollHeight > e.clientHeight + 1 && /auto|scroll/.test(getComputedStyle(e).overflowY)) {
+      e.scrollTop = 0; h = Math.max(h, e.getBoundingClientRect().top + e.scrollHeight); } }
+  return Math.ceil(h); }'''
+
+def save_shot(page, tmp:Path, name:str) -> Path:
+    "The whole page: the viewport is made as tall as the content (a full-page screenshot only sees the document)."
+    (ROOT/'reports').mkdir(exist_ok=True)
+    h = page.evaluate(WHOLE_PAGE)
+    if h + 20 > page.viewport_size['height']:
+        page.set_viewport_size({'width': page.viewport_size['width'], 'height': min(h + 20, 6000)})
+    wait_plot(page, None, 15)     # the figure drawn across the page (again, after a resize)
+    page.screenshot(path=str(tmp/name), full_page=True)
+    page.screenshot(path=str(ROOT/'reports'/name), full_page=True)
+    return ROOT/'reports'/name
+
+@pytest.fixture(scope='module')
+def browser():
+    "Debian's Chromium, headless, through Playwright (checked first: without it nothing else is prepared)."
+    exe = chromium()
+    from playwright.sync_api import sync_playwright
+    pw = sync_playwright().start()
+    try:
+        b = pw.chromium.launch(executable_path=exe, args=CHROMIUM_ARGS)
+        try: yield b
+        finally: b.close()
+    finally: pw.stop()
+
+@pytest.fixture(scope='module')
+def home(browser, tmp_path_factory) -> Path:
+    "A store with the sample bars, a small champion model and one finished paper replay."
+    h = tmp_path_factory.mktemp('dashboard-home')
+    (h/'trader.toml').write_text(FAST)
+    trader(h, 'ingest', '--source', 'sample', '--symbols', 'AAPL,MSFT', '-q')
+    out = trader(h, 'train', '--symbols', 'AAPL,MSFT', '--steps', '512', '-q').stdout
+    m = re.search(r'registered (\S+):', out); assert m, out
+    trader(h, 'models', 'champion', m.group(1))
+    trader(h, 'paper', '--broker', 'sim', '--model', 'champion', '--replay', REPLAY, '--speed', 'max', '-q')
+    return h
+
+@pytest.fixture
+def spawn(tmp_path):
+    "Start background processes in their own sessions (output to files); all of them, and their children, are stopped at teardown."
+    procs = []
+    def start(*cmd, env=None, name='proc'):
+        out = tmp_path/f'{name}.out'
+        with open(out, 'wb') as f:
+            p = subprocess.Popen(list(cmd), stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
+        p.out = out; procs.append(p)
+        return p
+    yield start
+    for p in reversed(procs): stop(p)
+
+@pytest.fixture
+def page(browser, tmp_path):
+    "A page that may only talk to 127.0.0.1 (Voila's template links a web font from a CDN: refused, not looked up)."
+    ctx = browser.new_context(viewport={'width': 1400, 'height': 1900})   # the whole page, so screenshots need no resize
+    ctx.route(lambda url: not url.startswith('http://127.0.0.1:'), lambda route: route.abort())
+    pg = ctx.new_page()
+    pg.errors = []
+    pg.on('pageerror', lambda e: pg.errors.append(str(e)))
+    try: yield pg
+    finally: ctx.close()
+
+def dashboard(spawn, home:Path, control:bool=False):
+    "`trader dashboard` on a free loopback port, once it accepts connections: (process, url)."
+    port = free_port()
+    p = spawn(TRADER, 'dashboard', '--port', str(port), *(['--control'] if control else []), env=trader_env(home), name=f'dashboard-{port}')
+    end = time.monotonic() + PAGE_WAIT
+    while True:
+        if p.poll() is not None: pytest.fail(f'trader dashboard exited ({p.returncode}):\n{tail(p.out)}')
+        try:
+            with socket.create_connection(('127.0.0.1', port), timeout=1): break
+        except OSError: pass
+        if time.monotonic() > end: pytest.fail(f'trader dashboard did not listen on 127.0.0.1:{port} within {PAGE_WAIT:g}s:\n{tail(p.out)}')
+        time.sleep(0.2)
+    return p, f'http://127.0.0.1:{port}/'
+
+PLOT_STATE = '''() => { const e = document.querySelector('.js-plotly-plot');
+  if (!e || !e.data) return null;
+  const svg = e.querySelector('.main-svg');
+  return {traces: e.data.length, points: e.data.map(d => (d.x || []).length), dd_points: e.data.length > 3 ? (e.data[3].y || []).length : 0,
+          paths: [...e.querySelectorAll('.scatterlayer .trace .lines path')].map(l => (l.getAttribute('d') || '').length),
+          width: svg ? Math.round(svg.getBoundingClientRect().width) : 0, box: Math.round(e.parentElement.getBoundingClientRect().width)}; }'''
+# drawn: the four traces, equity and drawdown with `n` points (any if null) and their lines on the page, across the page
+# (not at plotly's default 700 px, which is what a figure drawn before its container was laid out keeps)
+PLOT_DRAWN = '''n => { const s = (''' + PLOT_STATE + ''')();
+  return !!s && s.traces === 4 && s.points[0] > 0 && (n === null || (s.points[0] === n && s.dd_points === n))
+         && s.paths.length >= 2 && s.paths.every(d => d > 20) && s.width >= 0.9*s.box; }'''
+
+def wait_plot(page, n:int|None, timeout:float):
+    try: page.wait_for_function(PLOT_DRAWN, arg=n, timeout=timeout*1000)
+    except Exception as e:
+        pytest.fail(f'the P&L figure was not drawn ({type(e).__name__}; expected {n} points): {page.evaluate(PLOT_STATE)}')
+
+def load(page, url:str, proc, n_points:int|None=None):
+    "Open the page and wait until the tiles (and, given `n_points`, the P&L figure with that many points) are drawn."
+    t0 = time.monotonic()
+    try:
+        page.goto(url, timeout=PAGE_WAIT*1000)
+        page.wait_for_selector('.kpi-equity', timeout=max(1.0, PAGE_WAIT - (time.monotonic() - t0))*1000)
+        if n_points is not None:
+            wait_plot(page, n_points, 30)
+    except Exception as e:
+        body = page.inner_text('body') if page.query_selector('body') else ''
+        pytest.fail(f'the dashboard did not render ({type(e).__name__}: {e}):\npage: {body[-3000:]}\nJS errors: {page.errors}\nvoila: {tail(proc.out)}')
+    body = page.inner_text('body')
+    assert 'Traceback' not in body and 'refresh failed' not in body, body[-3000:]
+    assert not page.errors, page.errors
+    return time.monotonic() - t0
+
+def disabled(page, cls:str) -> bool:
+    return page.eval_on_selector(f'.{cls}', "e => e.disabled || !!e.querySelector('button[disabled]')")
+
+def test_readonly_page_shows_the_store(home, spawn, page, tmp_path):
+    from trader.runs import Runs
+    from trader.dashboard import snapshot
+    from trader.config import load_settings
+    store = open_store(home)
+    try:
+        rid = Runs(store).latest('paper')
+        eq = Runs(store).load(rid).equity
+        snap = snapshot(store, rid, load_settings(trader_env(home)), verify_audit=False)
+    finally: store.close()
+    proc, url = dashboard(spawn, home)
+    took = load(page, url, proc, n_points=len(eq))
+    # the selected run and its figures
+    assert rid in page.eval_on_selector('.trader-run-selector select', 's => s.options[s.selectedIndex].text')
+    assert 'replay of historical bars 2012-01-03 to 2012-03-30' in page.inner_text('.trader-run-label')
+    want = f'${eq.iloc[-1]:,.2f}'
+    shown = page.inner_text('.kpi-equity .v')
+    assert shown == want, (shown, want)
+    assert page.inner_text('.kpi-pnl .v').startswith(('+$', '-$'))
+    for k in ('kpi-today', 'kpi-sharpe', 'kpi-maxdd'): assert page.inner_text(f'.{k} .v').strip() not in ('', '-'), k
+    light = page.inner_text('.kpi-gate .trader-light')
+    m = re.search(r'\b(GREEN|YELLOW|RED)\b', light); assert m, light
+    assert m.group(1) == snap['gate']['status'], (light, snap['gate'])
+    # the P&L figure: equity and drawdown drawn with every point of the run
+    xs = page.eval_on_selector('.js-plotly-plot', 'e => e.data.map(d => (d.x || []).length)')
+    assert xs[0] == xs[3] == len(eq), xs
+    assert 'Equity ($) and drawdown (%)' in page.inner_text('.js-plotly-plot')
+    # read-only: every control is disabled
+    for cls in ('trader-kill', 'trader-resume', 'trader-drill'): assert disabled(page, cls), cls
+    assert 'read-only' in page.inner_text('body')
+    shot = save_shot(page, tmp_path, 'dashboard-readonly.png')
+    print(f'\nread-only page drawn in {took:.1f}s: equity {shown}, gate {m.group(1)}, {len(eq)} points; screenshot {shot}')
+
+def test_control_mode_kill_switch_halts_the_loop(home, spawn, page, tmp_path):
+    from trader.runs import Runs
+    from trader.live import status_report
+    store = open_store(home)
+    try:
+        before = Runs(store).latest('paper')
+        paper = spawn(TRADER, 'paper', '--broker', 'sim', '--model', 'champion', '--replay', LIVE_REPLAY, '--speed', str(LIVE_SPEED), '-q',
+                      env=trader_env(home), name='paper')
+        proc, url = dashboard(spawn, home, control=True)
+        # the new run is in the store (with a committed bar) before the page is built, so the selector lists it first
+        end, rid = time.monotonic() + 60, None
+        while not rid:
+            if paper.poll() is not None: pytest.fail(f'the paper replay exited ({paper.returncode}) early:\n{tail(paper.out)}')
+            if time.monotonic() > end: pytest.fail(f'the paper replay did not start within 60s:\n{tail(paper.out)}')
+            new = Runs(store).latest('paper')
+            if new != before and store.query('SELECT 1 FROM loop_state WHERE run_id = ?', (new,)): rid = new
+            else: time.sleep(0.2)
+        took = load(page, url, proc)
+        sel = '.trader-run-selector select'
+        opts = page.eval_on_selector(sel, 's => [...s.options].map(o => o.text)')
+        label = next((o for o in opts if rid in o), None); assert label, (rid, opts)
+        if rid not in page.eval_on_selector(sel, 's => s.options[s.selectedIndex].text'):
+            page.select_option(sel, label=label)
+            page.wait_for_function('rid => document.querySelector(".trader-run-label").innerText.includes(rid)', arg=rid, timeout=15_000)
+        label = label.replace('\xa0', ' ')      # the dropdown shows its options with non-breaking spaces
+        assert 'replay of historical bars 2012-04-02' in label and 'simulated fills' in label, label
+        assert rid in page.inner_text('.trader-run-label')
+        assert 'control mode' in page.inner_text('body')
+        for cls in ('trader-kill', 'trader-resume', 'trader-drill'): assert not disabled(page, cls), cls
+        assert not status_report(store, rid)['halted'], 'halted before the kill switch was pressed'
+        assert 'HALTED' not in page.inner_text('.trader-risk-state')
+        assert paper.poll() is None, f'the replay finished before the kill switch could be pressed (page took {took:.0f}s):\n{tail(paper.out)}'
+        # press the kill switch on the page
+        t0 = time.monotonic()
+        page.click('.trader-kill')
+        page.wait_for_selector('.trader-kill-sent', timeout=10_000)
+        while not status_report(store, rid)['halted']:
+            if time.monotonic() - t0 > HALT_WAIT:
+                pytest.fail(f'run {rid} not halted {HALT_WAIT:g}s after the kill switch was pressed: {status_report(store, rid)}\n{tail(paper.out)}')
+            time.sleep(0.2)
+        halted_after = time.monotonic() - t0
+        rep = status_report(store, rid)
+        assert 'kill switch' in rep['halt_reason'], rep['halt_reason']
+        try:      # the page shows it after its next refresh (every 3 s)
+            page.wait_for_function("() => document.querySelector('.trader-risk-state').innerText.includes('HALTED')",
+                                   timeout=max(1.0, HALT_WAIT - (time.monotonic() - t0))*1000)
+        except Exception as e:
+            pytest.fail(f'the page did not show HALTED ({type(e).__name__}): {page.inner_text(".trader-risk-state")}')
+        assert 'HALTED' in page.inner_text('.kpi-equity')
+        assert 'kill switch pressed on the dashboard' in page.inner_text('.trader-risk-state')
+        body = page.inner_text('body')
+        assert 'Traceback' not in body and 'refresh failed' not in body, body[-3000:]
+        assert not page.errors, page.errors
+        shot = save_shot(page, tmp_path, 'dashboard-control.png')
+        print(f'\ncontrol page drawn in {took:.1f}s; run {rid} halted {halted_after:.1f}s after the kill switch was pressed, '
+              f'page showed it {time.monotonic() - t0:.1f}s after; screenshot {shot}')
+    finally: store.close()
