@@ -96,3 +96,81 @@ def pytest_collection_modifyitems(config, items):
 
 # -- prepared models: registered models whose policy always takes one action (see trader.train.fixed_action_model) --
 from trader.train import fixed_action_model  # noqa: E402,F401  (re-exported for the tests)
+
+
+# -- background processes and loopback servers shared by the end-to-end tests ---------------------------------------
+import signal, socket, subprocess, threading, time
+from contextlib import contextmanager
+from pathlib import Path
+ROOT = Path(__file__).resolve().parents[1]
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
+
+def tail(path:Path, n:int=40) -> str:
+    return '\n'.join(path.read_text(errors='replace').splitlines()[-n:]) if path.exists() else ''
+
+def children(pid:int) -> list[int]:
+    "Every descendant of `pid` (from /proc), so processes that leave the group (Voila's kernels) can be stopped too."
+    kids = {}
+    for d in Path('/proc').iterdir():
+        if not d.name.isdigit(): continue
+        try: ppid = int((d/'stat').read_text().rsplit(')', 1)[1].split()[1])
+        except (OSError, IndexError, ValueError): continue
+        kids.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [pid]
+    while todo:
+        for k in kids.get(todo.pop(), []): out.append(k); todo.append(k)
+    return out
+
+def alive(pid:int) -> bool:
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    try: return (Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()[0]) != 'Z'
+    except OSError: return False
+
+def stop(p:subprocess.Popen):
+    """Stop `p`, started in its own session, with everything it started: SIGTERM to the group (Voila shuts its kernels
+    down), SIGKILL to whatever is left. `trader dashboard` runs Voila as a child; signalling only `p` would orphan it."""
+    if getattr(p, 'stopped', False): return
+    p.stopped = True
+    desc = children(p.pid)
+    if p.poll() is None or any(alive(d) for d in desc):
+        try:   # a session leader gets the signal with its whole group; any other process on its own
+            if os.getpgid(p.pid) == p.pid: os.killpg(p.pid, signal.SIGTERM)
+            else: p.terminate()
+        except ProcessLookupError: pass
+        end = time.monotonic() + 15
+        while time.monotonic() < end and (p.poll() is None or any(alive(d) for d in desc)): time.sleep(0.2)
+        for pid in [p.pid, *desc]:
+            if pid == p.pid and p.poll() is not None: continue
+            if alive(pid):
+                try: os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError: pass
+    try: p.wait(10)
+    except subprocess.TimeoutExpired: pass
+
+@pytest.fixture
+def spawn(tmp_path):
+    "Start background processes in their own sessions (output to files); all of them, and their children, are stopped at teardown."
+    procs = []
+    def start(*cmd, env=None, name='proc'):
+        out = tmp_path/f'{name}.out'
+        with open(out, 'wb') as f:
+            p = subprocess.Popen(list(cmd), stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
+        p.out = out; procs.append(p)
+        return p
+    yield start
+    for p in reversed(procs): stop(p)
+
+@contextmanager
+def loopback_server(server_cls, handler_cls, fake):
+    "Serve `fake` (its `url` set) with `handler_cls` on a free 127.0.0.1 port in a thread; stopped on exit."
+    httpd = server_cls(('127.0.0.1', 0), handler_cls)
+    httpd.fake = fake
+    fake.url = f'http://127.0.0.1:{httpd.server_address[1]}'
+    t = threading.Thread(target=httpd.serve_forever, kwargs={'poll_interval': 0.02}, name='fake-server', daemon=True)
+    t.start()
+    try: yield fake
+    finally: httpd.shutdown(); httpd.server_close(); t.join(5)

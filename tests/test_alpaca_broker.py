@@ -20,12 +20,13 @@ can count what alpaca-py sent. Requests the real API would refuse as malformed (
 fields) are collected in `problems`, which must be empty at the end of each test.
 """
 from __future__ import annotations
-import datetime as dt, json, logging, socket, threading, time, traceback, uuid
+import datetime as dt, json, logging, threading, time, traceback, uuid
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
 import pandas as pd, pytest
+from conftest import free_port, loopback_server
 
 from trader.alpaca import AlpacaBroker, AlpacaFeed
 from trader.broker import Broker, BrokerError, BrokerUnavailable, Order
@@ -327,13 +328,7 @@ def _env(monkeypatch):
 @pytest.fixture
 def server():
     fake = FakeAlpaca()
-    httpd = _Server(('127.0.0.1', 0), _Handler)
-    httpd.fake = fake
-    fake.url = f'http://127.0.0.1:{httpd.server_address[1]}'
-    t = threading.Thread(target=httpd.serve_forever, kwargs={'poll_interval': 0.02}, name='fake-alpaca', daemon=True)
-    t.start()
-    yield fake
-    httpd.shutdown(); httpd.server_close(); t.join(5)
+    with loopback_server(_Server, _Handler, fake): yield fake
     assert not fake.problems, f"requests the real Alpaca API would refuse: {fake.problems}"
 
 def settings_for(tmp_path, server, key=KEY, secret=SECRET, **alpaca):
@@ -342,10 +337,6 @@ def settings_for(tmp_path, server, key=KEY, secret=SECRET, **alpaca):
 
 def broker_for(tmp_path, server, timeout=5.0, **kw) -> AlpacaBroker:
     return AlpacaBroker(settings_for(tmp_path, server, **kw), url_override=server.url, timeout=timeout)
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
 
 T1 = pd.Timestamp('2024-01-03 14:30', tz='UTC')   # 09:30 New York
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import numpy as np, pandas as pd, pytest
+from conftest import loopback_server
 
 from trader.config import ConfigError, TraderError, load_settings
 from trader.data import BAR_COLUMNS, DataError, alpaca_bars, load_sample
@@ -181,13 +182,7 @@ def _no_proxy(monkeypatch):
 @pytest.fixture
 def server():
     fake = FakeAlpaca({s: list(b) for s, b in BARS.items()})
-    httpd = ThreadingHTTPServer(('127.0.0.1', 0), _Handler)
-    httpd.fake = fake
-    fake.url = f'http://127.0.0.1:{httpd.server_address[1]}'
-    t = threading.Thread(target=httpd.serve_forever, kwargs={'poll_interval': 0.02}, name='fake-alpaca', daemon=True)
-    t.start()
-    yield fake
-    httpd.shutdown(); httpd.server_close(); t.join(5)
+    with loopback_server(ThreadingHTTPServer, _Handler, fake): yield fake
     assert not fake.problems, f"requests the real Alpaca API would refuse: {fake.problems}"
 
 def settings_for(tmp_path, server, key=KEY, secret=SECRET, **alpaca):

@@ -10,9 +10,10 @@ Needs Debian's Chromium at /usr/bin/chromium (`apt-get install chromium chromium
 without it the tests are skipped locally and fail in CI (CI=true). Playwright's own browser download is not used.
 Everything listens on loopback ports picked at random; the browser is not allowed to fetch anything else.
 """
-import os, re, signal, socket, subprocess, sys, time
+import os, re, socket, subprocess, sys, time
 from pathlib import Path
 import pytest
+from conftest import free_port, tail
 
 ROOT = Path(__file__).resolve().parents[1]
 TRADER = str(Path(sys.executable).parent/'trader')
@@ -37,51 +38,6 @@ def chromium() -> str:
         if ci: pytest.fail("the Python package `playwright` is required in CI but is not installed (dev requirements)", pytrace=False)
         pytest.skip("the Python package `playwright` is not installed: `pip install playwright` (its browser download is not needed)")
     return CHROMIUM
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
-
-def tail(path:Path, n:int=40) -> str:
-    return '\n'.join(path.read_text(errors='replace').splitlines()[-n:]) if path.exists() else ''
-
-def children(pid:int) -> list[int]:
-    "Every descendant of `pid` (from /proc), so processes that leave the group (Voila's kernels) can be stopped too."
-    kids = {}
-    for d in Path('/proc').iterdir():
-        if not d.name.isdigit(): continue
-        try: ppid = int((d/'stat').read_text().rsplit(')', 1)[1].split()[1])
-        except (OSError, IndexError, ValueError): continue
-        kids.setdefault(ppid, []).append(int(d.name))
-    out, todo = [], [pid]
-    while todo:
-        for k in kids.get(todo.pop(), []): out.append(k); todo.append(k)
-    return out
-
-def alive(pid:int) -> bool:
-    try: os.kill(pid, 0)
-    except ProcessLookupError: return False
-    try: return (Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()[0]) != 'Z'
-    except OSError: return False
-
-def stop(p:subprocess.Popen):
-    """Stop `p`, started in its own session, with everything it started: SIGTERM to the group (Voila shuts its kernels
-    down), SIGKILL to whatever is left. `trader dashboard` runs Voila as a child; signalling only `p` would orphan it."""
-    if getattr(p, 'stopped', False): return
-    p.stopped = True
-    desc = children(p.pid)
-    if p.poll() is None or any(alive(d) for d in desc):
-        try: os.killpg(p.pid, signal.SIGTERM)
-        except ProcessLookupError: pass
-        end = time.monotonic() + 15
-        while time.monotonic() < end and (p.poll() is None or any(alive(d) for d in desc)): time.sleep(0.2)
-        for pid in [p.pid, *desc]:
-            if pid == p.pid and p.poll() is not None: continue
-            if alive(pid):
-                try: os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError: pass
-    try: p.wait(10)
-    except subprocess.TimeoutExpired: pass
 
 def trader_env(home:Path, **extra) -> dict:
     return {**os.environ, 'TRADER_HOME': str(home), 'TRADER_DB_URL': '', 'TRADER_CONFIG': str(home/'trader.toml'),
@@ -136,19 +92,6 @@ def home(browser, tmp_path_factory) -> Path:
     trader(h, 'models', 'champion', m.group(1))
     trader(h, 'paper', '--broker', 'sim', '--model', 'champion', '--replay', REPLAY, '--speed', 'max', '-q')
     return h
-
-@pytest.fixture
-def spawn(tmp_path):
-    "Start background processes in their own sessions (output to files); all of them, and their children, are stopped at teardown."
-    procs = []
-    def start(*cmd, env=None, name='proc'):
-        out = tmp_path/f'{name}.out'
-        with open(out, 'wb') as f:
-            p = subprocess.Popen(list(cmd), stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
-        p.out = out; procs.append(p)
-        return p
-    yield start
-    for p in reversed(procs): stop(p)
 
 @pytest.fixture
 def page(browser, tmp_path):

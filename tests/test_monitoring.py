@@ -3,9 +3,10 @@
 Needs `promtool` and `prometheus` (Debian: `apt-get install prometheus`; `.ci/run` installs it). Without them the tests
 are skipped locally and fail in CI (CI=true). Everything listens on loopback ports picked at random.
 """
-import json, os, re, shutil, socket, subprocess, sys, time, urllib.parse, urllib.request
+import json, os, re, shutil, subprocess, sys, time, urllib.parse, urllib.request
 from pathlib import Path
 import pytest
+from conftest import free_port, stop, tail
 
 ROOT = Path(__file__).resolve().parents[1]
 RULES, RULES_TEST = ROOT/'monitoring'/'alerts.yml', ROOT/'monitoring'/'alerts_test.yml'
@@ -23,19 +24,6 @@ def binary(name:str) -> str:
     if os.environ.get('CI') == 'true':
         pytest.fail(f"{name} is required in CI but was not found; the CI entry point (.ci/run) installs the Debian package `prometheus`", pytrace=False)
     pytest.skip(f"{name} not found; {HINT}")
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
-
-def stop(p:subprocess.Popen):
-    if p.poll() is None:
-        p.terminate()
-        try: p.wait(10)
-        except subprocess.TimeoutExpired: p.kill(); p.wait(10)
-
-def tail(path:Path, n:int=30) -> str:
-    return '\n'.join(path.read_text(errors='replace').splitlines()[-n:]) if path.exists() else ''
 
 # -- the rules under promtool ----------------------------------------------------------------------------------------
 def test_promtool_check_rules():
@@ -124,18 +112,6 @@ def home(tmp_path_factory) -> Path:
     m = re.search(r'registered (\S+):', out); assert m, out
     trader(h, 'models', 'champion', m.group(1))
     return h
-
-@pytest.fixture
-def spawn(tmp_path):
-    "Start background processes (output to files); all of them are stopped at teardown."
-    procs = []
-    def start(*cmd, env=None, name='proc'):
-        out = tmp_path/f'{name}.out'
-        with open(out, 'wb') as f: p = subprocess.Popen(list(cmd), stdout=f, stderr=subprocess.STDOUT, env=env)
-        p.out = out; procs.append(p)
-        return p
-    yield start
-    for p in procs: stop(p)
 
 def series(prom:Prom, name:str) -> dict:
     "Raw samples {timestamp: value} of `name` over the last 5 minutes (a range query: staleness markers left out)."

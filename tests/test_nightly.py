@@ -2,7 +2,6 @@
 a failing stage exits non-zero and leaves the champion unchanged; every cycle is in the audit trail and the chain verifies."""
 import json
 from argparse import Namespace
-from pathlib import Path
 import pandas as pd
 import pytest
 from conftest import fixed_action_model

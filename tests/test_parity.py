@@ -1,5 +1,5 @@
 """Backtest and paper replay agree: same model, same bars, same costs -> the same equity at every bar (issue: paper trading)."""
-import numpy as np, pandas as pd
+import numpy as np
 import pytest
 from trader.config import load_settings
 from trader.data import load_sample

@@ -72,7 +72,6 @@ def test_models_commands_and_tamper(home):
     art.write_bytes(art.read_bytes() + b'tampered')
     r = trader(home, 'train', '--resume', mid, '--steps', '128', '-q')
     assert r.returncode == 2 and 'sha256 mismatch' in r.stderr
-    other = registered(trader(home, 'train', '--steps', '256', '-q').stdout)
     r = trader(home, 'models', 'champion', mid)
     assert r.returncode == 2 and 'sha256 mismatch' in r.stderr
 
