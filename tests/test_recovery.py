@@ -71,12 +71,12 @@ def _arm(hook:dict):
             return st
         B.SimBroker.submit = submit
     elif at == 'fill':           # the broker has filled market-on-open orders; the ledger does not have them yet
-        orig_open = B.SimBroker._on_open
-        def _on_open(self, ts, opens):
+        orig_open = B.SimBroker.on_open
+        def on_open(self, ts, opens):
             r = orig_open(self, ts, opens)
             if r and pd.Timestamp(ts) >= t0: _die()
             return r
-        B.SimBroker._on_open = _on_open
+        B.SimBroker.on_open = on_open
     elif at == 'mid_commit':     # inside the bar's transaction: ledger rows written, not committed
         orig_fills = RU.Runs.append_fills
         def append_fills(self, run_id, fills):
