@@ -11,13 +11,13 @@ os.environ.setdefault('NUMBA_CACHE_DIR', str(Path(__file__).resolve().parents[1]
 def main():
     tmp = tempfile.mkdtemp(prefix='trader-bench-bt-')
     os.environ['TRADER_HOME'] = tmp; os.environ['TRADER_REPORTS'] = str(Path(tmp)/'reports'); os.environ.pop('TRADER_DB_URL', None)
-    from trader.config import load_settings
-    from trader.data import load_sample
-    from trader.quality import DataQualityGate
-    from trader.store import Store
-    from trader.train import train
-    from trader.registry import Registry
-    from trader.backtest import backtest
+    from trader.core.config import load_settings
+    from trader.core.data import load_sample
+    from trader.core.quality import DataQualityGate
+    from trader.core.store import Store
+    from trader.research.train import train
+    from trader.core.registry import Registry
+    from trader.research.backtest import backtest
     s = load_settings(train={'n_steps': 128, 'batch_size': 64, 'n_epochs': 2, 'checkpoint_every': 0})
     store = Store(settings=s)
     store.ingest(DataQualityGate(s.quality).check(load_sample(['AAPL', 'MSFT']), source='sample'))
@@ -32,7 +32,7 @@ def main():
           f"{min(times):.2f} s (best of 3)")
     t = time.perf_counter(); r = backtest(mid, None, settings=s, store=store); t_h = time.perf_counter() - t
     print(f"backtest, holdout with both baselines and the 350-combination MA sweep on validation, stored: {t_h:.2f} s")
-    from trader import reports as R
+    from trader.ops import reports as R
     out = Path(tmp)/'reports'/'gates'
     R.run_template('daily_gate', out, {'run_id': r.run_id, 'output_dir': str(out), 'demo_if_empty': False}, out_name='cold.ipynb')
     times = []

@@ -1,4 +1,4 @@
-"""Ingest throughput of `trader.store.Store.write_bars` on SQLite and PostgreSQL, and the quality gate's own time.
+"""Ingest throughput of `trader.core.store.Store.write_bars` on SQLite and PostgreSQL, and the quality gate's own time.
 
 The batch is 1,000,000 SYNTHETIC one-minute bars (4 symbols x 250,000 bars on consecutive XNYS regular-hours
 minutes, random-walk prices with consistent OHLC), not market data. For each engine it times
@@ -33,7 +33,7 @@ def _ensure_postgres():
 def synthetic_minute_bars(n_symbols:int=N_SYMBOLS, per_symbol:int=PER_SYMBOL, start:str='2020-01-02', seed:int=0):
     "SYNTHETIC bars: consecutive XNYS regular-hours minutes, a geometric random walk per symbol, consistent OHLC."
     import numpy as np, pandas as pd
-    from trader.quality import exchange_calendar
+    from trader.core.quality import exchange_calendar
     cal = exchange_calendar('XNYS', '1990-01-01')
     days = int(per_symbol/390*365/250) + 60                     # enough calendar days for the sessions needed
     sessions = cal.sessions_in_range(start, pd.Timestamp(start) + pd.Timedelta(days=days))
@@ -63,10 +63,10 @@ def _timed(f):
     t = time.perf_counter(); f(); return time.perf_counter() - t
 
 def bench_engine(url:str, engine:str, df, report=None) -> bool:
-    from trader.store import Store
+    from trader.core.store import Store
     n, ok = len(df), True
     if report is not None:   # the whole ingest as `trader ingest` does it: quality gate, then the store (fresh database)
-        from trader.quality import DataQualityGate
+        from trader.core.quality import DataQualityGate
         with Store(url.replace('bench.db', 'bench_e2e.db') if engine == 'sqlite' else url) as s2:
             def e2e():
                 s2.ingest(DataQualityGate().check(df, '1Min', source='synthetic'))
@@ -100,7 +100,7 @@ def main() -> int:
     _ensure_postgres()
     with tempfile.TemporaryDirectory(prefix='trader-bench-') as tmp:
         os.environ['TRADER_HOME'] = tmp           # never touch ./var
-        from trader.quality import DataQualityGate
+        from trader.core.quality import DataQualityGate
         t = time.perf_counter()
         df = synthetic_minute_bars()
         print(f"bench_ingest: {len(df):,} SYNTHETIC 1Min bars ({N_SYMBOLS} symbols x {PER_SYMBOL:,}, XNYS regular-hours minutes "

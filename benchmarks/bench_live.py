@@ -12,13 +12,13 @@ os.environ.setdefault('NUMBA_CACHE_DIR', str(Path(__file__).resolve().parents[1]
 def main():
     tmp = tempfile.mkdtemp(prefix='trader-bench-live-')
     os.environ['TRADER_HOME'] = tmp; os.environ.pop('TRADER_DB_URL', None)
-    from trader.config import load_settings
-    from trader.data import load_sample
-    from trader.quality import DataQualityGate
-    from trader.store import Store
-    from trader.train import train
-    from trader.registry import Registry
-    from trader.live import paper_session
+    from trader.core.config import load_settings
+    from trader.core.data import load_sample
+    from trader.core.quality import DataQualityGate
+    from trader.core.store import Store
+    from trader.research.train import train
+    from trader.core.registry import Registry
+    from trader.live.loop import paper_session
     s = load_settings(train={'n_steps': 128, 'batch_size': 64, 'n_epochs': 2, 'checkpoint_every': 0}, risk={'guardian': False})
     store = Store(settings=s)
     store.ingest(DataQualityGate(s.quality).check(load_sample(['AAPL', 'MSFT']), source='sample'))

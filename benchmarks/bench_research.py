@@ -12,11 +12,11 @@ os.environ.setdefault('NUMBA_CACHE_DIR', os.path.join(os.path.dirname(__file__),
 import numpy as np, pandas as pd
 import gymnasium as gym
 from gymnasium import spaces
-from trader.config import EnvSettings, RiskSettings, TrainSettings
-from trader.data import load_sample
-from trader.features import FEATURE_NAMES, Normaliser, build_features
-from trader.env import RiskCheckedEnv, TradingEnv
-from trader.risk import RiskEngine
+from trader.core.config import EnvSettings, RiskSettings, TrainSettings
+from trader.core.data import load_sample
+from trader.research.features import FEATURE_NAMES, Normaliser, build_features
+from trader.research.env import RiskCheckedEnv, TradingEnv
+from trader.research.risk import RiskEngine
 
 def steps_per_second(env, actions, repeat=3):
     best = 0.0
@@ -114,7 +114,7 @@ def main():
           f" and sb3-contrib trains one LSTM sequence per episode segment)")
 
     # Policy.decide latency
-    from trader.policy import Policy
+    from trader.research.policy import Policy
     m = RecurrentPPO('MlpLstmPolicy', env, seed=0, device='cpu', policy_kwargs=dict(net_arch=dict(pi=t.net_arch, vf=t.net_arch), lstm_hidden_size=t.lstm_hidden))
     pol = Policy(m, {'id': 'bench', 'symbols': fs.symbols, 'normaliser': norm.to_dict(), 'env': es.model_dump(), 'risk': rs.model_dump()})
     obs, _ = env.reset(seed=0); state = pol.initial_state(); lat = []

@@ -1,4 +1,4 @@
-"""Moving-average sweep: `trader.sweep.ma_sweep` against the bare vectorbt call it wraps.
+"""Moving-average sweep: `trader.research.sweep.ma_sweep` against the bare vectorbt call it wraps.
 
 The plans' grid, fast 5:53:2 x slow 20:180:10 (384 pairs, 350 with fast < slow simulated), on the
 AAPL + MSFT equal-weight portfolio over the validation window 2010-01-01..2011-12-31, real daily bars.
@@ -11,9 +11,9 @@ Both run once first (numba compilation, caches), then best of 3 each, interleave
 import os, time
 os.environ.setdefault('NUMBA_CACHE_DIR', os.path.join(os.path.dirname(__file__), '..', '.cache', 'numba'))
 import numpy as np
-from trader.config import load_settings
-from trader.data import load_sample
-from trader.sweep import _prepare, bare_sweep, ma_grid, ma_sweep, parse_range
+from trader.core.config import load_settings
+from trader.core.data import load_sample
+from trader.research.sweep import _prepare, bare_sweep, ma_grid, ma_sweep, parse_range
 
 FAST, SLOW, START, END = '5:53:2', '20:180:10', '2010-01-01', '2011-12-31'
 

@@ -5,7 +5,7 @@ exports TRADER_TEST_PG_URL. Without it they are skipped locally and fail in CI (
 """
 import os, uuid
 import pytest
-from trader.store import Store
+from trader.core.store import Store
 
 PG_HINT = "run `make test PG=1` or `.ci/with-postgres pytest tests/` to start a throwaway PostgreSQL 15"
 
@@ -94,8 +94,8 @@ def pytest_collection_modifyitems(config, items):
         if 'slow' in item.keywords: item.add_marker(skip)
 
 
-# -- prepared models: registered models whose policy always takes one action (see trader.train.fixed_action_model) --
-from trader.train import fixed_action_model  # noqa: E402,F401  (re-exported for the tests)
+# -- prepared models: registered models whose policy always takes one action (see trader.research.train.fixed_action_model) --
+from trader.research.train import fixed_action_model  # noqa: E402,F401  (re-exported for the tests)
 
 
 # -- background processes and loopback servers shared by the end-to-end tests ---------------------------------------

@@ -1,4 +1,4 @@
-"""Contract test of `AlpacaBroker` and `AlpacaFeed` (`trader.alpaca`, nbs/19a_alpaca.ipynb).
+"""Contract test of `AlpacaBroker` and `AlpacaFeed` (`trader.live.alpaca`, nbs/19a_alpaca.ipynb).
 
 Nothing here reaches Alpaca. A stateful HTTP server on 127.0.0.1 (a free port, one per test) speaks the documented
 shapes of Alpaca's trading API v2 (POST/GET /v2/orders, GET /v2/orders:by_client_order_id, DELETE /v2/orders/{id},
@@ -28,11 +28,11 @@ from urllib.parse import parse_qs, urlsplit
 import pandas as pd, pytest
 from conftest import free_port, loopback_server
 
-from trader.alpaca import AlpacaBroker, AlpacaFeed
-from trader.broker import Broker, BrokerError, BrokerUnavailable, Order
-from trader.config import ConfigError, load_settings
-from trader.data import BAR_COLUMNS, load_sample
-from trader.feeds import BarSet, Feed, FeedError, ResilientFeed
+from trader.live.alpaca import AlpacaBroker, AlpacaFeed
+from trader.live.broker import Broker, BrokerError, BrokerUnavailable, Order
+from trader.core.config import ConfigError, load_settings
+from trader.core.data import BAR_COLUMNS, load_sample
+from trader.live.feeds import BarSet, Feed, FeedError, ResilientFeed
 
 KEY = 'PKTEST7Q2L9XC4VB0N'
 SECRET = 'sk-test-Zq8f3T1vR6yW2uP0aN5m'   # distinctive: a leak cannot be mistaken for ordinary words

@@ -1,4 +1,4 @@
-"""Contract test of the Alpaca historical-bars source (`trader.data.alpaca_bars`, nbs/01_data.ipynb).
+"""Contract test of the Alpaca historical-bars source (`trader.core.data.alpaca_bars`, nbs/01_data.ipynb).
 
 Nothing here reaches Alpaca: a real HTTP server on 127.0.0.1 (a free port, one per test) answers alpaca-py's
 `GET /v2/stocks/bars` the way the market-data v2 API does, and fails on purpose (429, 5xx, dropped connections,
@@ -17,9 +17,9 @@ from urllib.parse import parse_qs, urlsplit
 import numpy as np, pandas as pd, pytest
 from conftest import loopback_server
 
-from trader.config import ConfigError, TraderError, load_settings
-from trader.data import BAR_COLUMNS, DataError, alpaca_bars, load_sample
-from trader.store import Store
+from trader.core.config import ConfigError, TraderError, load_settings
+from trader.core.data import BAR_COLUMNS, DataError, alpaca_bars, load_sample
+from trader.core.store import Store
 
 REPO = Path(__file__).resolve().parents[1]
 TRADER = REPO/'.venv'/'bin'/'trader'

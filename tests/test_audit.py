@@ -1,4 +1,4 @@
-"""`trader.audit`: the hash chain on both engines, tamper detection (modified, deleted, inserted rows), concurrent
+"""`trader.core.audit`: the hash chain on both engines, tamper detection (modified, deleted, inserted rows), concurrent
 appends from two processes, entries that commit and roll back with the caller's transaction, the compliance pack
 and `verify_pack`, refusal of credentials, and the exit codes of `cmd_audit_verify`.
 
@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np, pandas as pd
 import pytest
 from fastcore.test import test_eq as _test_eq, test_fail as _test_fail
-from trader.audit import (EXIT_CHAIN_BROKEN, GENESIS, Audit, AuditError, canonical_json, cmd_audit_export, cmd_audit_verify,
+from trader.core.audit import (EXIT_CHAIN_BROKEN, GENESIS, Audit, AuditError, canonical_json, cmd_audit_export, cmd_audit_verify,
                           entry_hash, verify_pack)
-from trader.store import Store
+from trader.core.store import Store
 
 COLS = 'seq, ts, kind, payload, prev_hash, hash'
 
@@ -131,8 +131,8 @@ def test_an_open_bar_makes_other_appenders_wait(db_url):
 WORKER = r"""
 import sys, time
 from pathlib import Path
-from trader.store import Store
-from trader.audit import Audit
+from trader.core.store import Store
+from trader.core.audit import Audit
 url, who, sync = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 with Store(url) as s:
     a = Audit(s)

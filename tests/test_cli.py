@@ -3,8 +3,8 @@ import json, os, sqlite3, subprocess, sys
 from pathlib import Path
 import pandas as pd
 import pytest
-from trader.data import load_sample
-from trader.quality import CORRUPTIONS, corrupt
+from trader.core.data import load_sample
+from trader.core.quality import CORRUPTIONS, corrupt
 
 TRADER = str(Path(sys.executable).parent/'trader')
 

@@ -49,7 +49,7 @@ def trader(home:Path, *args) -> subprocess.CompletedProcess:
     return r
 
 def open_store(home:Path):
-    from trader.store import Store
+    from trader.core.store import Store
     return Store(f'sqlite:///{home}/trader.db')
 
 WHOLE_PAGE = '''() => { let h = document.documentElement.scrollHeight;
@@ -155,9 +155,9 @@ def disabled(page, cls:str) -> bool:
     return page.eval_on_selector(f'.{cls}', "e => e.disabled || !!e.querySelector('button[disabled]')")
 
 def test_readonly_page_shows_the_store(home, spawn, page, tmp_path):
-    from trader.runs import Runs
-    from trader.dashboard import snapshot
-    from trader.config import load_settings
+    from trader.core.runs import Runs
+    from trader.ops.dashboard import snapshot
+    from trader.core.config import load_settings
     store = open_store(home)
     try:
         rid = Runs(store).latest('paper')
@@ -188,8 +188,8 @@ def test_readonly_page_shows_the_store(home, spawn, page, tmp_path):
     print(f'\nread-only page drawn in {took:.1f}s: equity {shown}, gate {m.group(1)}, {len(eq)} points; screenshot {shot}')
 
 def test_control_mode_kill_switch_halts_the_loop(home, spawn, page, tmp_path):
-    from trader.runs import Runs
-    from trader.live import status_report
+    from trader.core.runs import Runs
+    from trader.live.loop import status_report
     store = open_store(home)
     try:
         before = Runs(store).latest('paper')

@@ -5,13 +5,13 @@ from argparse import Namespace
 import pandas as pd
 import pytest
 from conftest import fixed_action_model
-from trader.audit import Audit
-from trader.config import load_settings
-from trader.data import load_sample
-from trader.nightly import NightlyError, cmd_nightly, nightly
-from trader.quality import DataQualityGate
-from trader.registry import Registry
-from trader.store import Store
+from trader.core.audit import Audit
+from trader.core.config import load_settings
+from trader.core.data import load_sample
+from trader.ops.nightly import NightlyError, cmd_nightly, nightly
+from trader.core.quality import DataQualityGate
+from trader.core.registry import Registry
+from trader.core.store import Store
 
 TINY = {'n_steps': 128, 'batch_size': 64, 'n_epochs': 2, 'checkpoint_every': 0}
 

@@ -1,15 +1,15 @@
 """Backtest and paper replay agree: same model, same bars, same costs -> the same equity at every bar (issue: paper trading)."""
 import numpy as np
 import pytest
-from trader.config import load_settings
-from trader.data import load_sample
-from trader.quality import DataQualityGate
-from trader.store import Store
-from trader.train import train
-from trader.registry import Registry
-from trader.backtest import backtest
-from trader.live import paper_session
-from trader.runs import Runs
+from trader.core.config import load_settings
+from trader.core.data import load_sample
+from trader.core.quality import DataQualityGate
+from trader.core.store import Store
+from trader.research.train import train
+from trader.core.registry import Registry
+from trader.research.backtest import backtest
+from trader.live.loop import paper_session
+from trader.core.runs import Runs
 
 @pytest.fixture(scope='module')
 def prepared(tmp_path_factory):

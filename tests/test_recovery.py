@@ -17,7 +17,7 @@ How:
   broker accepted an order, right after the broker filled orders at the open, inside the bar's transaction after the ledger
   rows were written, right after a bar committed, right after the guardian's model rollback).
 * The restarts are forked from a process that has already imported `trader` (a multiprocessing fork server), so that eleven
-  restarts do not pay eleven times the ~8 s import; each one is a separate OS process running `trader.cli.main` with the
+  restarts do not pay eleven times the ~8 s import; each one is a separate OS process running `trader.ops.cli.main` with the
   `trader paper` arguments, exactly what the console script runs, and it dies by a real SIGKILL.
 
 Checked against the reference: the ledger (run_orders) row for row, every run series (equity, cash, shares, weights, P&L) at
@@ -40,7 +40,7 @@ TOML = '[train]\nn_steps = 128\nbatch_size = 64\nn_epochs = 2\ncheckpoint_every 
 MIN_ORDERS = 24                  # "dozens of orders" over the holdout
 
 # ---------------------------------------------------------------------------------------------------------------------
-# processes: the real console script for the references and `audit verify`; forked `trader.cli.main` for the crash runs
+# processes: the real console script for the references and `audit verify`; forked `trader.ops.cli.main` for the crash runs
 def _env(home) -> dict:
     return {'TRADER_HOME': str(home), 'TRADER_DB_URL': '', 'TRADER_CONFIG': str(Path(home)/'trader.toml')}
 
@@ -53,7 +53,7 @@ def _ctx():
     if not _CTX:
         ctx = mp.get_context('forkserver')
         # the fork server imports these once; every child starts from there (this module: for `_child` below)
-        ctx.set_forkserver_preload([__name__, 'trader.cli', 'trader.live', 'trader.train', 'sb3_contrib', 'torch._dynamo'])
+        ctx.set_forkserver_preload([__name__, 'trader.ops.cli', 'trader.live.loop', 'trader.research.train', 'sb3_contrib', 'torch._dynamo'])
         _CTX.append(ctx)
     return _CTX[0]
 
@@ -104,7 +104,7 @@ def _child(argv, env, log, hook=None):
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(fd, 1); os.dup2(fd, 2)
     if hook: _arm(hook)
-    from trader.cli import main
+    from trader.ops.cli import main
     rc = main(argv)
     sys.stdout.flush(); sys.stderr.flush()
     os._exit(rc)
@@ -203,9 +203,9 @@ def reference_runs(base, dsts:dict) -> dict:
 @pytest.fixture(scope='module')
 def prepared(tmp_path_factory):
     "A home with the sample, champion lineage [P, A, B] (B: a trained model that trades often), and the two references."
-    from trader.config import load_settings
-    from trader.store import Store
-    from trader.train import fixed_action_model
+    from trader.core.config import load_settings
+    from trader.core.store import Store
+    from trader.research.train import fixed_action_model
     root = tmp_path_factory.mktemp('recovery')
     base = root/'base'; base.mkdir()
     _write_toml(base, False)

@@ -4,12 +4,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from conftest import fixed_action_model
-from trader.config import load_settings
-from trader.data import load_sample
-from trader.quality import DataQualityGate
-from trader.registry import Registry
-from trader.runs import Runs
-from trader.store import Store
+from trader.core.config import load_settings
+from trader.core.data import load_sample
+from trader.core.quality import DataQualityGate
+from trader.core.registry import Registry
+from trader.core.runs import Runs
+from trader.core.store import Store
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,7 +91,7 @@ def test_promote_rule_with_prepared_models(home):
     i = ids(home)
     s = load_settings({'TRADER_HOME': str(home)})
     # the prepared strategies on the validation window, for the record
-    from trader.backtest import backtest
+    from trader.research.backtest import backtest
     with Store(settings=s) as st:
         m = {k: backtest(v, '2010-01-01:2011-12-31', settings=s, store=st, baselines=False, save=False).metrics['strategy'] for k, v in i.items()}
     assert m['flat']['max_drawdown'] == 0.0 and m['flat']['sharpe'] is None and m['aapl']['sharpe'] > 0

@@ -1,4 +1,4 @@
-"""`trader.store.Store` on both engines: schema and migrations, idempotent and atomic ingest, exact round trips,
+"""`trader.core.store.Store` on both engines: schema and migrations, idempotent and atomic ingest, exact round trips,
 stored quality reports, and readers/writers in different sessions.
 
 Tests taking `store` or `db_url` run once on SQLite and once on PostgreSQL (see conftest.py); the PostgreSQL runs
@@ -7,10 +7,10 @@ skip without a server unless CI=true.
 import json, subprocess, sys, threading, time
 import numpy as np, pandas as pd
 import pytest
-from trader.config import QualitySettings
-from trader.data import BAR_COLUMNS, bars_sha256, load_sample
-from trader.quality import CORRUPTIONS, DataQualityGate, QualityGateBlocked, corrupt
-from trader.store import MIGRATIONS, Store
+from trader.core.config import QualitySettings
+from trader.core.data import BAR_COLUMNS, bars_sha256, load_sample
+from trader.core.quality import CORRUPTIONS, DataQualityGate, QualityGateBlocked, corrupt
+from trader.core.store import MIGRATIONS, Store
 
 SAMPLE_BARS = 6540   # real AAPL + MSFT daily bars, 3270 each
 
@@ -258,7 +258,7 @@ def test_sqlite_reader_in_another_process_is_not_blocked_by_a_writer(sqlite_stor
     "WAL: while a writer holds a transaction open, another process opens the store and reads the last commit."
     assert sqlite_store.query('PRAGMA journal_mode')[0][0] == 'wal'
     sqlite_store.ingest(sample_report)
-    read = ("import sys; from trader.store import Store; s = Store(sys.argv[1]); "
+    read = ("import sys; from trader.core.store import Store; s = Store(sys.argv[1]); "
             "print(s.count_bars(), len(s.read_bars('AAPL')), len(s.quality_reports()))")
     def reader():
         return subprocess.run([sys.executable, '-c', read, sqlite_store.url], capture_output=True, text=True, timeout=30)
