@@ -270,7 +270,7 @@ def cmd_resume(args) -> int:
 
 def cmd_drill(args) -> int:
     "Risk drills: crash-day (a -10% gap bar) and outage (feed failure and broker disconnect)."
-    from trader.live.loop import crash_day_drill, outage_drill
+    from trader.live.drills import crash_day_drill, outage_drill
     r = crash_day_drill() if args.kind == 'crash-day' else outage_drill(model=args.model)
     _say(r.render())
     return 0 if r.passed else 5

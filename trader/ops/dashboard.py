@@ -280,7 +280,7 @@ class Dashboard:
         self.status.value = '<b>resume sent</b>'
 
     def _on_drill(self, _):
-        from trader.live.loop import crash_day_drill
+        from trader.live.drills import crash_day_drill
         if not self.control: return
         self.status.value = 'running the crash-day drill...'
         r = crash_day_drill(self.s, self.store)

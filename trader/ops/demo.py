@@ -69,7 +69,8 @@ def run_demo(serve:bool=True, # start the dashboard at the end
     from trader.research.train import train
     from trader.ops.promote import promote
     from trader.ops import reports as R
-    from trader.live.loop import paper_session, crash_day_drill
+    from trader.live.loop import paper_session
+    from trader.live.drills import crash_day_drill
     from trader.core.audit import Audit
     s = settings or load_settings()
     syms = list(s.demo.symbols)

@@ -9,9 +9,9 @@ from statistics import NormalDist
 import numpy as np, pandas as pd
 
 # %% auto #0
-__all__ = ['MONTHS', 'PERFORMANCE_KEYS', 'EXPOSURE_TOL', 'drawdown', 'monthly_returns', 'psr_from_moments',
-           'probabilistic_sharpe', 'expected_max_sharpe', 'deflated_sharpe', 'performance', 'attribution_by_symbol',
-           'attribution_by_month', 'attribution_by_action']
+__all__ = ['MONTHS', 'PERFORMANCE_KEYS', 'EXPOSURE_TOL', 'drawdown', 'returns_of', 'sharpe_ratio', 'max_drawdown',
+           'monthly_returns', 'psr_from_moments', 'probabilistic_sharpe', 'expected_max_sharpe', 'deflated_sharpe',
+           'performance', 'attribution_by_symbol', 'attribution_by_month', 'attribution_by_action']
 
 # %% ../../nbs/10_metrics.ipynb #38cc8c63
 def _qs():
@@ -65,6 +65,30 @@ def _max_drawdown_dates(e:pd.Series) -> tuple:
     after = e.loc[trough:]
     back = after.index[(after >= top).to_numpy()]
     return peak, trough, (back[0] if len(back) else None)
+
+# %% ../../nbs/10_metrics.ipynb #2317acd3
+def returns_of(equity) -> np.ndarray:
+    "Simple bar returns E[t]/E[t-1] - 1 of an equity curve (Series or array), as a float64 array."
+    e = np.asarray(equity, dtype='float64')
+    return e[1:]/e[:-1] - 1 if len(e) > 1 else np.zeros(0)
+
+def sharpe_ratio(returns, # per-bar simple returns (Series or array); NaN dropped
+                 periods_per_year:int=252, # 252 for daily bars
+                 min_bars:int=2, # fewer returns than this: undefined
+                ) -> float|None:
+    "Annualised Sharpe ratio mean/std(ddof=1)*sqrt(P), risk-free 0; None when undefined (too few returns, no volatility)."
+    r = np.asarray(returns, dtype='float64')
+    r = r[np.isfinite(r)]
+    if len(r) < max(2, min_bars): return None
+    sd = r.std(ddof=1)
+    return float(r.mean()/sd*math.sqrt(periods_per_year)) if sd > 0 else None
+
+def max_drawdown(equity, # equity at each bar close (Series or array)
+                ) -> float:
+    "Deepest fall below the running peak, a positive fraction (0 for an empty or never-falling curve)."
+    e = np.asarray(equity, dtype='float64')
+    if len(e) == 0: return 0.0
+    return float(max(0.0, (1 - e/np.maximum.accumulate(e)).max()))
 
 # %% ../../nbs/10_metrics.ipynb #ba293e8d
 MONTHS = ('Jan', 'Feb', 'Mar', 'Apr', 'May', 'Jun', 'Jul', 'Aug', 'Sep', 'Oct', 'Nov', 'Dec')
