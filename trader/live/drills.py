@@ -4,8 +4,9 @@
 
 # %% ../../nbs/24_drills.ipynb #a8bc9f2e
 from __future__ import annotations
-import json
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 import pandas as pd
 from ..core.config import Settings, load_settings
 from ..core.store import Store
@@ -14,100 +15,187 @@ from ..core.runs import Runs
 from .loop import LoopError, paper_session
 
 # %% auto #0
-__all__ = ['DrillResult', 'crash_day_drill', 'outage_drill']
+__all__ = ['DrillResult', 'Sandbox', 'sandbox', 'crash_day_drill', 'outage_drill']
 
 # %% ../../nbs/24_drills.ipynb #f920fcf3
 @dataclass
 class DrillResult:
     name: str
     checks: list        # (expectation, passed, detail)
-    run_id: str
+    run_id: str         # the drill's run, in the sandbox's store
+    sandbox: str = ''   # the sandbox directory: its own store (trader.db) and models
     @property
     def passed(self) -> bool: return all(c[1] for c in self.checks)
     def render(self) -> str:
-        lines = [f"drill {self.name}: run {self.run_id}"]
+        lines = [f"drill {self.name}: run {self.run_id} in the sandbox {self.sandbox or '-'} (production is not changed)"]
         lines += [f"  [{'PASS' if ok else 'FAIL'}] {what}: {detail}" for what, ok, detail in self.checks]
         lines.append(f"drill {self.name}: {'PASSED' if self.passed else 'FAILED'}")
         return '\n'.join(lines)
 
-def crash_day_drill(settings:Settings|None=None, store:Store|None=None, window:str='2012-03-01:2012-04-30', gap_at:str='2012-04-10', gap:float=-0.10) -> DrillResult:
-    "Inject a -10% gap bar into a replay: the guardian must fire within that bar, flatten, and roll the model back."
+# %% ../../nbs/24_drills.ipynb #b019e204
+@dataclass
+class Sandbox:
+    "A drill's own world: settings whose home and store are the sandbox directory, its store and its registry."
+    path: Path
+    settings: Settings
+    store: Store
+    registry: Registry
+
+def sandbox(prod:Store, # the production store: only read
+            settings:Settings, # production settings; the sandbox's are a copy with home and store in the sandbox
+            name:str, # the drill, for the directory name
+            symbols, # whose bars are copied (all of them: the replay, its feature history and any training windows)
+            models=(), # model ids copied with their artifacts
+            champion:str|None=None, # made champion in the sandbox (one of `models`)
+           ) -> Sandbox:
+    "A fresh sandbox under TRADER_HOME/drills/ seeded from production, which is only read."
+    root = Path(settings.home)/'drills'/f"{pd.Timestamp.now(tz='UTC'):%Y%m%dT%H%M%S%f}-{name}"
+    root.mkdir(parents=True)
+    s = settings.model_copy(update={'home': root, 'db_url': f"sqlite:///{root/'trader.db'}"})
+    st = Store(settings=s)
+    try:
+        st.write_bars(prod.read_bars(symbols))
+        src, reg = Registry(prod, settings), Registry(st, s)
+        for mid in dict.fromkeys(models):
+            meta = src.get(mid)
+            src.artifact(meta['id'])         # a tampered production artifact is refused, not copied
+            shutil.copytree(src.model_dir(meta['id']), reg.model_dir(meta['id']), ignore=shutil.ignore_patterns('checkpoints'))
+            reg.register(meta['id'], {k: v for k, v in meta.items() if k != 'artifact_sha256'})
+        if champion is not None: reg.set_champion(champion, 'drill sandbox: the production champion, copied', 'set')
+    except BaseException:
+        st.close(); raise
+    return Sandbox(root, s, st, reg)
+
+def _record(prod:Store, name:str, box:Sandbox|None, result:DrillResult|None=None, error:BaseException|None=None):
+    "The one entry a drill leaves in production: an audit record that it ran, where, and how it ended."
+    from trader.core.audit import Audit
+    p = {'drill': name, 'sandbox': str(box.path) if box else None}
+    if result is not None: p.update(run_id=result.run_id, passed=result.passed, checks=[[what, bool(ok)] for what, ok, _ in result.checks])
+    if error is not None: p.update(passed=False, error=f"{type(error).__name__}: {error}")
+    Audit(prod).append('drill', p)
+
+def _in_sandbox(name:str, s:Settings, store:Store|None, prepare, body) -> DrillResult:
+    "Build the sandbox with `prepare(prod)`, run `body(box)` in it, record the outcome in production's audit trail."
+    prod = store or Store(settings=s)
+    box = None
+    try:
+        try:
+            box = prepare(prod)
+            r = body(box)
+        except Exception as e:
+            _record(prod, name, box, error=e); raise
+        finally:
+            if box is not None: box.store.close()
+        r.sandbox = str(box.path)
+        _record(prod, name, box, r)
+        return r
+    finally:
+        if store is None: prod.close()
+
+def _when(col:pd.Series) -> pd.Series:
+    "Timestamp column as UTC times (integer nanoseconds on SQLite, datetimes on PostgreSQL)."
+    return pd.to_datetime(col, utc=True)
+
+# %% ../../nbs/24_drills.ipynb #c8e8a027
+def crash_day_drill(settings:Settings|None=None, store:Store|None=None, # production: the sandbox is seeded from it
+                    window:str='2012-03-01:2012-04-30', gap_at:str='2012-04-10', gap:float=-0.10) -> DrillResult:
+    "Inject a -10% gap bar into a replay in a sandbox: the guardian must fire within that bar, flatten, and roll the model back."
     from trader.research.train import fixed_action_model
     from trader.core.audit import Audit
-    s = settings or load_settings()
+    s = settings or (store.settings if store is not None else load_settings())
     s = s.model_copy(update={'risk': s.risk.model_copy(update={'guardian': True})})
-    store = store or Store(settings=s)
-    reg = Registry(store, s)
-    before = reg.champion()
-    if before is None: raise LoopError("the crash-day drill needs a champion to roll back to: train one and run `trader promote` first")
-    syms = reg.get(before)['symbols']
-    drill_model = fixed_action_model(store, s, 3**len(syms) - 1, syms, note='crash-day drill: always BUY every asset')
-    reg.set_champion(drill_model, 'crash-day drill: a prepared always-BUY model is champion for the drill', 'drill')
-    out = paper_session('sim', 'champion', window, settings=s, store=store, drill={'gap_at': gap_at, 'gap': gap, 'name': 'crash-day'},
-                        tag=f'drill crash-day {pd.Timestamp.now(tz="UTC"):%Y%m%dT%H%M%S}')
-    rid, st = out['run_id'], out['state']
-    ev = store.frame("SELECT bar_ts, kind, detail FROM risk_events WHERE run_id = ? AND kind = 'guardian' ORDER BY id", (rid,))
-    gap_ts = pd.Timestamp(gap_at, tz='UTC')
-    fired = ev.bar_ts.map(lambda v: pd.Timestamp(int(v), tz='UTC') if store.engine == 'sqlite' else pd.Timestamp(v)).tolist() if len(ev) else []
-    ser = Runs(store).series(rid, [f'shares:{x}' for x in syms])
-    flat_after = ser[ser.index >= gap_ts].abs().sum(axis=1) if len(ser) else pd.Series(dtype=float)
-    audit = Audit(store).verify()
-    checks = [('the prepared model held positions before the gap', bool(len(ser) and ser[ser.index < gap_ts].abs().sum(axis=1).iloc[-1] > 0),
-               f"shares before the gap: {ser[ser.index < gap_ts].iloc[-1].to_dict() if len(ser[ser.index < gap_ts]) else {}}"),
-              ('the guardian fired within the gap bar', bool(fired) and fired[0] == gap_ts, f"fired at {[str(f.date()) for f in fired]}; {json.loads(ev.detail.iloc[0])['reason'] if len(ev) and isinstance(ev.detail.iloc[0], str) else (ev.detail.iloc[0]['reason'] if len(ev) else '-')}"),
-              ('positions are flat from that bar on', bool(len(flat_after)) and float(flat_after.max()) == 0.0, f"max |shares| after: {float(flat_after.max()) if len(flat_after) else '-'}"),
-              ('trading is halted', st.halted, st.halt_reason),
-              ('the model was rolled back to the champion before the drill', reg.champion() == before, f"champion now {reg.champion()}, before the drill {before}"),
-              ('the audit chain verifies', audit.ok, f"{audit.n_checked} entries" + ('' if audit.ok else f"; breaks at {audit.first_bad_seq}: {audit.reason}"))]
-    return DrillResult('crash-day', checks, rid)
 
-def outage_drill(settings:Settings|None=None, store:Store|None=None, model:str|None=None, window:str='2012-05-01:2012-07-31',
-                 feed_down:tuple=('2012-05-14', '2012-05-18'), disconnect_bars:int=3) -> DrillResult:
-    "The feed fails and the broker disconnects mid-replay: cached fallback, no new orders, reconciliation, nothing lost or duplicated."
+    def prepare(prod):
+        reg = Registry(prod, s)
+        before = reg.champion()
+        if before is None: raise LoopError("the crash-day drill needs a champion to roll back to: train one and run `trader promote` first")
+        return sandbox(prod, s, 'crash-day', reg.get(before)['symbols'], [before], before)
+
+    def body(box):
+        store, reg = box.store, box.registry
+        before = reg.champion()
+        syms = reg.get(before)['symbols']
+        drill_model = fixed_action_model(store, box.settings, 3**len(syms) - 1, syms, note='crash-day drill: always BUY every asset')
+        reg.set_champion(drill_model, 'crash-day drill: a prepared always-BUY model is champion for the drill', 'drill')
+        out = paper_session('sim', 'champion', window, settings=box.settings, store=store, drill={'gap_at': gap_at, 'gap': gap, 'name': 'crash-day'},
+                            tag=f'drill crash-day {pd.Timestamp.now(tz="UTC"):%Y%m%dT%H%M%S}')
+        rid, st = out['run_id'], out['state']
+        ev = store.frame("SELECT bar_ts FROM risk_events WHERE run_id = ? AND kind = 'guardian' ORDER BY id", (rid,))
+        gap_ts = pd.Timestamp(gap_at, tz='UTC')
+        fired = _when(ev.bar_ts).tolist()
+        ser = Runs(store).series(rid, [f'shares:{x}' for x in syms])
+        flat_after = ser[ser.index >= gap_ts].abs().sum(axis=1) if len(ser) else pd.Series(dtype=float)
+        audit = Audit(store).verify()
+        checks = [('the prepared model held positions before the gap', bool(len(ser) and ser[ser.index < gap_ts].abs().sum(axis=1).iloc[-1] > 0),
+                   f"shares before the gap: {ser[ser.index < gap_ts].iloc[-1].to_dict() if len(ser[ser.index < gap_ts]) else {}}"),
+                  ('the guardian fired within the gap bar', bool(fired) and fired[0] == gap_ts,
+                   f"fired at {[str(f.date()) for f in fired]}; {st.halt_reason or '-'}"),
+                  ('positions are flat from that bar on', bool(len(flat_after)) and float(flat_after.max()) == 0.0,
+                   f"max |shares| after: {float(flat_after.max()) if len(flat_after) else '-'}"),
+                  ('trading is halted', st.halted, st.halt_reason),
+                  ('the model was rolled back to the champion before the drill', reg.champion() == before,
+                   f"champion now {reg.champion()}, before the drill {before}"),
+                  ('the audit chain verifies', audit.ok, f"{audit.n_checked} entries" + ('' if audit.ok else f"; breaks at {audit.first_bad_seq}: {audit.reason}"))]
+        return DrillResult('crash-day', checks, rid)
+
+    return _in_sandbox('crash-day', s, store, prepare, body)
+
+def outage_drill(settings:Settings|None=None, store:Store|None=None, # production: the sandbox is seeded from it
+                 model:str|None=None, # a production model to replay (copied); None: a small model trained in the sandbox
+                 window:str='2012-05-01:2012-07-31', feed_down:tuple=('2012-05-14', '2012-05-18'), disconnect_bars:int=3) -> DrillResult:
+    "The feed fails and the broker disconnects mid-replay, in a sandbox: cached fallback, no new orders, reconciliation, nothing lost or duplicated."
     from trader.core.audit import Audit
     from trader.research.train import train, tiny_settings
-    s = settings or load_settings()
+    s = settings or (store.settings if store is not None else load_settings())
     s = s.model_copy(update={'risk': s.risk.model_copy(update={'guardian': False})})   # this drill is about plumbing, not losses
-    store = store or Store(settings=s)
-    reg = Registry(store, s)
-    if model is None:   # a small model that trades often, so orders are in flight when the broker drops
-        syms = reg.get(reg.champion())['symbols'] if reg.champion() else ['AAPL', 'MSFT']
-        model = train(','.join(syms), steps=1024, seed=0, settings=tiny_settings(s), store=store, progress=False).model_id
-    mid = reg.get(model)['id']
-    syms = reg.get(mid)['symbols']
-    drill = {'fail_from': feed_down[0], 'fail_to': feed_down[1], 'disconnect_bars': disconnect_bars, 'name': 'outage'}
-    out = paper_session('sim', mid, window, settings=s, store=store, drill=drill, tag=f'drill outage {pd.Timestamp.now(tz="UTC"):%Y%m%dT%H%M%S}')
-    rid, b = out['run_id'], out['broker']
-    runs = Runs(store)
-    hb = store.frame('SELECT bar_ts, feed FROM heartbeats WHERE run_id = ? ORDER BY ts', (rid,))
-    conv = (lambda v: pd.Timestamp(int(v), tz='UTC')) if store.engine == 'sqlite' else (lambda v: pd.Timestamp(v))
-    hb['bar_ts'] = hb.bar_ts.map(conv)
-    fd = (pd.Timestamp(feed_down[0], tz='UTC'), pd.Timestamp(feed_down[1], tz='UTC'))
-    gone = list(drill.get('_disconnected') or [])
-    stale = hb[(hb.bar_ts >= fd[0]) & (hb.bar_ts <= fd[1])]
-    dec = runs.decisions(rid)
-    bad_dec = dec[((dec.ts >= fd[0]) & (dec.ts <= fd[1])) | dec.ts.isin(gone)]
-    b.connect()
-    at_broker = b.orders()
-    ledger = runs.orders(rid)
-    filled = sorted(o.client_order_id for o in at_broker if o.status == 'filled')
-    led = ledger.client_order_id.tolist()
-    orders_during = [o for o in at_broker if o.bar_ts is not None and ((fd[0] <= o.bar_ts <= fd[1]) or o.bar_ts in gone)]
-    adopted = ledger[ledger.ts.isin(gone)] if len(ledger) and gone else ledger.iloc[:0]
-    audit = Audit(store).verify()
-    pos_ledger = {k: round(v, 9) for k, v in zip(syms, out['state'].shares) if v != 0}
-    checks = [('cached bars served and marked stale during the feed outage', len(stale) > 0 and (stale.feed == 'stale').all(),
-               f"{len(stale)} bar(s) {feed_down[0]}..{feed_down[1]}: {stale.feed.tolist()}"),
-              ('the broker dropped with orders in flight', len(gone) == disconnect_bars,
-               f"disconnected for {[str(x.date()) for x in gone]}"),
-              ('no decision or order on stale data or while the broker was away', len(bad_dec) == 0 and not orders_during,
-               f"{len(bad_dec)} decision(s), {len(orders_during)} order(s) in those bars"),
-              ('fills made at the broker during the disconnect adopted on reconnect', len(adopted) > 0,
-               f"{len(adopted)} fill(s) filled while disconnected, in the ledger: {adopted.client_order_id.tolist()}"),
-              ('every filled order at the broker is in the ledger exactly once', sorted(led) == filled and len(set(led)) == len(led),
-               f"broker filled {len(filled)}, ledger {len(led)} ({len(set(led))} distinct)"),
-              ('no client_order_id twice at the broker', len({o.client_order_id for o in at_broker}) == len(at_broker), f"{len(at_broker)} order(s)"),
-              ('ledger positions equal the broker positions', {k: round(v, 9) for k, v in b.positions().items()} == pos_ledger,
-               f"broker {b.positions()}, ledger {pos_ledger}"),
-              ('the audit chain verifies', audit.ok, f"{audit.n_checked} entries" + ('' if audit.ok else f"; breaks at {audit.first_bad_seq}: {audit.reason}"))]
-    return DrillResult('outage', checks, rid)
+
+    use = {}
+    def prepare(prod):
+        reg = Registry(prod, s)
+        if model is not None: use['model'] = reg.get(model)['id']
+        champ = reg.champion()
+        use['symbols'] = reg.get(use.get('model') or champ)['symbols'] if (model or champ) else ['AAPL', 'MSFT']
+        return sandbox(prod, s, 'outage', use['symbols'], [use['model']] if model is not None else [])
+
+    def body(box):
+        store, reg = box.store, box.registry
+        mid = use.get('model') or train(   # a small model that trades often, so orders are in flight when the broker drops
+            ','.join(use['symbols']), steps=1024, seed=0, settings=tiny_settings(box.settings), store=store, progress=False).model_id
+        syms = reg.get(mid)['symbols']
+        drill = {'fail_from': feed_down[0], 'fail_to': feed_down[1], 'disconnect_bars': disconnect_bars, 'name': 'outage'}
+        out = paper_session('sim', mid, window, settings=box.settings, store=store, drill=drill, tag=f'drill outage {pd.Timestamp.now(tz="UTC"):%Y%m%dT%H%M%S}')
+        rid, b = out['run_id'], out['broker']
+        runs = Runs(store)
+        hb = store.frame('SELECT bar_ts, feed FROM heartbeats WHERE run_id = ? ORDER BY ts', (rid,))
+        hb['bar_ts'] = _when(hb.bar_ts)
+        fd = (pd.Timestamp(feed_down[0], tz='UTC'), pd.Timestamp(feed_down[1], tz='UTC'))
+        gone = list(drill.get('_disconnected') or [])
+        stale = hb[(hb.bar_ts >= fd[0]) & (hb.bar_ts <= fd[1])]
+        dec = runs.decisions(rid)
+        bad_dec = dec[((dec.ts >= fd[0]) & (dec.ts <= fd[1])) | dec.ts.isin(gone)]
+        b.connect()
+        at_broker = b.orders()
+        ledger = runs.orders(rid)
+        filled = sorted(o.client_order_id for o in at_broker if o.status == 'filled')
+        led = ledger.client_order_id.tolist()
+        orders_during = [o for o in at_broker if o.bar_ts is not None and ((fd[0] <= o.bar_ts <= fd[1]) or o.bar_ts in gone)]
+        adopted = ledger[ledger.ts.isin(gone)] if len(ledger) and gone else ledger.iloc[:0]
+        audit = Audit(store).verify()
+        pos_ledger = {k: round(v, 9) for k, v in zip(syms, out['state'].shares) if v != 0}
+        checks = [('cached bars served and marked stale during the feed outage', len(stale) > 0 and (stale.feed == 'stale').all(),
+                   f"{len(stale)} bar(s) {feed_down[0]}..{feed_down[1]}: {stale.feed.tolist()}"),
+                  ('the broker dropped with orders in flight', len(gone) == disconnect_bars,
+                   f"disconnected for {[str(x.date()) for x in gone]}"),
+                  ('no decision or order on stale data or while the broker was away', len(bad_dec) == 0 and not orders_during,
+                   f"{len(bad_dec)} decision(s), {len(orders_during)} order(s) in those bars"),
+                  ('fills made at the broker during the disconnect adopted on reconnect', len(adopted) > 0,
+                   f"{len(adopted)} fill(s) filled while disconnected, in the ledger: {adopted.client_order_id.tolist()}"),
+                  ('every filled order at the broker is in the ledger exactly once', sorted(led) == filled and len(set(led)) == len(led),
+                   f"broker filled {len(filled)}, ledger {len(led)} ({len(set(led))} distinct)"),
+                  ('no client_order_id twice at the broker', len({o.client_order_id for o in at_broker}) == len(at_broker), f"{len(at_broker)} order(s)"),
+                  ('ledger positions equal the broker positions', {k: round(v, 9) for k, v in b.positions().items()} == pos_ledger,
+                   f"broker {b.positions()}, ledger {pos_ledger}"),
+                  ('the audit chain verifies', audit.ok, f"{audit.n_checked} entries" + ('' if audit.ok else f"; breaks at {audit.first_bad_seq}: {audit.reason}"))]
+        return DrillResult('outage', checks, rid)
+
+    return _in_sandbox('outage', s, store, prepare, body)
