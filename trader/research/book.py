@@ -5,6 +5,7 @@
 # %% ../../nbs/13_book.ipynb #1d9288aa
 from __future__ import annotations
 from dataclasses import dataclass
+from ..core.domain import Side
 
 # %% auto #0
 __all__ = ['Fill', 'Book']
@@ -19,7 +20,7 @@ class Fill:
     reference: float      # the price before slippage (the open)
     fees: float           # $
     @property
-    def side(self) -> str: return 'buy' if self.qty > 0 else 'sell'
+    def side(self) -> Side: return Side.BUY if self.qty > 0 else Side.SELL
     @property
     def slippage_cost(self) -> float: return abs(self.qty)*abs(self.price - self.reference)
 
@@ -52,10 +53,15 @@ class Book:
             if abs(qty)*prices[i] > 1e-9*max(abs(v), 1.0): out.append((i, qty))
         return out
 
+    @staticmethod
+    def fill_price(qty:float, reference:float, slippage:float, fees:float) -> tuple[float, float]:
+        "The fill rule: (price, fees) of `qty` shares (signed) at `reference` moved by `slippage` against the trader, `fees` on the filled value."
+        price = reference*(1 + slippage) if qty > 0 else reference*(1 - slippage)
+        return price, abs(qty)*price*fees
+
     def execute(self, asset:int, qty:float, reference:float) -> Fill:
         "Book one fill at `reference` moved by slippage, paying fees."
-        price = reference*(1 + self.slippage) if qty > 0 else reference*(1 - self.slippage)
-        fees = abs(qty)*price*self.fees
+        price, fees = self.fill_price(qty, reference, self.slippage, self.fees)
         self.cash -= qty*price + fees
         self.shares[asset] += qty
         return Fill(asset, qty, price, reference, fees)
