@@ -45,6 +45,43 @@ def test_resume_continues_step_count(home):
     meta = json.loads((Path(home)/'models'/b/'metadata.json').read_text())
     assert (meta['steps'], meta['parent'], meta['kind']) == (1536, a, 'resume')
 
+def test_resume_keeps_parent_seed_unless_given(home):
+    "`--resume` keeps the parent's seed (it used to record and use 0, the --seed default) and records the seed it used truthfully."
+    p = registered(trader(home, 'train', '--symbols', 'AAPL,MSFT', '--steps', '256', '--seed', '5', '-q').stdout)
+    r = trader(home, 'train', '--resume', p, '--steps', '256', '-q'); assert r.returncode == 0, r.stderr
+    kept = registered(r.stdout)
+    assert 'seed 5,' in r.stdout, r.stdout
+    r = trader(home, 'train', '--resume', p, '--steps', '256', '--seed', '5', '-q'); assert r.returncode == 0, r.stderr
+    same = registered(r.stdout)
+    r = trader(home, 'train', '--resume', p, '--steps', '256', '--seed', '2', '-q'); assert r.returncode == 0, r.stderr
+    given = registered(r.stdout)
+    meta = {m: json.loads((Path(home)/'models'/m/'metadata.json').read_text()) for m in (p, kept, same, given)}
+    assert (meta[kept]['seed'], meta[kept]['seed_from'], meta[kept]['parent']) == (5, 'parent', p)
+    assert (meta[same]['seed'], meta[same]['seed_from']) == (5, 'argument')
+    assert (meta[given]['seed'], meta[given]['seed_from']) == (2, 'argument')
+    assert meta[kept]['params_sha256'] == meta[same]['params_sha256'] != meta[given]['params_sha256']   # the seed recorded is the seed used
+    shown = json.loads(trader(home, 'models', 'show', kept).stdout)
+    assert shown['seed'] == 5
+    assert meta[p]['seed_from'] == 'argument'
+
+def test_resume_seed_api(tmp_path):
+    "The same through `train()`: resume without a seed uses and records the parent's."
+    from trader.core.config import load_settings
+    from trader.core.data import load_sample
+    from trader.core.quality import DataQualityGate
+    from trader.core.registry import Registry
+    from trader.core.store import Store
+    from trader.research.train import train
+    s = load_settings({'TRADER_HOME': str(tmp_path)}, train={'n_steps': 128, 'batch_size': 64, 'n_epochs': 1, 'checkpoint_every': 0})
+    with Store(settings=s) as store:
+        store.ingest(DataQualityGate(s.quality).check(load_sample(['AAPL', 'MSFT']), source='sample'))
+        p = train('AAPL,MSFT', steps=128, seed=9, settings=s, store=store, progress=False)
+        kept = train(resume=p.model_id, steps=128, settings=s, store=store, progress=False)
+        same = train(resume=p.model_id, steps=128, seed=9, settings=s, store=store, progress=False)
+        assert (kept.meta['seed'], kept.meta['seed_from']) == (9, 'parent')
+        assert kept.meta['params_sha256'] == same.meta['params_sha256']
+        assert int(Registry(store, s).list().set_index('id').seed[kept.model_id]) == 9
+
 def test_warm_start_single_to_dual(home):
     one = registered(trader(home, 'train', '--symbols', 'AAPL', '--steps', '512', '-q').stdout)
     r = trader(home, 'train', '--symbols', 'AAPL,MSFT', '--steps', '512', '--warm-start', one, '-q')

@@ -133,8 +133,8 @@ def _new_model(env, s:Settings, seed:int):
 
 def train(symbols='AAPL,MSFT', # assets, in observation order
           steps:int=20_000, # timesteps in this run (on resume: added to the model's count)
-          seed:int=0,
-          resume:str|None=None, # continue this model (its step count, optimiser state, normaliser)
+          seed:int|None=None, # random seed; None: 0, or on resume the parent model's seed
+          resume:str|None=None, # continue this model (its step count, optimiser state, normaliser, and seed unless one is given)
           warm_start_from:str|None=None, # initialise from this model's matching parameters
           train_window:str|None=None, valid_window:str|None=None, # 'A:B'; defaults from settings
           allow_holdout:bool=False, # permit windows that overlap the holdout (recorded)
@@ -154,7 +154,9 @@ def train(symbols='AAPL,MSFT', # assets, in observation order
         symbols = parent_meta['symbols']
         train_window = train_window or parent_meta['windows']['train']
         valid_window = valid_window or parent_meta['windows']['valid']
-        seed = parent_meta['seed'] if seed is None else seed
+    # the seed actually used, and where it came from (recorded as such)
+    seed_from = 'argument' if seed is not None else ('parent' if resume else 'default')
+    seed = int(seed if seed is not None else (parent_meta['seed'] if resume else 0))
     syms = parse_symbols(symbols)
     tw = parse_window(train_window or s.train.train_window, 'train window')
     vw = parse_window(valid_window or s.train.valid_window, 'validation window')
@@ -196,7 +198,7 @@ def train(symbols='AAPL,MSFT', # assets, in observation order
         val = evaluate(pol, fs, *vw)
         meta = {'parent': parent_meta['id'] if parent_meta else (ws_report or {}).get('from'),
                 'kind': 'resume' if resume else ('warm_start' if warm_start_from else 'fresh'),
-                'seed': seed, 'steps': int(model.num_timesteps), 'steps_this_run': steps, 'symbols': syms,
+                'seed': seed, 'seed_from': seed_from, 'steps': int(model.num_timesteps), 'steps_this_run': steps, 'symbols': syms,
                 'features': {'names': list(FEATURE_NAMES), 'warmup': WARMUP}, 'normaliser': norm.to_dict(),
                 'windows': {'train': f"{tw[0]:%Y-%m-%d}:{tw[1]:%Y-%m-%d}", 'valid': f"{vw[0]:%Y-%m-%d}:{vw[1]:%Y-%m-%d}",
                             'holdout': s.train.holdout_window, 'allow_holdout': allow_holdout, 'used_holdout': bool(used_holdout)},
