@@ -1,6 +1,8 @@
 """Package metadata is read from settings.ini (nbdev 2 layout); edit it there, not here."""
 from configparser import ConfigParser
+from pathlib import Path
 import setuptools, shlex
+from setuptools.command.build_py import build_py
 
 config = ConfigParser(delimiters=['='])
 config.read('settings.ini', encoding='utf-8')
@@ -25,6 +27,17 @@ min_python = cfg['min_python']
 lic = licenses.get(cfg['license'].lower(), (cfg['license'], None))
 dev_requirements = (cfg.get('dev_requirements') or '').split()
 
+class BuildPyWithNotebooks(build_py):
+    """Copy the notebooks listed under `package_notebooks` in settings.ini (report templates, the Voila page) into the
+    built package at `package_notebooks_dir`; they are edited in nbs/ only, and no copy is committed under trader/."""
+    def run(self):
+        super().run()
+        dest = Path(self.build_lib)/cfg['package_notebooks_dir']
+        self.mkpath(str(dest))
+        for src in shlex.split(cfg.get('package_notebooks', '')):
+            if not Path(src).is_file(): raise FileNotFoundError(f"package notebook {src} (settings.ini package_notebooks) is missing")
+            self.copy_file(src, str(dest/Path(src).name))
+
 setuptools.setup(
     name=cfg['lib_name'],
     license=lic[0],
@@ -44,6 +57,7 @@ setuptools.setup(
     long_description=open('README.md', encoding='utf-8').read(),
     long_description_content_type='text/markdown',
     zip_safe=False,
+    cmdclass={'build_py': BuildPyWithNotebooks},
     entry_points={
         'console_scripts': cfg.get('console_scripts', '').split(),
         'nbdev': [f'{cfg.get("lib_path")}={cfg.get("lib_path")}._modidx:d'],

@@ -4,19 +4,22 @@
 
 # %% ../../nbs/20_cli.ipynb #b0073975
 from __future__ import annotations
-import argparse, json, logging, sys, time, traceback
+import argparse, json, logging, math, re, sys, time, traceback
 from pathlib import Path
 import numpy as np, pandas as pd
 from .. import __version__
 from ..core.config import ConfigError, TraderError, load_settings
-from ..core.data import DataError, Source, Timeframe, fetch_bars, parse_symbols
+from ..core.data import DataError, Source, Timeframe, fetch_bars, parse_symbols, to_utc
 from ..core.quality import DataQualityGate, QualityGateBlocked
 from ..core.store import Store
 
 # %% auto #0
-__all__ = ['cmd_ingest', 'cmd_quality', 'cmd_bars', 'cmd_train', 'cmd_models', 'cmd_backtest', 'cmd_sweep', 'cmd_report',
-           'cmd_gate', 'cmd_promote', 'cmd_runs', 'cmd_paper', 'cmd_status', 'cmd_kill', 'cmd_resume', 'cmd_drill',
-           'cmd_audit', 'cmd_dashboard', 'cmd_nightly', 'cmd_demo', 'build_parser', 'main']
+__all__ = ['arg_cash_amount', 'arg_bps', 'arg_count', 'arg_seed_value', 'arg_port_number', 'cmd_ingest', 'cmd_quality',
+           'cmd_bars', 'cmd_train', 'cmd_models', 'cmd_backtest', 'cmd_sweep', 'cmd_report', 'cmd_gate', 'cmd_promote',
+           'cmd_runs', 'cmd_paper', 'cmd_status', 'cmd_kill', 'cmd_resume', 'cmd_drill', 'cmd_audit', 'cmd_dashboard',
+           'cmd_nightly', 'cmd_demo', 'ArgError', 'arg_number', 'arg_speed', 'arg_date', 'arg_window', 'arg_symbol',
+           'arg_symbols', 'arg_model_id', 'arg_run_id', 'arg_ma_range', 'arg_existing_file', 'arg_text', 'arg_out_dir',
+           'check_args', 'build_parser', 'main']
 
 # %% ../../nbs/20_cli.ipynb #47322f2d
 def _say(*a, **kw): print(*a, **kw, flush=True)
@@ -46,7 +49,9 @@ def cmd_ingest(args) -> int:
         raise e
     with Store(settings=s) as store:
         n = store.ingest(report, progress=not args.quiet)
-        rid = int(store.query('SELECT MAX(id) FROM quality_reports')[0][0])
+        # the report just stored, by its own key (created, data sha256), not by reading the largest id
+        rid = int(store.query('SELECT id FROM quality_reports WHERE created = ? AND data_sha256 = ? ORDER BY id DESC LIMIT 1',
+                              (report.created, report.data_sha256))[0][0])
     if not args.quiet: _say(report.render())
     per = ', '.join(f"{k} {v['bars']}" for k, v in report.per_symbol.items())
     _say(f"stored {n} bars ({per}) {report.start[:10]}..{report.end[:10]} into {store.display_url}; "
@@ -108,7 +113,6 @@ def cmd_models(args) -> int:
         with pd.option_context('display.width', 200, 'display.max_columns', 20, 'display.max_colwidth', 40):
             _say(df.to_string(index=False))
     elif args.action == 'show':
-        if not args.id: raise ConfigError("usage: trader models show ID")
         meta = reg.get(args.id)
         meta = {k: v for k, v in meta.items() if k != 'normaliser'} if not args.full else meta
         _say(json.dumps(meta, indent=1, default=str))
@@ -178,21 +182,22 @@ def cmd_report(args) -> int:
     return 0
 
 def cmd_gate(args) -> int:
-    "The daily gate through papermill: GREEN/YELLOW exit 0, RED exit 3."
-    from trader.ops import reports as R
-    from trader.ops.gate import EXIT_CODES, compute_gate
+    "The daily gate: the verdict and exit code from Python (GREEN/YELLOW exit 0, RED exit 3), the report rendered through papermill."
+    from trader.ops.gate import run_gate
+    from trader.ops.reports import ReportError, run_template
     s = load_settings()
     with Store(settings=s) as store:
-        res = compute_gate(store, args.run, args.date, settings=s)      # validates run and date before the notebook starts
-    out = Path(args.output_dir) if args.output_dir else s.reports_dir/'gates'
-    R.run_template('daily_gate', out, {'date': res.date, 'run_id': res.run_id, 'output_dir': str(out), 'demo_if_empty': False},
-                   out_name=f'{res.date}.ipynb')
-    data = json.loads((out/f'{res.date}.json').read_text())
-    from trader.ops.gate import GateFigure, GateResult
-    g = GateResult(data['date'], data['run_id'], data['run_kind'], data['status'], data['reasons'], [GateFigure(**f) for f in data['figures']], data['created'])
-    _say(g.render())
-    for ext in ('ipynb', 'html', 'json'): _say(f"wrote {out/f'{res.date}.{ext}'}")
-    return EXIT_CODES[g.status]
+        g, paths = run_gate(store, args.run, args.date, settings=s, output_dir=args.output_dir, render=False)   # bad run or date: exit 2, nothing written
+        _say(g.render())
+        _say(f"wrote {paths['json']}")
+    try:
+        nb = run_template('daily_gate', paths['json'].parent, {'date': g.date, 'run_id': g.run_id, 'verdict': str(paths['json']),
+                                                               'output_dir': str(paths['json'].parent), 'demo_if_empty': False}, out_name=f'{g.date}.ipynb')
+    except ReportError as e:       # the verdict stands (recorded, printed, in the exit code); only the report is missing
+        print(f"error: {e}; the verdict above is recorded", file=sys.stderr)
+        return max(g.exit_code, 1)
+    for f in (nb, nb.with_suffix('.html')): _say(f"wrote {f}")
+    return g.exit_code
 
 def cmd_promote(args) -> int:
     "Promote a challenger only if its Sharpe is higher and its max drawdown lower than the champion's."
@@ -263,7 +268,6 @@ def cmd_kill(args) -> int:
 def cmd_resume(args) -> int:
     "Clear a halt after review (recorded in the audit trail)."
     from trader.live.loop import set_control
-    if not args.reason: raise ConfigError("say why trading may resume: trader resume --reason '...'")
     with Store() as store: set_control(store, '0', args.reason)
     _say("resume recorded: the trading loop clears its halt at its next bar")
     return 0
@@ -296,13 +300,155 @@ def cmd_demo(args) -> int:
     from trader.ops.demo import run_demo
     return run_demo(serve=args.serve)
 
+# %% ../../nbs/20_cli.ipynb #6fb32302
+class ArgError(TraderError):
+    "A command-line value is invalid: reported as `error: argument --x: why`, exit code 2, before anything is created."
+    exit_code = 2
+    def __init__(self, arg:str, why:str): super().__init__(f"argument {arg}: {why}")
+
+def _bad(why:str): return argparse.ArgumentTypeError(why)
+
+def arg_number(kind=float, lo:float|None=None, hi:float|None=None, lo_open:bool=False, what:str='a number'):
+    "An argparse type: a finite `kind` in [lo, hi] (lo excluded when `lo_open`)."
+    def check(v:str):
+        try: x = kind(v)
+        except (TypeError, ValueError): raise _bad(f"expected {what}, got {v!r}") from None
+        if kind is float and not math.isfinite(x): raise _bad(f"expected {what}, got {v!r}")
+        if lo is not None and (x <= lo if lo_open else x < lo): raise _bad(f"must be {'>' if lo_open else '>='} {lo:g}, got {v}")
+        if hi is not None and x > hi: raise _bad(f"must be <= {hi:g}, got {v}")
+        return x
+    check.__name__ = what
+    return check
+
+arg_cash_amount = arg_number(float, 0, 1e12, lo_open=True, what='an amount of cash > 0')
+arg_bps = arg_number(float, 0, 1000, what='basis points between 0 and 1000')
+arg_count = arg_number(int, 1, what='a whole number >= 1')
+arg_seed_value = arg_number(int, 0, 2**32 - 1, what='a whole number between 0 and 4294967295')
+arg_port_number = arg_number(int, 1, 65535, what='a port number between 1 and 65535')
+
+def arg_speed(v:str):
+    "'max' or bars per second (> 0)."
+    if str(v).strip().lower() == 'max': return 'max'
+    return arg_number(float, 0, lo_open=True, what="'max' or bars per second > 0")(v)
+
+def arg_date(v:str) -> str:
+    "A date or date-time that parses (returned as given)."
+    try: t = to_utc(v)
+    except Exception: t = None
+    if t is None: raise _bad(f"expected a date like 2012-01-03, got {v!r}")
+    return v
+
+def arg_window(v:str) -> str:
+    "An 'A:B' window of two dates, A on or before B (returned as given)."
+    parts = str(v).split(':')
+    if len(parts) != 2: raise _bad(f"expected a window A:B of two dates like 2012-01-03:2013-03-01, got {v!r}")
+    try: a, b = to_utc(parts[0]), to_utc(parts[1])
+    except Exception: a = b = None
+    if a is None or b is None: raise _bad(f"dates do not parse in {v!r} (expected e.g. 2012-01-03:2013-03-01)")
+    if a > b: raise _bad(f"start {parts[0]} is after end {parts[1]}")
+    return v
+
+_SYMBOL = re.compile(r'^[A-Z0-9][A-Z0-9.\-]{0,11}$')
+def arg_symbol(v:str) -> str:
+    "One ticker (letters, digits, '.' or '-'), upper-cased."
+    s = str(v).strip().upper()
+    if not _SYMBOL.match(s): raise _bad(f"not a ticker symbol: {v!r}")
+    return s
+
+def arg_symbols(v:str) -> str:
+    "Comma-separated tickers, returned upper-cased and de-duplicated ('aapl, msft' -> 'AAPL,MSFT')."
+    try: syms = parse_symbols(v)
+    except DataError: raise _bad("no symbols given") from None
+    return ','.join(arg_symbol(s) for s in syms)
+
+_ID = re.compile(r'^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$')
+def arg_model_id(v:str) -> str:
+    "A model id or 'champion' (ids name folders, so no '/', spaces or leading dot)."
+    if not _ID.match(str(v)): raise _bad(f"not a model id: {v!r} (see `trader models list`)")
+    return v
+
+def arg_run_id(v:str) -> str:
+    "A run id, e.g. ba-20260101120000-1a2b3c."
+    if not _ID.match(str(v)): raise _bad(f"not a run id: {v!r} (see `trader runs`)")
+    return v
+
+def arg_ma_range(v:str) -> str:
+    "Moving-average windows 'start:stop:step' (returned as given)."
+    from trader.research.sweep import parse_range
+    try: parse_range(v)
+    except TraderError as e: raise _bad(str(e)) from None
+    return v
+
+def arg_existing_file(v:str) -> str:
+    if not Path(v).is_file(): raise _bad(f"no such file: {v}")
+    return v
+
+def arg_text(v:str) -> str:
+    "Free text that is not blank."
+    if not str(v).strip(): raise _bad("must not be empty")
+    return v
+
+def arg_out_dir(v:str) -> str:
+    "A folder to write into: created if missing, but not an existing file."
+    if not str(v).strip(): raise _bad("must not be empty")
+    if Path(v).exists() and not Path(v).is_dir(): raise _bad(f"{v} exists and is not a folder")
+    return v
+
+# %% ../../nbs/20_cli.ipynb #bbf3ac0b
+_MODEL_ARGS = (('model', '--model'), ('resume', '--resume'), ('warm_start', '--warm-start'), ('challenger', '--challenger'))
+
+def _port_free(port:int) -> bool:
+    import socket
+    with socket.socket() as so:
+        try: so.bind(('127.0.0.1', port)); return True
+        except OSError: return False
+
+def check_args(args) -> None:
+    "What argparse types cannot see, checked before a subcommand creates anything: combinations, and references (models, runs, stored bars, ports) looked up read-only."
+    c, g = args.command, (lambda k: getattr(args, k, None))
+    if g('start') and g('end') and to_utc(args.start) > to_utc(args.end): raise ArgError('--end', f"{args.end} is before --start {args.start}")
+    if c == 'ingest':
+        if args.source in ('csv', 'parquet') and not args.path: raise ArgError('--path', f"required with --source {args.source}")
+        if args.source == 'alpaca' and not args.symbols: raise ArgError('--symbols', 'required with --source alpaca')
+        if args.source == 'alpaca' and not args.start: raise ArgError('--start', 'required with --source alpaca')
+    if c == 'models' and args.action == 'show' and not args.id: raise ArgError('ID', 'required: trader models show ID')
+    if c == 'resume' and not args.reason: raise ArgError('--reason', "say why trading may resume: trader resume --reason '...'")
+    if c == 'paper' and args.live and args.broker != 'alpaca': raise ArgError('--live', 'only with --broker alpaca (the sim broker replays stored bars: --replay)')
+    for k, flag in (('metrics_port', '--metrics-port'), ('port', '--port')):
+        if g(k) is not None and not _port_free(g(k)): raise ArgError(flag, f"127.0.0.1:{g(k)} is already in use")
+    models = [(flag, g(k)) for k, flag in _MODEL_ARGS if g(k)] + ([('ID', args.id)] if c == 'models' and g('id') else [])
+    run = ('--run', args.run) if c in ('gate', 'status') and g('run') else None
+    if not models and not run: return
+    from trader.core.registry import Registry
+    from trader.core.runs import Runs
+    s = load_settings()
+    with Store(settings=s) as store:         # read-only lookups: a bad reference stops here, before any run or record exists
+        reg = Registry(store, s)
+        for flag, mid in models:
+            try: meta = reg.get(mid)
+            except TraderError as e: raise ArgError(flag, str(e)) from None
+            if c == 'paper' and flag == '--model' and not args.live:
+                a, b = (to_utc(x) for x in args.replay.split(':'))      # checked by the `window` type
+                bars = store.read_bars(meta['symbols'], a, b)
+                missing = [x for x in meta['symbols'] if bars.empty or x not in set(bars.symbol)]
+                if missing: raise ArgError('--replay', f"no stored bars for {','.join(missing)} in {args.replay} (run `trader ingest` first)")
+        if run:
+            try: Runs(store).meta(run[1])
+            except TraderError as e: raise ArgError(run[0], str(e)) from None
+
 # %% ../../nbs/20_cli.ipynb #a9d6aa80
 class _Fmt(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter): pass
 
+class _Parser(argparse.ArgumentParser):
+    "argparse with one-line errors naming the argument (`error: argument --cash: must be > 0, got -5`), exit code 2."
+    def error(self, message):
+        print(f"error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        sys.exit(2)
+
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument('-v', '--verbose', action='store_true', help='show tracebacks and debug logging')
-    p = argparse.ArgumentParser('trader', description='Research-to-production trading: data, models, backtests, paper trading.',
+    p = _Parser('trader', description='Research-to-production trading: data, models, backtests, paper trading.',
                                 parents=[common], formatter_class=_Fmt,
                                 epilog='exit codes: 0 ok (gate GREEN/YELLOW), 1 unexpected error or failed nightly stage, 2 bad input or blocked data,\n'
                                        '            3 gate RED, 4 audit chain broken, 5 drill expectation failed')
@@ -317,131 +463,131 @@ def build_parser() -> argparse.ArgumentParser:
              epilog='examples:\n  trader ingest --source sample --symbols AAPL,MSFT\n  trader ingest --source csv --path bars.csv --symbol AAPL\n'
                     '  trader ingest --source alpaca --symbols AAPL,MSFT --start 2024-01-01 --end 2024-06-30')
     sp.add_argument('--source', choices=[x.value for x in Source], default='sample', help='where the bars come from')
-    sp.add_argument('--symbols', help='comma-separated symbols (sample, alpaca)')
-    sp.add_argument('--start', help='first date (inclusive)')
-    sp.add_argument('--end', help='last date (inclusive)')
+    sp.add_argument('--symbols', type=arg_symbols, help='comma-separated symbols (sample, alpaca)')
+    sp.add_argument('--start', type=arg_date, help='first date (inclusive)')
+    sp.add_argument('--end', type=arg_date, help='last date (inclusive)')
     sp.add_argument('--raw', action='store_true', help='sample: keep unadjusted prices (splits included; the gate will block them)')
-    sp.add_argument('--path', help='csv/parquet: the file to read')
-    sp.add_argument('--symbol', help='csv/parquet: symbol for a file without a symbol column')
+    sp.add_argument('--path', type=arg_existing_file, help='csv/parquet: the file to read')
+    sp.add_argument('--symbol', type=arg_symbol, help='csv/parquet: symbol for a file without a symbol column')
     sp.add_argument('--timeframe', default='1Day', choices=[t.value for t in Timeframe], help='bar size')
     sp.add_argument('--adjustment', default='all', choices=['raw', 'split', 'dividend', 'all'], help='alpaca: price adjustment')
     sp.add_argument('-q', '--quiet', action='store_true', help='print only the summary line')
 
     sp = add('quality', cmd_quality, 'run the quality gate on stored bars')
-    sp.add_argument('--symbols', help='comma-separated symbols (default: all stored)')
-    sp.add_argument('--start', help='first date'); sp.add_argument('--end', help='last date')
+    sp.add_argument('--symbols', type=arg_symbols, help='comma-separated symbols (default: all stored)')
+    sp.add_argument('--start', type=arg_date, help='first date'); sp.add_argument('--end', type=arg_date, help='last date')
     sp.add_argument('--timeframe', default='1Day', choices=[t.value for t in Timeframe])
     sp.add_argument('--json', action='store_true', help='print the report as JSON')
 
     sp = add('bars', cmd_bars, 'print stored bars')
-    sp.add_argument('--symbol', required=True)
-    sp.add_argument('--start'); sp.add_argument('--end')
+    sp.add_argument('--symbol', type=arg_symbol, required=True)
+    sp.add_argument('--start', type=arg_date); sp.add_argument('--end', type=arg_date)
     sp.add_argument('--timeframe', default='1Day', choices=[t.value for t in Timeframe])
     sp.add_argument('--format', default='csv', choices=['csv', 'json'])
-    sp.add_argument('--tail', type=int, help='only the last N bars')
+    sp.add_argument('--tail', type=arg_count, help='only the last N bars')
 
     sp = add('train', cmd_train, 'train a RecurrentPPO agent and register it',
              epilog='examples:\n  trader train --symbols AAPL,MSFT --steps 300000 --seed 0\n  trader train --resume ID --steps 100000\n'
                     '  trader train --symbols AAPL,MSFT --steps 50000 --warm-start AAPL_MODEL_ID')
-    sp.add_argument('--symbols', default='AAPL,MSFT', help='assets, in observation order')
-    sp.add_argument('--steps', type=int, default=20_000, help='timesteps in this run (on --resume: added to the model\'s count)')
-    sp.add_argument('--seed', type=int, default=0)
-    sp.add_argument('--resume', metavar='MODEL_ID', help='continue a model: its step count, optimiser state and normaliser')
-    sp.add_argument('--warm-start', metavar='MODEL_ID', help='initialise from the matching parameters of another model')
-    sp.add_argument('--train-window', metavar='A:B', help='default from settings: 2000-03-01:2009-12-31')
-    sp.add_argument('--valid-window', metavar='A:B', help='default from settings: 2010-01-01:2011-12-31')
+    sp.add_argument('--symbols', type=arg_symbols, default='AAPL,MSFT', help='assets, in observation order')
+    sp.add_argument('--steps', type=arg_count, default=20_000, help='timesteps in this run (on --resume: added to the model\'s count)')
+    sp.add_argument('--seed', type=arg_seed_value, default=0)
+    sp.add_argument('--resume', type=arg_model_id, metavar='MODEL_ID', help='continue a model: its step count, optimiser state and normaliser')
+    sp.add_argument('--warm-start', type=arg_model_id, metavar='MODEL_ID', help='initialise from the matching parameters of another model')
+    sp.add_argument('--train-window', type=arg_window, metavar='A:B', help='default from settings: 2000-03-01:2009-12-31')
+    sp.add_argument('--valid-window', type=arg_window, metavar='A:B', help='default from settings: 2010-01-01:2011-12-31')
     sp.add_argument('--allow-holdout', action='store_true', help='permit windows overlapping the holdout (recorded in the registry)')
     sp.add_argument('-q', '--quiet', action='store_true', help='no progress bar')
 
     sp = add('models', cmd_models, 'list and inspect registered models; show or set the champion',
              epilog='examples:\n  trader models list\n  trader models show ID\n  trader models champion [ID]')
     sp.add_argument('action', choices=['list', 'show', 'champion'])
-    sp.add_argument('id', nargs='?', help='model id (show, champion)')
-    sp.add_argument('--reason', help='champion: why (recorded)')
+    sp.add_argument('id', nargs='?', type=arg_model_id, help='model id (show, champion)')
+    sp.add_argument('--reason', type=arg_text, help='champion: why (recorded)')
     sp.add_argument('--history', action='store_true', help='champion: print the champion history')
     sp.add_argument('--full', action='store_true', help='show: include the normalisation statistics')
 
     sp = add('backtest', cmd_backtest, 'backtest a model against buy-and-hold and the best MA crossover; stores a run')
-    sp.add_argument('--model', default='champion', help="model id or 'champion'")
-    sp.add_argument('--window', metavar='A:B', help='default: the holdout (2012-01-01:2013-03-01)')
-    sp.add_argument('--fees-bps', type=float, help='default from settings (env.fees_bps)')
-    sp.add_argument('--slippage-bps', type=float, help='default from settings (env.slippage_bps)')
-    sp.add_argument('--cash', type=float, default=100_000.0)
+    sp.add_argument('--model', type=arg_model_id, default='champion', help="model id or 'champion'")
+    sp.add_argument('--window', type=arg_window, metavar='A:B', help='default: the holdout (2012-01-01:2013-03-01)')
+    sp.add_argument('--fees-bps', type=arg_bps, help='default from settings (env.fees_bps)')
+    sp.add_argument('--slippage-bps', type=arg_bps, help='default from settings (env.slippage_bps)')
+    sp.add_argument('--cash', type=arg_cash_amount, default=100_000.0)
 
     sp = add('sweep', cmd_sweep, 'moving-average crossover parameter sweep (one vectorbt call)')
     sp.add_argument('kind', choices=['ma'])
-    sp.add_argument('--symbols', default='AAPL,MSFT')
-    sp.add_argument('--fast', default='5:53:2', help='fast windows start:stop:step')
-    sp.add_argument('--slow', default='20:180:10', help='slow windows start:stop:step')
-    sp.add_argument('--window', metavar='A:B', help='default: the validation window')
-    sp.add_argument('--top', type=int, default=10)
+    sp.add_argument('--symbols', type=arg_symbols, default='AAPL,MSFT')
+    sp.add_argument('--fast', type=arg_ma_range, default='5:53:2', help='fast windows start:stop:step')
+    sp.add_argument('--slow', type=arg_ma_range, default='20:180:10', help='slow windows start:stop:step')
+    sp.add_argument('--window', type=arg_window, metavar='A:B', help='default: the validation window')
+    sp.add_argument('--top', type=arg_count, default=10)
 
     sp = add('report', cmd_report, 'run a papermill report into reports/',
              epilog='example:\n  trader report backtest --model champion')
     sp.add_argument('kind', choices=['backtest'])
-    sp.add_argument('--model', default='champion')
-    sp.add_argument('--window', metavar='A:B'); sp.add_argument('--fees-bps', type=float); sp.add_argument('--slippage-bps', type=float)
-    sp.add_argument('--cash', type=float, default=100_000.0)
-    sp.add_argument('--output-dir', help='default: reports/backtest/<date>-<model>/')
+    sp.add_argument('--model', type=arg_model_id, default='champion')
+    sp.add_argument('--window', type=arg_window, metavar='A:B'); sp.add_argument('--fees-bps', type=arg_bps); sp.add_argument('--slippage-bps', type=arg_bps)
+    sp.add_argument('--cash', type=arg_cash_amount, default=100_000.0)
+    sp.add_argument('--output-dir', type=arg_out_dir, help='default: reports/backtest/<date>-<model>/')
 
     sp = add('gate', cmd_gate, 'the daily gate: GREEN/YELLOW (exit 0) or RED (exit 3)',
              epilog='exit codes: 0 GREEN or YELLOW, 3 RED, 2 bad input (unknown run or date), 1 other error\n'
                     'cron: 30 7 * * 1-5  cd /srv/trader && .venv/bin/trader gate >> var/logs/gate.log 2>&1')
-    sp.add_argument('--date', help='YYYY-MM-DD (default: the run\'s last bar)')
-    sp.add_argument('--run', help='run id (default: the latest paper run, else the latest backtest)')
-    sp.add_argument('--output-dir', help='default: reports/gates/')
+    sp.add_argument('--date', type=arg_date, help='YYYY-MM-DD (default: the run\'s last bar)')
+    sp.add_argument('--run', type=arg_run_id, help='run id (default: the latest paper run, else the latest backtest)')
+    sp.add_argument('--output-dir', type=arg_out_dir, help='default: reports/gates/')
 
     sp = add('promote', cmd_promote, 'promote a challenger if better on Sharpe AND max drawdown')
-    sp.add_argument('--challenger', required=True, metavar='MODEL_ID')
-    sp.add_argument('--window', metavar='A:B', help='default: the validation window')
+    sp.add_argument('--challenger', type=arg_model_id, required=True, metavar='MODEL_ID')
+    sp.add_argument('--window', type=arg_window, metavar='A:B', help='default: the validation window')
     sp.add_argument('--dry-run', action='store_true', help='decide and print; record nothing')
 
     sp = add('runs', cmd_runs, 'list stored runs')
     sp.add_argument('--kind', choices=['backtest', 'paper'])
-    sp.add_argument('--limit', type=int, default=20)
+    sp.add_argument('--limit', type=arg_count, default=20)
 
     sp = add('paper', cmd_paper, 'paper-trade a model bar by bar (replay or Alpaca paper)',
              epilog='examples:\n  trader paper --broker sim --model champion --replay 2012-01-03:2013-03-01 --speed max\n'
                     '  trader paper --broker alpaca --model champion --live   (not verified against the live service from this machine)\n'
                     'a killed session resumes when started again with the same arguments')
     sp.add_argument('--broker', choices=['sim', 'alpaca'], default='sim')
-    sp.add_argument('--model', default='champion', help="model id, or 'champion' (follows promotions and rollbacks)")
-    sp.add_argument('--replay', default='2012-01-03:2013-03-01', metavar='A:B', help='replay stored bars over this window')
+    sp.add_argument('--model', type=arg_model_id, default='champion', help="model id, or 'champion' (follows promotions and rollbacks)")
+    sp.add_argument('--replay', type=arg_window, default='2012-01-03:2013-03-01', metavar='A:B', help='replay stored bars over this window')
     sp.add_argument('--live', action='store_true', help='trade the live feed instead of a replay (alpaca)')
-    sp.add_argument('--speed', default='max', help="'max' or bars per second")
-    sp.add_argument('--cash', type=float, default=100_000.0, help='starting cash of a new simulated account')
-    sp.add_argument('--metrics-port', type=int, help='serve Prometheus metrics on 127.0.0.1:PORT')
+    sp.add_argument('--speed', type=arg_speed, default='max', help="'max' or bars per second")
+    sp.add_argument('--cash', type=arg_cash_amount, default=100_000.0, help='starting cash of a new simulated account')
+    sp.add_argument('--metrics-port', type=arg_port_number, help='serve Prometheus metrics on 127.0.0.1:PORT')
     sp.add_argument('-q', '--quiet', action='store_true')
 
     sp = add('status', cmd_status, 'state of the latest paper run')
-    sp.add_argument('--run', help='run id (default: the latest paper run)')
+    sp.add_argument('--run', type=arg_run_id, help='run id (default: the latest paper run)')
     sp.add_argument('--json', action='store_true')
 
     sp = add('kill', cmd_kill, 'manual kill switch: flatten and halt at the next bar')
-    sp.add_argument('--reason', help='why (recorded)')
+    sp.add_argument('--reason', type=arg_text, help='why (recorded)')
     sp = add('resume', cmd_resume, 'clear a halt after review (recorded)')
-    sp.add_argument('--reason', help='why trading may resume (required)')
+    sp.add_argument('--reason', type=arg_text, help='why trading may resume (required)')
 
     sp = add('drill', cmd_drill, 'risk drills: crash-day or outage (exit 5 if an expectation failed)')
     sp.add_argument('kind', choices=['crash-day', 'outage'])
-    sp.add_argument('--model', help='outage: model to trade (default: the champion)')
+    sp.add_argument('--model', type=arg_model_id, help='outage: model to trade (default: the champion)')
 
     sp = add('audit', cmd_audit, 'verify the audit chain (exit 4 if broken) or export a compliance pack')
     sp.add_argument('action', choices=['verify', 'export'])
-    sp.add_argument('--from', dest='from_ts', help='export: first time (ISO date/time)')
-    sp.add_argument('--to', dest='to_ts', help='export: last time')
-    sp.add_argument('--dir', help='export: output folder (default: $TRADER_HOME/audit/pack-<time>)')
-    sp.add_argument('--from-seq', dest='from_seq', type=int, help='verify: start at this sequence number')
+    sp.add_argument('--from', dest='from_ts', type=arg_date, help='export: first time (ISO date/time)')
+    sp.add_argument('--to', dest='to_ts', type=arg_date, help='export: last time')
+    sp.add_argument('--dir', type=arg_out_dir, help='export: output folder (default: $TRADER_HOME/audit/pack-<time>)')
+    sp.add_argument('--from-seq', dest='from_seq', type=arg_number(int, 0, what='a whole number >= 0'), help='verify: start at this sequence number')
 
     sp = add('dashboard', cmd_dashboard, 'serve the Voila dashboard on localhost')
-    sp.add_argument('--port', type=int, default=8866)
+    sp.add_argument('--port', type=arg_port_number, default=8866)
     sp.add_argument('--control', action='store_true', help='enable the kill switch, resume and drill buttons')
 
     sp = add('nightly', cmd_nightly, 'nightly cycle: warm-started challenger, promotion only if better, gate',
              epilog='cron: 15 2 * * 1-5  cd /srv/trader && .venv/bin/trader nightly >> var/logs/nightly.log 2>&1\n'
                     'exit codes: 0 the cycle completed (promoted or kept), 1 a stage failed (the champion is unchanged)')
-    sp.add_argument('--steps', type=int, help='training steps for the challenger (default: TRADER_NIGHTLY_STEPS or 20,000)')
-    sp.add_argument('--challenger', metavar='MODEL_ID', help='evaluate this registered model instead of training one')
+    sp.add_argument('--steps', type=arg_count, help='training steps for the challenger (default: TRADER_NIGHTLY_STEPS or 20,000)')
+    sp.add_argument('--challenger', type=arg_model_id, metavar='MODEL_ID', help='evaluate this registered model instead of training one')
     sp.add_argument('--dry-run', action='store_true', help='decide and print; promote nothing')
 
     sp = add('demo', cmd_demo, 'run the main job on the embedded store')
@@ -455,6 +601,7 @@ def main(argv:list[str]|None=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format='%(levelname)s %(name)s: %(message)s')
     try:
+        check_args(args)          # before the subcommand creates anything
         return int(args.func(args) or 0)
     except TraderError as e:
         msg = str(e)

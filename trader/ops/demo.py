@@ -7,7 +7,7 @@ from __future__ import annotations
 import json, os, subprocess, sys, time
 from pathlib import Path
 
-from ..core.config import load_settings, project_root
+from ..core.config import load_settings
 from ..core.data import load_sample, bars_sha256
 from ..core.quality import DataQualityGate
 from ..core.store import Store
@@ -139,13 +139,10 @@ def run_demo(serve:bool=True, # start the dashboard at the end
             st.done(f"crash-day drill {'PASSED' if d.passed else 'FAILED'}: " + '; '.join(f"{'ok' if ok else 'FAIL'} {what}" for what, ok, _ in d.checks[1:5]))
             if not d.passed: print(d.render(), flush=True); return 5
     with _Stage(6, 'gate') as st:
-        from trader.ops.gate import compute_gate
-        g = compute_gate(store, paper_id, None, settings=s)
-        gdir = s.reports_dir/'gates'
-        R.run_template('daily_gate', gdir, {'date': g.date, 'run_id': paper_id, 'output_dir': str(gdir), 'demo_if_empty': False}, out_name=f'{g.date}.ipynb')
-        gj = json.loads((gdir/f'{g.date}.json').read_text())
-        st.done(f"{gj['status']} for {paper_id} on {g.date}" + (f": {'; '.join(gj['reasons'][:2])}" if gj['reasons'] else ''))
-        for ext in ('html', 'json', 'ipynb'): paths[f'gate {ext}'] = gdir/f'{g.date}.{ext}'
+        from trader.ops.gate import run_gate          # the verdict from Python; the template renders the report
+        g, gpaths = run_gate(store, paper_id, None, settings=s)
+        st.done(f"{g.status} for {paper_id} on {g.date}" + (f": {'; '.join(g.reasons[:2])}" if g.reasons else ''))
+        for ext in ('html', 'json', 'ipynb'): paths[f'gate {ext}'] = gpaths[ext]
     with _Stage(7, 'audit') as st:
         v = Audit(store).verify()
         st.done(f"chain verified: {v.n_checked} entries, last hash {v.last_hash[:16]}" if v.ok else f"chain BROKEN at seq {v.first_bad_seq}: {v.reason}")
@@ -159,8 +156,9 @@ def run_demo(serve:bool=True, # start the dashboard at the end
     return 0
 
 def serve_dashboard(port:int=8866, control:bool=False) -> int:
-    "Serve nbs/dashboard.ipynb with Voila on 127.0.0.1:port (blocks)."
-    nb = (project_root(Path(__file__).parent) or project_root() or Path.cwd())/'nbs'/'dashboard.ipynb'
+    "Serve the dashboard notebook (shipped in the package; nbs/dashboard.ipynb in a checkout) with Voila on 127.0.0.1:port (blocks)."
+    from trader.ops.reports import packaged_notebook
+    nb = packaged_notebook('dashboard')
     env = {**os.environ, 'TRADER_DASHBOARD_CONTROL': '1' if control else ''}
     cmd = [sys.executable, '-m', 'voila', str(nb), f'--port={port}', '--no-browser', '--Voila.ip=127.0.0.1',
            '--Voila.tornado_settings={"headers":{"Content-Security-Policy":"frame-ancestors \'self\'"}}']

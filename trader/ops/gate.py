@@ -4,16 +4,18 @@
 
 # %% ../../nbs/16_gate.ipynb #acce495e
 from __future__ import annotations
-import math
+import json, math
 from dataclasses import dataclass, field, asdict
+from pathlib import Path
 import pandas as pd
 from ..core.config import Settings, TraderError, load_settings
 from ..core.runs import Run, Runs
 from ..core.store import Store
+from ..research.metrics import max_drawdown, returns_of, sharpe_ratio
 
 # %% auto #0
 __all__ = ['GREEN', 'YELLOW', 'RED', 'EXIT_CODES', 'GateFigure', 'classify', 'gate_status', 'GateResult', 'GateError',
-           'monitored_run', 'compute_gate', 'record_gate', 'gate_history']
+           'monitored_run', 'compute_gate', 'record_gate', 'gate_history', 'run_gate']
 
 # %% ../../nbs/16_gate.ipynb #9ca5ec65
 GREEN, YELLOW, RED = 'GREEN', 'YELLOW', 'RED'
@@ -66,6 +68,10 @@ class GateResult:
     def to_dict(self) -> dict:
         return {'date': self.date, 'run_id': self.run_id, 'run_kind': self.run_kind, 'status': self.status, 'reasons': self.reasons,
                 'figures': [asdict(f) for f in self.figures], 'created': self.created, 'exit_code': self.exit_code}
+    @classmethod
+    def from_dict(cls, d:dict) -> GateResult:
+        "The verdict back from `to_dict` (the report template reads it from the JSON `run_gate` wrote)."
+        return cls(d['date'], d['run_id'], d['run_kind'], d['status'], list(d['reasons']), [GateFigure(**f) for f in d['figures']], d['created'])
     def render(self) -> str:
         lines = [f"daily gate {self.date}  run {self.run_id} ({self.run_kind})  ->  {self.status}"]
         lines += ['  ' + f.show() for f in self.figures]
@@ -105,13 +111,11 @@ def compute_gate(store:Store, run_id:str|None=None, date=None, settings:Settings
     if upto.empty: raise GateError(f"run {rid} has no bars on or before {day:%Y-%m-%d} (it starts {eq.index[0]:%Y-%m-%d})")
     today = upto[upto.index >= day]
     if today.empty: raise GateError(f"run {rid} has no bar on {day:%Y-%m-%d}; its last bar on or before that is {upto.index[-1]:%Y-%m-%d}")
-    r = upto.pct_change().dropna().tail(g.sharpe_window)
-    sharpe = float(r.mean()/r.std(ddof=1)*math.sqrt(252)) if len(r) > 2 and r.std(ddof=1) > 0 else None
+    r = returns_of(upto)[-g.sharpe_window:]
+    sharpe = sharpe_ratio(r)                                   # the project's one definition (trader.research.metrics)
     prev = upto[upto.index < day]
-    ref = max(today.max(), prev.iloc[-1]) if len(prev) else today.max()
-    dd_today = float(max(0.0, 1 - today.iloc[-1]/ref))
-    peak = upto.cummax()
-    dd_all = float((1 - upto/peak).max())
+    dd_today = max_drawdown(pd.concat([prev.iloc[-1:], today]))   # from the close before and the day's own highs
+    dd_all = max_drawdown(upto)
     pnl = float(upto.iloc[-1] - eq.iloc[0])
     q = store.quality_by_symbol()
     q = q[q.symbol.isin(run.symbols)]
@@ -141,11 +145,30 @@ def record_gate(store:Store, result:GateResult) -> int:
     from trader.core.runs import _jdump
     from trader.core.audit import Audit
     with store.transaction():
-        store.execute('INSERT INTO gate_history (created, date, run_id, status, figures) VALUES (?,?,?,?,?)',
-                      (result.created, result.date, result.run_id, result.status, _jdump(result.to_dict())))
+        gid = store.query('INSERT INTO gate_history (created, date, run_id, status, figures) VALUES (?,?,?,?,?) RETURNING id',
+                          (result.created, result.date, result.run_id, result.status, _jdump(result.to_dict())))[0][0]
         Audit(store).append('gate', {'date': result.date, 'run_id': result.run_id, 'status': result.status, 'reasons': result.reasons,
                                      'figures': {f.name: f.value for f in result.figures}})
-        return int(store.query('SELECT MAX(id) FROM gate_history')[0][0])
+    return int(gid)
 
 def gate_history(store:Store, limit:int=30) -> pd.DataFrame:
     return store.frame('SELECT id, created, date, run_id, status FROM gate_history ORDER BY id DESC LIMIT ?', (limit,))
+
+def run_gate(store:Store, run_id:str|None=None, date=None, settings:Settings|None=None,
+             output_dir:Path|str|None=None, # folder for DATE.json, DATE.ipynb and DATE.html (default: reports/gates/)
+             render:bool=True, # also render the report through the papermill template `daily_gate`
+            ) -> tuple[GateResult, dict[str, Path]]:
+    "The gate as `trader gate` runs it: the verdict computed and recorded here, DATE.json written from it, then the report rendered from that verdict."
+    s = settings or load_settings()
+    res = compute_gate(store, run_id, date, settings=s)        # bad input (unknown run or date) fails here, before anything is written
+    out = Path(output_dir) if output_dir else s.reports_dir/'gates'
+    out.mkdir(parents=True, exist_ok=True)
+    gid = record_gate(store, res)
+    paths = {'json': out/f'{res.date}.json'}
+    paths['json'].write_text(json.dumps({**res.to_dict(), 'gate_id': gid}, indent=1, default=str))
+    if render:
+        from trader.ops.reports import run_template       # imported late: papermill is only needed to render
+        paths['ipynb'] = run_template('daily_gate', out, {'date': res.date, 'run_id': res.run_id, 'verdict': str(paths['json']),
+                                                          'output_dir': str(out), 'demo_if_empty': False}, out_name=f'{res.date}.ipynb')
+        paths['html'] = out/f'{res.date}.html'
+    return res, paths

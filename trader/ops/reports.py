@@ -7,12 +7,12 @@ from __future__ import annotations
 import html, logging, os, warnings
 from pathlib import Path
 import numpy as np, pandas as pd
-from ..core.config import Settings, TraderError, project_root
+from ..core.config import Settings, TraderError
 from ..core.runs import Run
 
 # %% auto #0
-__all__ = ['ReportError', 'fig_equity', 'fig_drawdown', 'fig_positions', 'fig_monthly', 'tearsheet', 'write_html',
-           'template_path', 'run_template', 'backtest_report_dir']
+__all__ = ['TEMPLATES', 'ReportError', 'fig_equity', 'fig_drawdown', 'fig_positions', 'fig_monthly', 'tearsheet', 'write_html',
+           'packaged_notebook', 'template_path', 'run_template', 'backtest_report_dir']
 
 # %% ../../nbs/15_reports.ipynb #ef03d917
 class ReportError(TraderError):
@@ -93,14 +93,23 @@ def write_html(path:Path, title:str, blocks:list, note:str='') -> Path:
     return Path(path)
 
 # %% ../../nbs/15_reports.ipynb #5f90b975
-def template_path(name:str) -> Path:
-    "A report template in `nbs/reports/` (`backtest` or `daily_gate`)."
-    root = project_root(Path(__file__).parent) or project_root()
-    p = (root or Path.cwd())/'nbs'/'reports'/f'{name}.ipynb'
-    if not p.is_file(): raise ReportError(f"report template {p} not found")
-    return p
+TEMPLATES = 'templates'   # the package-data folder inside trader.ops that the build fills from nbs/
 
-def run_template(name:str, # template name in nbs/reports
+def packaged_notebook(name:str) -> Path:
+    "A notebook shipped with the package (`backtest`, `daily_gate`, `dashboard`): the installed copy, else its source in a checkout's `nbs/`."
+    from importlib.resources import files
+    res = files('trader.ops').joinpath(TEMPLATES, f'{name}.ipynb')
+    if res.is_file(): return Path(str(res))                  # an installed wheel (zip_safe=False: a real file)
+    src = Path(__file__).resolve().parents[2]/'nbs'           # a source checkout (editable install): the one edited copy
+    for p in (src/'reports'/f'{name}.ipynb', src/f'{name}.ipynb'):
+        if p.is_file(): return p
+    raise ReportError(f"notebook {name}.ipynb is neither in the installed package (trader/ops/{TEMPLATES}/) nor in a source checkout's nbs/")
+
+def template_path(name:str) -> Path:
+    "A report template (`backtest` or `daily_gate`)."
+    return packaged_notebook(name)
+
+def run_template(name:str, # template name: backtest or daily_gate
                  out_dir:Path, # folder for the executed notebook
                  parameters:dict, out_name:str|None=None, log_output:bool=False) -> Path:
     "Execute a template with papermill; returns the executed notebook's path."
@@ -110,8 +119,9 @@ def run_template(name:str, # template name in nbs/reports
     env_before = os.environ.get('PYDEVD_DISABLE_FILE_VALIDATION')
     os.environ['PYDEVD_DISABLE_FILE_VALIDATION'] = '1'
     try:
+        # the kernel starts in the caller's directory, so it finds the same settings (project root, trader.toml) as the caller
         pm.execute_notebook(str(template_path(name)), str(out), parameters=parameters, kernel_name='python3',
-                            progress_bar=False, log_output=log_output, cwd=str(template_path(name).parent))
+                            progress_bar=False, log_output=log_output, cwd=str(Path.cwd()))
     except pm.PapermillExecutionError as e:
         raise ReportError(f"report {name} failed in cell {e.exec_count}: {e.ename}: {e.evalue} (executed notebook kept at {out})") from None
     finally:
