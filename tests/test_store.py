@@ -10,7 +10,8 @@ import pytest
 from trader.core.config import QualitySettings
 from trader.core.data import BAR_COLUMNS, bars_sha256, load_sample
 from trader.core.quality import CORRUPTIONS, DataQualityGate, QualityGateBlocked, corrupt
-from trader.core.store import MIGRATIONS, Store
+import trader.core.audit, trader.core.runs, trader.core.registry, trader.live.broker   # the owners register their tables
+from trader.core.store import MIGRATIONS, Store, StoreError, _SCHEMAS, json_text, register_schema
 
 SAMPLE_BARS = 6540   # real AAPL + MSFT daily bars, 3270 each
 
@@ -27,10 +28,10 @@ def sample_report(gate):
 def bars_of(symbols, **kw) -> pd.DataFrame:
     return load_sample(symbols, **kw).drop(columns='adj_close')
 
-def tables(store) -> set[str]:
-    q = ("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'" if store.engine == 'sqlite'
-         else "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema()")
-    return {r[0] for r in store.query(q)}
+def tables(store) -> set[str]: return store.tables()
+
+def all_migrations() -> list[tuple[str, int]]:
+    return [(o, v) for o, ms in _SCHEMAS.items() for v, _, _ in ms]
 
 def state(store) -> dict[str, int]:
     "Row counts of the tables an ingest writes."
@@ -44,14 +45,17 @@ def expected(frame:pd.DataFrame) -> pd.DataFrame:
 
 def test_migrations_create_schema_and_are_idempotent(db_url):
     first = Store(db_url, migrate=False)
-    assert first.migrate() == [v for v, _, _ in MIGRATIONS]
-    assert {'schema_version', 'bars', 'quality_reports', 'quality_symbols'} <= tables(first)
-    assert [r[0] for r in first.query('SELECT version FROM schema_version ORDER BY version')] == [v for v, _, _ in MIGRATIONS]
+    assert first.migrate() == all_migrations()
+    assert ('core.store', 1) in all_migrations() and [v for v, _, _ in MIGRATIONS] == [1]
+    assert {'schema_migrations', 'bars', 'quality_reports', 'quality_symbols', 'runs', 'run_series', 'run_orders', 'run_decisions',
+            'models', 'champion_history', 'audit_log', 'broker_orders', 'broker_positions', 'broker_accounts',
+            'gate_history', 'loop_state', 'heartbeats', 'risk_events', 'controls'} <= tables(first)
+    assert sorted(first.query('SELECT owner, version FROM schema_migrations')) == sorted(all_migrations())
     assert first.migrate() == []                       # same connection, again
     first.close()
     with Store(db_url) as second:                      # opening twice applies nothing the second time
         assert second.migrate() == []
-        assert int(second.query('SELECT COUNT(*) FROM schema_version')[0][0]) == len(MIGRATIONS)
+        assert int(second.query('SELECT COUNT(*) FROM schema_migrations')[0][0]) == len(all_migrations())
         assert second.count_bars() == 0
 
 def test_concurrent_first_opens_migrate_once(db_url):
@@ -67,7 +71,7 @@ def test_concurrent_first_opens_migrate_once(db_url):
     for t in threads: t.join(60)
     assert errors == []
     with Store(db_url) as s:
-        assert int(s.query('SELECT COUNT(*) FROM schema_version')[0][0]) == len(MIGRATIONS)
+        assert int(s.query('SELECT COUNT(*) FROM schema_migrations')[0][0]) == len(all_migrations())
 
 # -- ingest: idempotent, upserting, atomic --------------------------------------------------------------
 
@@ -210,8 +214,8 @@ def test_quality_report_and_per_symbol_scores_are_stored_with_the_data_sha256(st
     assert int(r.n_bars) == int(r.rows_written) == SAMPLE_BARS and int(r.blocked) == 0
     assert r.score == pytest.approx(sample_report.score)
     assert r.data_sha256 == sample_report.data_sha256 == bars_sha256(sample_report.frame) and len(r.data_sha256) == 64
-    raw = store.query('SELECT report FROM quality_reports WHERE id = ?', (int(r.id),))[0][0]
-    doc = raw if isinstance(raw, dict) else json.loads(raw)     # JSONB comes back parsed
+    doc = store.query('SELECT report FROM quality_reports WHERE id = ?', (int(r.id),))[0][0]
+    assert isinstance(doc, dict)                                 # decoded on both engines
     assert doc['data_sha256'] == sample_report.data_sha256 and doc['blocked'] is False
     assert {c['name'] for c in doc['checks']} == {c.name for c in sample_report.checks}
     by = store.quality_by_symbol().set_index('symbol')
@@ -225,8 +229,9 @@ def test_report_with_nan_examples_is_stored(store, gate):
     bad = gate.check(corrupt(load_sample('MSFT', start='2012-01-01'), 'nan_close'), '1Day', source='check')
     assert bad.blocked and any(isinstance(v, float) and np.isnan(v) for e in bad.check('nan_inf').examples for v in e.values())
     rid = store.save_quality_report(bad, 'check')
-    raw = store.query('SELECT report FROM quality_reports WHERE id = ?', (rid,))[0][0]
-    doc = raw if isinstance(raw, dict) else json.loads(raw)
+    doc = store.query('SELECT report FROM quality_reports WHERE id = ?', (rid,))[0][0]
+    assert isinstance(doc, dict)
+    assert rid == int(store.quality_reports(kind='check').iloc[0].id)   # the id comes from RETURNING
     ex = next(c for c in doc['checks'] if c['name'] == 'nan_inf')['examples'][0]
     assert ex['close'] is None
     assert store.quality_reports(kind='check').iloc[0].blocked == 1
@@ -273,3 +278,102 @@ def test_sqlite_reader_in_another_process_is_not_blocked_by_a_writer(sqlite_stor
     out = reader()
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == [str(SAMPLE_BARS + 3270), str(SAMPLE_BARS // 2), '2']
+
+# -- values: timestamps, JSON, RETURNING ids, bulk inserts (the store is the only place that knows the representation) ----
+
+TIMES = [pd.Timestamp('2011-08-08 14:30:00.123456789', tz='UTC'), pd.Timestamp('1999-12-31', tz='UTC'),
+         pd.Timestamp('2026-03-05 09:30', tz='America/New_York'), '2012-01-03', pd.Timestamp('2012-01-03 10:00')]
+
+@pytest.mark.parametrize('t', TIMES, ids=str)
+def test_ts_param_and_ts_value_round_trip(store, t):
+    want = pd.Timestamp(t)
+    want = want.tz_localize('UTC') if want.tzinfo is None else want.tz_convert('UTC')
+    if store.engine == 'postgresql': want = want.floor('us')          # TIMESTAMPTZ keeps microseconds
+    store.execute('INSERT INTO loop_state (run_id, last_bar_ts, state, updated) VALUES (?,?,?,?)', ('r', store.ts_param(t), store.json_param({}), 'now'))
+    got = store.query('SELECT last_bar_ts FROM loop_state')[0][0]
+    assert store.ts_value(got) == want and str(store.ts_value(got).tz) == 'UTC'
+    # and as a parameter of a comparison, the same value finds the row
+    assert store.query('SELECT run_id FROM loop_state WHERE last_bar_ts = ?', (store.ts_param(t),)) == [('r',)]
+
+def test_ts_null_values_and_series(store):
+    assert store.ts_param(None) is None and store.ts_param(pd.NaT) is None and store.ts_value(None) is None
+    ts = pd.date_range('2011-08-01', periods=4, freq='D', tz='UTC')
+    rows = [('r', str(i), store.ts_param(t), 'k', 1, store.json_param({'i': i})) for i, t in enumerate(ts)] + [('r', 'x', None, 'k', 1, '{}')]
+    assert store.executemany('INSERT INTO risk_events (run_id, ts, bar_ts, kind, level, detail) VALUES (?,?,?,?,?,?)', rows) == 5
+    df = store.frame('SELECT bar_ts, detail FROM risk_events ORDER BY id')
+    s = store.ts_series(df.bar_ts)
+    assert str(s.dtype) == 'datetime64[ns, UTC]' and s.iloc[:4].tolist() == list(ts) and pd.isna(s.iloc[4])
+    assert df.detail.tolist() == [{'i': 0}, {'i': 1}, {'i': 2}, {'i': 3}, {}]
+    assert store.ts_params(ts) == [store.ts_param(t) for t in ts]
+    assert store.ts_series(store.frame('SELECT bar_ts FROM risk_events WHERE 1=0').bar_ts).empty
+
+def test_json_columns_come_back_decoded_on_both_engines(store):
+    doc = {'sharpe': float('nan'), 'n': np.int64(3), 'x': np.float32(0.5), 'list': [1, float('inf')], 'nested': {'a': None}}
+    rid = store.insert_returning('INSERT INTO gate_history (created, date, run_id, status, figures) VALUES (?,?,?,?,?)',
+                                 ('now', '2026-03-05', None, 'pass', store.json_param(doc)))
+    want = {'sharpe': None, 'n': 3, 'x': 0.5, 'list': [1, None], 'nested': {'a': None}}
+    assert store.query('SELECT figures FROM gate_history WHERE id = ?', (rid,)) == [(want,)]
+    assert store.frame('SELECT id, figures AS figures FROM gate_history').figures.tolist() == [want]
+    assert store.query('SELECT status FROM gate_history') == [('pass',)]              # text columns stay text
+    store.execute('INSERT INTO risk_events (run_id, ts, bar_ts, kind, level, detail) VALUES (?,?,?,?,?,?)', ('r', 'now', None, 'k', 1, json_text([1, 'a'])))
+    assert store.query('SELECT detail FROM risk_events') == [([1, 'a'],)]
+
+def test_insert_returning_gives_each_row_its_own_id(store):
+    ids = []
+    with store.transaction():
+        for i in range(3):
+            ids.append(store.insert_returning('INSERT INTO gate_history (created, date, run_id, status, figures) VALUES (?,?,?,?,?)',
+                                              ('now', f'2026-03-0{i+1}', None, 'pass', '{}')))
+    assert all(isinstance(i, int) for i in ids) and len(set(ids)) == 3
+    assert [r[0] for r in store.query('SELECT date FROM gate_history WHERE id IN (?,?,?) ORDER BY id', ids)] == ['2026-03-01', '2026-03-02', '2026-03-03']
+    other = Store(store.url)          # another session's insert does not change the id this one got
+    try:
+        a = store.insert_returning('INSERT INTO gate_history (created, date, run_id, status, figures) VALUES (?,?,?,?,?)', ('now', 'a', None, 'pass', '{}'))
+        b = other.insert_returning('INSERT INTO gate_history (created, date, run_id, status, figures) VALUES (?,?,?,?,?)', ('now', 'b', None, 'pass', '{}'))
+        assert store.query('SELECT date FROM gate_history WHERE id = ?', (a,)) == [('a',)] and b != a
+    finally: other.close()
+
+def test_executemany_joins_the_callers_transaction(store):
+    rows = [('r', str(i), None, 'k', 1, '{}') for i in range(10)]
+    with pytest.raises(RuntimeError):
+        with store.transaction():
+            store.executemany('INSERT INTO risk_events (run_id, ts, bar_ts, kind, level, detail) VALUES (?,?,?,?,?,?)', rows)
+            raise RuntimeError('crash')
+    assert store.query('SELECT COUNT(*) FROM risk_events') == [(0,)]
+    assert store.executemany('INSERT INTO risk_events (run_id, ts, bar_ts, kind, level, detail) VALUES (?,?,?,?,?,?)', []) == 0
+
+def test_a_module_registers_its_own_tables(db_url):
+    owner = 'tests.widgets'
+    register_schema(owner, [(1, 'widgets', ["CREATE TABLE IF NOT EXISTS test_widgets (id {id}, spec {json} NOT NULL)"])])
+    try:
+        with Store(db_url, migrate=False) as s:
+            s.migrate(['core.store'])
+            assert 'test_widgets' not in s.tables()
+            s.ensure_schema(owner); s.ensure_schema(owner)                      # applied once, idempotent
+            assert 'test_widgets' in s.tables() and s.migrate([owner]) == []
+            wid = s.insert_returning('INSERT INTO test_widgets (spec) VALUES (?)', (s.json_param({'a': [1]}),))
+            assert s.query('SELECT spec FROM test_widgets WHERE id = ?', (wid,)) == [({'a': [1]},)]
+        # a new version is applied on the next open, the old one is not re-run
+        register_schema(owner, [(1, 'widgets', ["CREATE TABLE IF NOT EXISTS test_widgets (id {id}, spec {json} NOT NULL)"]),
+                                (2, 'widget names', ["ALTER TABLE test_widgets ADD COLUMN name TEXT"])])
+        with Store(db_url) as s:
+            assert s.query("SELECT version FROM schema_migrations WHERE owner = ? ORDER BY version", (owner,)) == [(1,), (2,)]
+            assert s.query('SELECT name FROM test_widgets') == [(None,)]
+        with pytest.raises(StoreError, match='JSON in one table'):   # a JSON column name means JSON everywhere
+            register_schema('tests.bad', [(1, 'clash', ["CREATE TABLE IF NOT EXISTS test_bad (metrics TEXT)"])])
+        with pytest.raises(StoreError, match='numbered'):
+            register_schema('tests.bad', [(2, 'gap', [])])
+        assert 'tests.bad' not in _SCHEMAS
+    finally: _SCHEMAS.pop(owner, None)
+
+def test_an_older_database_is_brought_under_per_owner_migrations(sqlite_url):
+    "A database made with the old numbered `schema_version` (all tables in the store) opens, keeps its rows and records the owners."
+    import sqlite3
+    from trader.core.store import _TYPES
+    with Store(sqlite_url) as s:
+        s.execute('INSERT INTO controls (key, value, updated, reason) VALUES (?,?,?,?)', ('halt', '1', 'now', 'test'))
+        s.execute('DROP TABLE schema_migrations')
+        s.execute('CREATE TABLE schema_version (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied TEXT NOT NULL)')
+    with Store(sqlite_url) as s:
+        assert s.query('SELECT key FROM controls') == [('halt',)]
+        assert sorted(s.query('SELECT owner, version FROM schema_migrations')) == sorted(all_migrations())

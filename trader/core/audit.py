@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 import numpy as np, pandas as pd
 from .config import Settings, TraderError
-from .store import Store
+from .store import Store, register_schema
 
 # %% auto #0
 __all__ = ['EXIT_CHAIN_BROKEN', 'GENESIS', 'KINDS', 'AuditError', 'entry_hash', 'canonical_json', 'AuditEntry', 'VerifyResult',
@@ -31,8 +31,14 @@ KINDS = ('data_batch', 'model_load', 'model_swap', 'promotion', 'rollback', 'dec
          'risk_event', 'kill_switch', 'resume', 'gate', 'feed_state', 'session')   # the kinds in use; any well-formed name is accepted
 _KIND = re.compile(r'[a-z][a-z0-9_]*\Z')
 _CREDENTIAL_KEY = re.compile(r'secret|passw(?:or)?d|api[-_]?key|key[-_]?id|token|authorization', re.I)
-_PG_AUDIT_LOCK = 0x74726164_0000a0d1   # PostgreSQL advisory-lock key of audit appenders ("trad" + "a0d1"; the store uses ...01, ...02)
 _COLS = 'seq, ts, kind, payload, prev_hash, hash'
+
+register_schema('core.audit', [
+    (1, 'audit log', [   # payload is TEXT, not {json}: the hash covers the canonical text exactly as stored
+        """CREATE TABLE IF NOT EXISTS audit_log (seq {bigint} PRIMARY KEY, ts TEXT NOT NULL, kind TEXT NOT NULL, payload TEXT NOT NULL,
+            prev_hash TEXT NOT NULL, hash TEXT NOT NULL)""",
+    ]),
+])
 
 def entry_hash(seq:int, ts:str, kind:str, payload:str, # payload: the canonical JSON text, as stored
                prev_hash:str) -> str:
@@ -177,7 +183,7 @@ class Audit:
         s = settings or store.settings
         self._secrets = tuple(v.get_secret_value() for v in (s.alpaca_key_id, s.alpaca_secret_key)
                               if v is not None and v.get_secret_value())
-        self._insert = store.sql(f'INSERT INTO audit_log ({_COLS}) VALUES (?,?,?,?,?,?)')
+        store.ensure_schema('core.audit')
 
     def __repr__(self): return f"Audit({self.store!r})"
 
@@ -203,7 +209,7 @@ class Audit:
         stamp = None if ts is None else _utc_iso(ts)
         st = self.store
         with st.transaction():
-            if st.engine == 'postgresql': st.execute('SELECT pg_advisory_xact_lock(?)', (_PG_AUDIT_LOCK,))
+            st.serialize('audit')   # appenders in other sessions take turns (SQLite's write transaction already is exclusive)
             tail = st.query('SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1')
             seq, prev = (int(tail[0][0]), tail[0][1]) if tail else (0, GENESIS)
             now = stamp or _utc_iso()   # taken under the lock, so default times never run backwards along the chain
@@ -213,7 +219,7 @@ class Audit:
                 h = entry_hash(seq, now, kind, payload, prev)
                 rows.append((seq, now, kind, payload, prev, h))
                 prev = h
-            with st._lock: st.conn.cursor().executemany(self._insert, rows)
+            st.executemany(f'INSERT INTO audit_log ({_COLS}) VALUES (?,?,?,?,?,?)', rows)
         return [AuditEntry(*r) for r in rows]
 
     # -- reading ------------------------------------------------------------------------------------

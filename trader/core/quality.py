@@ -365,3 +365,30 @@ def corrupt(bars:pd.DataFrame, kind:str) -> pd.DataFrame:
 CORRUPTIONS = {'empty': 'schema', 'missing_column': 'schema', 'non_numeric_price': 'dtypes', 'negative_price': 'positive_prices',
                'high_below_low': 'ohlc_consistency', 'duplicated_dates': 'duplicates', 'unsorted_dates': 'order',
                'nan_close': 'nan_inf', 'missing_week': 'missing_sessions'}
+
+# %% ../../nbs/02_quality.ipynb #b556b769
+import sys
+from fastcore.basics import patch
+from .store import Store
+from .audit import Audit
+
+@patch
+def ingest(self:Store, report:QualityReport, # the gate's report for the batch (its `frame` holds the bars)
+           progress:bool=False, # show a progress bar (large batches are written in chunks, still one transaction)
+           chunk:int=250_000, # rows per chunk
+           ) -> int:
+    "Write a gate-approved batch, its report and its audit entry atomically; raise `QualityGateBlocked` (writing nothing) if blocked."
+    if report.blocked: raise QualityGateBlocked(report)
+    df, n = report.frame, 0
+    with self.transaction():
+        if progress and len(df) > chunk:
+            from tqdm.auto import tqdm
+            with tqdm(total=len(df), unit='bar', unit_scale=True, desc='storing', file=sys.stderr) as bar:
+                for i in range(0, len(df), chunk):
+                    n += self.write_bars(df.iloc[i:i+chunk], report.timeframe); bar.update(min(chunk, len(df)-i))
+        else: n = self.write_bars(df, report.timeframe)
+        self.save_quality_report(report, 'ingest', rows_written=n)
+        Audit(self).append('data_batch', {'source': report.source, 'symbols': report.symbols, 'timeframe': report.timeframe,
+                                          'start': report.start, 'end': report.end, 'rows': n, 'data_sha256': report.data_sha256,
+                                          'quality_score': report.score})
+    return n

@@ -10,7 +10,8 @@ from pathlib import Path
 import pandas as pd
 from .. import __version__
 from .config import Settings, TraderError, load_settings
-from .store import Store
+from .store import Store, register_schema
+from .audit import Audit
 
 # %% auto #0
 __all__ = ['ARTIFACT', 'METADATA', 'RegistryError', 'ModelIntegrityError', 'file_sha256', 'new_model_id', 'Registry']
@@ -30,9 +31,20 @@ def file_sha256(path:Path) -> str:
     return h.hexdigest()
 
 def _audit(store, kind:str, payload:dict):
-    "Append to the audit trail in the caller's transaction (imported late: the audit module builds on the store)."
-    from trader.core.audit import Audit
+    "Append to the audit trail in the caller's transaction."
     Audit(store).append(kind, payload)
+
+register_schema('core.registry', [
+    (1, 'model registry', [
+        """CREATE TABLE IF NOT EXISTS models (
+            id TEXT PRIMARY KEY, created TEXT NOT NULL, parent TEXT, symbols TEXT NOT NULL, steps {bigint} NOT NULL,
+            seed {bigint} NOT NULL, artifact_sha256 TEXT NOT NULL, params_sha256 TEXT NOT NULL, data_sha256 TEXT NOT NULL,
+            metadata {json} NOT NULL)""",
+        """CREATE TABLE IF NOT EXISTS champion_history (
+            seq {id}, ts TEXT NOT NULL, model_id TEXT NOT NULL REFERENCES models(id), previous TEXT,
+            action TEXT NOT NULL, reason TEXT NOT NULL, metrics {json} NOT NULL)""",
+    ]),
+])
 
 def new_model_id(symbols) -> str:
     "A readable, unique id: m-<UTC time>-<symbols>-<6 hex>."
@@ -49,6 +61,7 @@ class Registry:
         self.settings = settings or (store.settings if store is not None else load_settings())
         self.store = store or Store(settings=self.settings)
         self.root = self.settings.models_dir
+        self.store.ensure_schema('core.registry')
 
     def model_dir(self, model_id:str) -> Path: return self.root/model_id
 
@@ -64,7 +77,7 @@ class Registry:
             self.store.execute('''INSERT INTO models (id, created, parent, symbols, steps, seed, artifact_sha256, params_sha256, data_sha256, metadata)
                                   VALUES (?,?,?,?,?,?,?,?,?,?)''',
                                (model_id, meta['created'], meta.get('parent'), ','.join(meta['symbols']), int(meta['steps']), int(meta['seed']),
-                                meta['artifact_sha256'], meta.get('params_sha256', ''), meta.get('data_sha256', ''), json.dumps(meta, default=str)))
+                                meta['artifact_sha256'], meta.get('params_sha256', ''), meta.get('data_sha256', ''), self.store.json_param(meta)))
         return meta
 
     def get(self, model_id:str) -> dict:
@@ -72,8 +85,7 @@ class Registry:
         mid = self.resolve(model_id)
         rows = self.store.query('SELECT metadata FROM models WHERE id = ?', (mid,))
         if not rows: raise RegistryError(f"no model {mid!r} in the registry (see `trader models list`)")
-        m = rows[0][0]
-        return m if isinstance(m, dict) else json.loads(m)
+        return rows[0][0]
 
     def resolve(self, model_id:str) -> str:
         "'champion' -> the champion's id; other ids unchanged."
@@ -98,7 +110,6 @@ class Registry:
         df = self.store.frame('SELECT id, created, parent, symbols, steps, seed, params_sha256, metadata FROM models ORDER BY created DESC, id DESC')
         champ = self.champion()
         def val(m, k):
-            m = m if isinstance(m, dict) else json.loads(m)
             return (m.get('validation') or {}).get(k)
         df['valid_sharpe'] = [val(m, 'sharpe') for m in df.metadata]
         df['valid_max_dd'] = [val(m, 'max_drawdown') for m in df.metadata]
@@ -120,7 +131,7 @@ class Registry:
         ts = pd.Timestamp.now(tz='UTC').isoformat(timespec='microseconds')
         with self.store.transaction():
             self.store.execute('INSERT INTO champion_history (ts, model_id, previous, action, reason, metrics) VALUES (?,?,?,?,?,?)',
-                               (ts, meta['id'], prev, action, reason, json.dumps(metrics or {}, default=str)))
+                               (ts, meta['id'], prev, action, reason, self.store.json_param(metrics or {})))
             _audit(self.store, 'rollback' if action == 'rollback' else 'promotion',
                    {'action': action, 'model_id': meta['id'], 'previous': prev, 'reason': reason, 'metrics': metrics or {},
                     'artifact_sha256': meta['artifact_sha256']})
@@ -131,7 +142,7 @@ class Registry:
         ts = pd.Timestamp.now(tz='UTC').isoformat(timespec='microseconds')
         with self.store.transaction():
             self.store.execute('INSERT INTO champion_history (ts, model_id, previous, action, reason, metrics) VALUES (?,?,?,?,?,?)',
-                               (ts, model_id, model_id, action, reason, json.dumps(metrics or {}, default=str)))
+                               (ts, model_id, model_id, action, reason, self.store.json_param(metrics or {})))
             _audit(self.store, 'promotion', {'action': action, 'model_id': model_id, 'reason': reason, 'metrics': metrics or {}})
 
     def history(self) -> pd.DataFrame:

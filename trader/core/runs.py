@@ -4,11 +4,11 @@
 
 # %% ../../nbs/11_runs.ipynb #f5cc0852
 from __future__ import annotations
-import json, math, uuid
+import math, uuid
 from dataclasses import dataclass, field
 import pandas as pd
 from .config import TraderError
-from .store import Store, _json, _ts_to_db
+from .store import Store, json_text, register_schema
 
 # %% auto #0
 __all__ = ['RunError', 'Run', 'Runs']
@@ -18,15 +18,27 @@ class RunError(TraderError):
     "A run is unknown or incomplete."
     exit_code = 2
 
-def _jload(v):
-    if v is None: return None
-    return v if isinstance(v, (dict, list)) else json.loads(v)
+_jdump = json_text      # deprecated alias (use `store.json_param`), kept until its last callers outside this module move
 
-_jdump = _json      # one NaN-safe JSON encoder, the store's
-
-def _ts_from_db(engine:str, col:pd.Series) -> pd.Series:
-    if engine == 'sqlite': return pd.to_datetime(col.astype('int64'), utc=True)
-    return pd.to_datetime(col, utc=True)
+register_schema('core.runs', [
+    (1, 'runs: backtests and paper sessions, their series, orders, decisions', [
+        """CREATE TABLE IF NOT EXISTS runs (
+            id TEXT PRIMARY KEY, kind TEXT NOT NULL, created TEXT NOT NULL, updated TEXT NOT NULL, status TEXT NOT NULL,
+            model_id TEXT, symbols TEXT NOT NULL, start_ts TEXT, end_ts TEXT, params {json} NOT NULL, metrics {json} NOT NULL)""",
+        "CREATE INDEX IF NOT EXISTS runs_kind_created ON runs (kind, created)",
+        """CREATE TABLE IF NOT EXISTS run_series (
+            run_id TEXT NOT NULL, series TEXT NOT NULL, ts {ts} NOT NULL, value {real},
+            PRIMARY KEY (run_id, series, ts)){without_rowid}""",
+        """CREATE TABLE IF NOT EXISTS run_orders (
+            run_id TEXT NOT NULL, seq {bigint} NOT NULL, ts {ts} NOT NULL, symbol TEXT NOT NULL, side TEXT NOT NULL,
+            qty {real} NOT NULL, price {real} NOT NULL, fees {real} NOT NULL, slippage {real} NOT NULL,
+            client_order_id TEXT, decision_ts {ts}, reference_price {real}, status TEXT NOT NULL,
+            PRIMARY KEY (run_id, seq))""",
+        """CREATE TABLE IF NOT EXISTS run_decisions (
+            run_id TEXT NOT NULL, ts {ts} NOT NULL, action INTEGER NOT NULL, label TEXT NOT NULL, confidence {real} NOT NULL,
+            model_id TEXT, targets {json} NOT NULL, breaches {json} NOT NULL, PRIMARY KEY (run_id, ts))""",
+    ]),
+])
 
 @dataclass
 class Run:
@@ -61,7 +73,9 @@ _DECISIONS_SQL = ('INSERT INTO run_decisions (run_id, ts, action, label, confide
 
 class Runs:
     "Create, write and read runs in a `Store`."
-    def __init__(self, store:Store): self.store = store
+    def __init__(self, store:Store):
+        self.store = store
+        store.ensure_schema('core.runs')
 
     def create(self, kind:str, # 'backtest' or 'paper'
                symbols, model_id:str|None=None, start=None, end=None, params:dict|None=None,
@@ -72,7 +86,7 @@ class Runs:
         self.store.execute('''INSERT INTO runs (id, kind, created, updated, status, model_id, symbols, start_ts, end_ts, params, metrics)
                               VALUES (?,?,?,?,?,?,?,?,?,?,?)''',
                            (rid, kind, now, now, 'running', model_id, ','.join(symbols), None if start is None else str(start),
-                            None if end is None else str(end), _jdump(params or {}), '{}'))
+                            None if end is None else str(end), self.store.json_param(params or {}), self.store.json_param({})))
         return rid
 
     # -- writing: one statement and one row builder per table, for whole frames (backtests) and single bars (the loop) ----
@@ -81,33 +95,30 @@ class Runs:
                 for col, vals in columns.items() for t, v in zip(ts_values, vals)]
 
     def _order_row(self, run_id:str, seq:int, o:dict) -> tuple:
-        conv = lambda t: None if t is None or (not isinstance(t, str) and pd.isna(t)) else _ts_to_db(self.store.engine, t)
+        conv = self.store.ts_param
         ref = o.get('reference_price')
         return (run_id, int(seq), conv(o['ts']), o['symbol'], o['side'], float(o['qty']), float(o['price']), float(o['fees']), float(o['slippage']),
                 o.get('client_order_id'), conv(o.get('decision_ts')), None if ref is None or not math.isfinite(ref) else float(ref), o.get('status', 'filled'))
 
     def _decision_row(self, run_id:str, d:dict) -> tuple:
-        return (run_id, _ts_to_db(self.store.engine, d['ts']), int(d['action']), d['label'], float(d['confidence']), d.get('model_id'),
-                _jdump(list(d['targets'])), _jdump(list(d['breaches'])))
+        js = self.store.json_param
+        return (run_id, self.store.ts_param(d['ts']), int(d['action']), d['label'], float(d['confidence']), d.get('model_id'),
+                js(list(d['targets'])), js(list(d['breaches'])))
 
     def _many(self, q:str, rows:list) -> int:
         "executemany in the caller's transaction (or a new one)."
-        st = self.store
-        with st.transaction():
-            with st._lock: st.conn.cursor().executemany(st.sql(q), rows)
-        return len(rows)
+        return self.store.executemany(q, rows)
 
     def save_series(self, run_id:str, frame:pd.DataFrame, # index: ts (UTC); one column per series
                    ) -> int:
         "Upsert series values (long format in the store)."
         if frame.empty: return 0
-        ts = pd.DatetimeIndex(frame.index).as_unit('ns')
-        tsv = ts.asi8.tolist() if self.store.engine == 'sqlite' else [t.to_pydatetime() for t in ts]
+        tsv = self.store.ts_params(frame.index)
         return self._many(_SERIES_SQL, self._rows_series(run_id, tsv, {c: frame[c].to_numpy('float64').tolist() for c in frame.columns}))
 
     def append_bar(self, run_id:str, ts, values:dict) -> int:
         "Upsert one bar's series values (the trading loop)."
-        return self._many(_SERIES_SQL, self._rows_series(run_id, [_ts_to_db(self.store.engine, ts)], {k: [v] for k, v in values.items()}))
+        return self._many(_SERIES_SQL, self._rows_series(run_id, [self.store.ts_param(ts)], {k: [v] for k, v in values.items()}))
 
     def save_orders(self, run_id:str, orders:pd.DataFrame) -> int:
         "Append orders with their own `seq` (columns: seq, ts, symbol, side, qty, price, fees, slippage, client_order_id, decision_ts, reference_price, status)."
@@ -133,9 +144,9 @@ class Runs:
         "Record the metrics and mark the run finished (or 'failed')."
         now = pd.Timestamp.now(tz='UTC').isoformat(timespec='microseconds')
         if params is None:
-            self.store.execute('UPDATE runs SET metrics = ?, status = ?, updated = ? WHERE id = ?', (_jdump(metrics), status, now, run_id))
+            self.store.execute('UPDATE runs SET metrics = ?, status = ?, updated = ? WHERE id = ?', (self.store.json_param(metrics), status, now, run_id))
         else:
-            self.store.execute('UPDATE runs SET metrics = ?, status = ?, updated = ?, params = ? WHERE id = ?', (_jdump(metrics), status, now, _jdump(params), run_id))
+            self.store.execute('UPDATE runs SET metrics = ?, status = ?, updated = ?, params = ? WHERE id = ?', (self.store.json_param(metrics), status, now, self.store.json_param(params), run_id))
 
     def set_status(self, run_id:str, status:str):
         self.store.execute('UPDATE runs SET status = ?, updated = ? WHERE id = ?', (status, pd.Timestamp.now(tz='UTC').isoformat(timespec='microseconds'), run_id))
@@ -160,32 +171,30 @@ class Runs:
         r = self.store.query('SELECT id, kind, status, model_id, symbols, start_ts, end_ts, params, metrics, created FROM runs WHERE id = ?', (run_id,))
         if not r: raise RunError(f"no run {run_id!r} in the store (see `trader runs`)")
         i, kind, status, model, syms, s, e, params, metrics, created = r[0]
-        return Run(i, kind, status, model, syms.split(',') if syms else [], s, e, _jload(params) or {}, _jload(metrics) or {}, created)
+        return Run(i, kind, status, model, syms.split(',') if syms else [], s, e, params or {}, metrics or {}, created)
 
     def series(self, run_id:str, names=None, since=None) -> pd.DataFrame:
         "Series of a run, wide (ts x series)."
         q, p = 'SELECT series, ts, value FROM run_series WHERE run_id = ?', [run_id]
         if names is not None:
             names = list(names); q += f" AND series IN ({', '.join('?'*len(names))})"; p += names
-        if since is not None: q += ' AND ts > ?'; p.append(_ts_to_db(self.store.engine, since))
+        if since is not None: q += ' AND ts > ?'; p.append(self.store.ts_param(since))
         df = self.store.frame(q, p, columns=['series', 'ts', 'value'])
         if df.empty: return pd.DataFrame(index=pd.DatetimeIndex([], tz='UTC'))
-        df['ts'] = _ts_from_db(self.store.engine, df['ts'])
+        df['ts'] = self.store.ts_series(df['ts'])
         df['value'] = df['value'].astype('float64')
         return df.pivot(index='ts', columns='series', values='value').sort_index().rename_axis(columns=None)
 
     def orders(self, run_id:str) -> pd.DataFrame:
         df = self.store.frame('''SELECT seq, ts, symbol, side, qty, price, fees, slippage, client_order_id, decision_ts, reference_price, status
                                  FROM run_orders WHERE run_id = ? ORDER BY seq''', (run_id,))
-        for c in ('ts', 'decision_ts'):
-            if len(df): df[c] = _ts_from_db(self.store.engine, df[c]) if df[c].notna().all() else pd.to_datetime(df[c].map(lambda v: None if v is None else (pd.Timestamp(int(v), tz='UTC') if self.store.engine == 'sqlite' else pd.Timestamp(v))), utc=True)
+        for c in ('ts', 'decision_ts'): df[c] = self.store.ts_series(df[c])
         return df
 
     def decisions(self, run_id:str) -> pd.DataFrame:
         df = self.store.frame('SELECT ts, action, label, confidence, model_id, targets, breaches FROM run_decisions WHERE run_id = ? ORDER BY ts', (run_id,))
         if len(df):
-            df['ts'] = _ts_from_db(self.store.engine, df['ts'])
-            df['targets'] = df['targets'].map(_jload); df['breaches'] = df['breaches'].map(_jload)
+            df['ts'] = self.store.ts_series(df['ts'])
         return df
 
     def load(self, run_id:str) -> Run:

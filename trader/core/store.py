@@ -4,17 +4,17 @@
 
 # %% ../../nbs/03_store.ipynb #2427dca8
 from __future__ import annotations
-import json, math, sqlite3, struct, sys, threading
+import hashlib, json, math, re, sqlite3, struct, threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 import numpy as np, pandas as pd
 from fastcore.basics import patch
 from .config import Settings, TraderError, load_settings
 from .data import BAR_COLUMNS, NUMERIC_COLUMNS, Timeframe, parse_symbols, to_utc
 
 # %% auto #0
-__all__ = ['MIGRATIONS', 'StoreError', 'Store']
+__all__ = ['Migration', 'MIGRATIONS', 'StoreError', 'register_schema', 'json_text', 'Store']
 
 # %% ../../nbs/03_store.ipynb #53e9240f
 class StoreError(TraderError):
@@ -28,7 +28,30 @@ _TYPES = {
     'postgresql': dict(ts='TIMESTAMPTZ', real='DOUBLE PRECISION', id='BIGSERIAL PRIMARY KEY', json='JSONB', without_rowid='', bigint='BIGINT'),
 }
 
-MIGRATIONS: list[tuple[int, str, list[str]]] = [
+Migration = tuple[int, str, list[str]]          # (version, name, statements); versions count per owner
+_SCHEMAS: dict[str, list[Migration]] = {}       # owner -> its migrations, in the order they were registered
+_JSON_COLS: set[str] = set()                    # names of the {json} columns of every registered table
+_COLUMN = re.compile(r'(?:\(|,)\s*(\w+)\s+(\{json\}|\{\w+\}|TEXT|INTEGER)', re.I)
+
+def register_schema(owner:str, # the module that owns the tables, e.g. 'core.runs'
+                    migrations:Sequence[Migration], # (version, name, statements), numbered from 1
+                   ) -> None:
+    "Declare `owner`'s tables; stores apply the migrations they have not seen (idempotent; registering again replaces the list)."
+    ms = [(int(v), str(n), list(s)) for v, n, s in migrations]
+    if [v for v, _, _ in ms] != list(range(1, len(ms) + 1)): raise StoreError(f"migrations of {owner} must be numbered 1, 2, ...")
+    others = {o: m for o, m in _SCHEMAS.items() if o != owner}
+    kinds: dict[str, set[str]] = {}
+    for m in [*others.values(), ms]:
+        for _, _, stmts in m:
+            for s in stmts:
+                for col, typ in _COLUMN.findall(s): kinds.setdefault(col.lower(), set()).add('json' if typ == '{json}' else 'other')
+    mixed = sorted(c for c, k in kinds.items() if len(k) > 1)
+    # JSON columns are found by name in results, so a name is a JSON column everywhere or nowhere
+    if mixed: raise StoreError(f"schema of {owner}: column(s) {', '.join(mixed)} are JSON in one table and not in another; rename one")
+    _SCHEMAS[owner] = ms
+    _JSON_COLS.clear(); _JSON_COLS.update(c for c, k in kinds.items() if k == {'json'})
+
+MIGRATIONS: list[Migration] = [     # the store's own tables: bars, and the quality reports it writes with them
     (1, 'bars and quality reports', [
         """CREATE TABLE IF NOT EXISTS bars (
             symbol TEXT NOT NULL, timeframe TEXT NOT NULL, ts {ts} NOT NULL,
@@ -44,64 +67,48 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             report_id {bigint} NOT NULL REFERENCES quality_reports(id), symbol TEXT NOT NULL,
             n_bars {bigint} NOT NULL, score {real} NOT NULL, PRIMARY KEY (report_id, symbol))""",
     ]),
-    (2, 'model registry', [
-        """CREATE TABLE IF NOT EXISTS models (
-            id TEXT PRIMARY KEY, created TEXT NOT NULL, parent TEXT, symbols TEXT NOT NULL, steps {bigint} NOT NULL,
-            seed {bigint} NOT NULL, artifact_sha256 TEXT NOT NULL, params_sha256 TEXT NOT NULL, data_sha256 TEXT NOT NULL,
-            metadata {json} NOT NULL)""",
-        """CREATE TABLE IF NOT EXISTS champion_history (
-            seq {id}, ts TEXT NOT NULL, model_id TEXT NOT NULL REFERENCES models(id), previous TEXT,
-            action TEXT NOT NULL, reason TEXT NOT NULL, metrics {json} NOT NULL)""",
-    ]),
-    (3, 'runs: backtests and paper sessions, their series, orders, decisions; gate history', [
-        """CREATE TABLE IF NOT EXISTS runs (
-            id TEXT PRIMARY KEY, kind TEXT NOT NULL, created TEXT NOT NULL, updated TEXT NOT NULL, status TEXT NOT NULL,
-            model_id TEXT, symbols TEXT NOT NULL, start_ts TEXT, end_ts TEXT, params {json} NOT NULL, metrics {json} NOT NULL)""",
-        "CREATE INDEX IF NOT EXISTS runs_kind_created ON runs (kind, created)",
-        """CREATE TABLE IF NOT EXISTS run_series (
-            run_id TEXT NOT NULL, series TEXT NOT NULL, ts {ts} NOT NULL, value {real},
-            PRIMARY KEY (run_id, series, ts)){without_rowid}""",
-        """CREATE TABLE IF NOT EXISTS run_orders (
-            run_id TEXT NOT NULL, seq {bigint} NOT NULL, ts {ts} NOT NULL, symbol TEXT NOT NULL, side TEXT NOT NULL,
-            qty {real} NOT NULL, price {real} NOT NULL, fees {real} NOT NULL, slippage {real} NOT NULL,
-            client_order_id TEXT, decision_ts {ts}, reference_price {real}, status TEXT NOT NULL,
-            PRIMARY KEY (run_id, seq))""",
-        """CREATE TABLE IF NOT EXISTS run_decisions (
-            run_id TEXT NOT NULL, ts {ts} NOT NULL, action INTEGER NOT NULL, label TEXT NOT NULL, confidence {real} NOT NULL,
-            model_id TEXT, targets {json} NOT NULL, breaches {json} NOT NULL, PRIMARY KEY (run_id, ts))""",
+]
+register_schema('core.store', MIGRATIONS)
+
+# Tables whose owners have not taken them yet. Each moves by cutting its `register_schema` call, unchanged
+# (same owner name, same versions), into the owning module: a database that already has them records nothing new.
+register_schema('ops.gate', [
+    (1, 'gate history', [
         """CREATE TABLE IF NOT EXISTS gate_history (
             id {id}, created TEXT NOT NULL, date TEXT NOT NULL, run_id TEXT, status TEXT NOT NULL, figures {json} NOT NULL)""",
     ]),
-    (4, 'paper trading: broker state, loop state, heartbeats, risk events, controls, audit log', [
-        """CREATE TABLE IF NOT EXISTS broker_orders (
-            broker TEXT NOT NULL, client_order_id TEXT NOT NULL, symbol TEXT NOT NULL, side TEXT NOT NULL, qty {real} NOT NULL,
-            order_type TEXT NOT NULL, status TEXT NOT NULL, submitted TEXT NOT NULL, bar_ts {ts}, reference_price {real},
-            filled_ts {ts}, fill_price {real}, fees {real}, broker_order_id TEXT, PRIMARY KEY (broker, client_order_id))""",
-        """CREATE TABLE IF NOT EXISTS broker_positions (broker TEXT NOT NULL, symbol TEXT NOT NULL, qty {real} NOT NULL,
-            PRIMARY KEY (broker, symbol))""",
-        """CREATE TABLE IF NOT EXISTS broker_accounts (broker TEXT PRIMARY KEY, cash {real} NOT NULL, initial_cash {real} NOT NULL,
-            last_bar_ts {ts}, last_prices {json} NOT NULL, connected INTEGER NOT NULL)""",
+])
+register_schema('live.loop', [
+    (1, 'loop state, heartbeats, risk events, controls', [
         """CREATE TABLE IF NOT EXISTS loop_state (run_id TEXT PRIMARY KEY, last_bar_ts {ts}, state {json} NOT NULL, updated TEXT NOT NULL)""",
         """CREATE TABLE IF NOT EXISTS heartbeats (run_id TEXT NOT NULL, ts TEXT NOT NULL, bar_ts {ts}, feed TEXT NOT NULL,
             PRIMARY KEY (run_id, ts))""",
         """CREATE TABLE IF NOT EXISTS risk_events (id {id}, run_id TEXT, ts TEXT NOT NULL, bar_ts {ts}, kind TEXT NOT NULL,
             level INTEGER NOT NULL, detail {json} NOT NULL)""",
         """CREATE TABLE IF NOT EXISTS controls (key TEXT PRIMARY KEY, value TEXT NOT NULL, updated TEXT NOT NULL, reason TEXT NOT NULL)""",
-        """CREATE TABLE IF NOT EXISTS audit_log (seq {bigint} PRIMARY KEY, ts TEXT NOT NULL, kind TEXT NOT NULL, payload TEXT NOT NULL,
-            prev_hash TEXT NOT NULL, hash TEXT NOT NULL)""",
     ]),
-]
+])
 
 # %% ../../nbs/03_store.ipynb #27f69910
 def _sqlite_path(url:str) -> Path:
     return Path(url[len('sqlite:///'):])
 
-def _ts_to_db(engine:str, ts) -> object:
-    t = to_utc(ts)
-    return None if t is None else (t.value if engine == 'sqlite' else t.to_pydatetime())
+def json_text(obj) -> str:
+    "JSON text for a JSON column: NaN and infinities (not JSON; PostgreSQL's JSONB rejects them) become null; NumPy scalars become numbers."
+    def clean(x):
+        if isinstance(x, np.floating): x = float(x)
+        if isinstance(x, np.integer): return int(x)
+        if isinstance(x, float) and not math.isfinite(x): return None
+        if isinstance(x, dict): return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)): return [clean(v) for v in x]
+        return x
+    return json.dumps(clean(obj), default=str)
 
-# PostgreSQL advisory-lock keys: writers of the same thing in different sessions take turns (SQLite's BEGIN IMMEDIATE already does)
-_PG_LOCKS = {'migrate': 0x74726164_00000001, 'bars': 0x74726164_00000002}
+# Writers of the same thing in different sessions take turns: on PostgreSQL a transaction-scoped advisory lock per name
+# (SQLite's BEGIN IMMEDIATE already serialises writers). Unlisted names get a key from their sha256.
+_PG_LOCKS = {'migrate': 0x74726164_00000001, 'bars': 0x74726164_00000002, 'audit': 0x74726164_0000a0d1}
+def _lock_key(name:str) -> int:
+    return _PG_LOCKS.get(name) or int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], 'big', signed=True)
 
 class Store:
     "Bars and records on SQLite or PostgreSQL; `Store()` opens the configured database and migrates it."
@@ -113,6 +120,7 @@ class Store:
         self.engine = 'sqlite' if self.url.startswith('sqlite') else 'postgresql'
         self._lock = threading.RLock()
         self._depth = 0
+        self._ready: set[str] = set()     # owners whose migrations this store has checked
         try: self.conn = self._connect()
         except TraderError: raise
         except Exception as e: raise StoreError(f"cannot open the store at {self.display_url}: {type(e).__name__}: {e}") from None
@@ -143,27 +151,97 @@ class Store:
     def __exit__(self, *a): self.close()
     def __repr__(self): return f"Store({self.display_url!r}, engine={self.engine!r})"
 
-    # -- SQL helpers -----------------------------------------------------------------------------
+    # -- values: the one place that knows how each engine stores times and JSON ----------------------------
+    def ts_param(self, ts) -> object:
+        "The value to bind for a timestamp (`{ts}`) parameter: nanoseconds on SQLite, an aware datetime on PostgreSQL; None for None/NaT."
+        if ts is None or (not isinstance(ts, str) and pd.isna(ts)): return None
+        t = to_utc(ts)
+        return None if t is None or pd.isna(t) else (t.value if self.engine == 'sqlite' else t.floor('us').to_pydatetime())   # TIMESTAMPTZ keeps microseconds
+
+    def ts_params(self, values) -> list:
+        "`ts_param` for many timestamps at once (a DatetimeIndex, a Series or a list)."
+        idx = pd.DatetimeIndex(pd.to_datetime(values, utc=True)).as_unit('ns')
+        if self.engine == 'sqlite': return [None if n else v for v, n in zip(idx.asi8.tolist(), idx.isna())] if idx.hasnans else idx.asi8.tolist()
+        return [None if pd.isna(t) else t.to_pydatetime() for t in idx.floor('us')]
+
+    def ts_value(self, v) -> pd.Timestamp|None:
+        "A UTC `pd.Timestamp` from a `{ts}` value read back (None for NULL)."
+        if v is None or (not isinstance(v, str) and pd.isna(v)): return None
+        if isinstance(v, (int, np.integer)) or (isinstance(v, (float, np.floating)) and self.engine == 'sqlite'):
+            return pd.Timestamp(int(v), tz='UTC')
+        t = pd.Timestamp(v)
+        return t.tz_localize('UTC') if t.tzinfo is None else t.tz_convert('UTC')
+
+    def ts_series(self, col) -> pd.Series:
+        "`ts_value` for a column: a `datetime64[ns, UTC]` Series (NaT for NULL), same index."
+        s = col if isinstance(col, pd.Series) else pd.Series(col)
+        if self.engine == 'sqlite' and not isinstance(s.dtype, pd.DatetimeTZDtype):
+            out = pd.to_datetime(s.astype('Int64'), utc=True) if len(s) else pd.Series([], index=s.index, dtype='datetime64[ns, UTC]')
+        else: out = pd.to_datetime(s, utc=True)
+        return out.astype('datetime64[ns, UTC]')
+
+    def json_param(self, obj) -> str:
+        "The value to bind for a JSON (`{json}`) parameter (`json_text`)."
+        return json_text(obj)
+
+    def _decoded(self, cur, rows:list) -> list[tuple]:
+        "Rows with their JSON columns decoded (PostgreSQL's driver decodes JSONB itself; SQLite returns text)."
+        if self.engine != 'sqlite' or not rows or not cur.description: return rows
+        idx = [i for i, d in enumerate(cur.description) if d[0].lower() in _JSON_COLS]
+        if not idx: return rows
+        out = []
+        for r in rows:
+            r = list(r)
+            for i in idx:
+                if isinstance(r[i], str): r[i] = json.loads(r[i])
+            out.append(tuple(r))
+        return out
+
+    # -- SQL ----------------------------------------------------------------------------------------------
     def sql(self, q:str) -> str:
         "Translate `?` placeholders and `{type}` names for this engine."
         q = q.format(**_TYPES[self.engine]) if '{' in q else q
         return q.replace('?', '%s') if self.engine == 'postgresql' else q
 
     def execute(self, q:str, params:Sequence=()):
+        "Run one statement (writes; use `query` or `frame` to read, they decode JSON columns)."
         with self._lock:
             cur = self.conn.cursor()
             cur.execute(self.sql(q), tuple(params))
             return cur
 
+    def executemany(self, q:str, rows:Iterable[Sequence]) -> int:
+        "Run one statement for many rows, in the caller's transaction (or a new one); returns the number of rows."
+        rows = [tuple(r) for r in rows]
+        if not rows: return 0
+        with self.transaction():
+            self.conn.cursor().executemany(self.sql(q), rows)
+        return len(rows)
+
     def query(self, q:str, params:Sequence=()) -> list[tuple]:
-        with self._lock: return self.execute(q, params).fetchall()
+        "Rows of a query; JSON columns come back decoded on both engines."
+        with self._lock:
+            cur = self.execute(q, params)
+            return self._decoded(cur, cur.fetchall())
+
+    def insert_returning(self, q:str, params:Sequence=(), column:str='id'):
+        "Run an `INSERT` and return `column` of the new row (`INSERT ... RETURNING`; never `SELECT MAX(id)`)."
+        r = self.query(f'{q.rstrip().rstrip(";")} RETURNING {column}', params)
+        v = r[0][0]
+        return int(v) if isinstance(v, (int, np.integer)) else v
 
     def frame(self, q:str, params:Sequence=(), columns:Sequence[str]|None=None) -> pd.DataFrame:
-        "Run a query and return a DataFrame."
+        "Run a query and return a DataFrame (JSON columns decoded; `{ts}` columns as stored: use `ts_series`)."
         with self._lock:
             cur = self.execute(q, params)
             cols = columns or [d[0] for d in cur.description]
-            return pd.DataFrame(cur.fetchall(), columns=cols)
+            return pd.DataFrame(self._decoded(cur, cur.fetchall()), columns=cols)
+
+    def tables(self) -> set[str]:
+        "Names of the tables in the database."
+        q = ("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'" if self.engine == 'sqlite'
+             else "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema()")
+        return {r[0] for r in self.query(q)}
 
     @contextmanager
     def transaction(self):
@@ -183,32 +261,45 @@ class Store:
                     except Exception: pass
                 raise
 
-    def _pg_lock(self, what:str):
-        "On PostgreSQL, wait for other sessions' `what` ('migrate' or 'bars') writers and hold the lock until this transaction ends."
-        if self.engine == 'postgresql': self.execute('SELECT pg_advisory_xact_lock(?)', (_PG_LOCKS[what],))
+    def serialize(self, name:str):
+        "Inside a transaction: wait for other sessions' `name` writers and hold the turn until the transaction ends (PostgreSQL advisory lock; SQLite's write transaction already is exclusive)."
+        if self.engine == 'postgresql': self.execute('SELECT pg_advisory_xact_lock(?)', (_lock_key(name),))
 
-    def _applied_versions(self) -> set[int]:
-        "Versions recorded in `schema_version` (none for a new database); only reads, so it never waits for a writer."
-        exists = self.query("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'") if self.engine == 'sqlite' \
-                 else self.query("SELECT 1 WHERE to_regclass('schema_version') IS NOT NULL")
-        return {r[0] for r in self.query('SELECT version FROM schema_version')} if exists else set()
+    # -- migrations -----------------------------------------------------------------------------------------
+    def _applied(self) -> set[tuple[str, int]]:
+        "(owner, version) pairs recorded in `schema_migrations` (none for a new database); only reads, so it never waits for a writer."
+        exists = self.query("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'") if self.engine == 'sqlite' \
+                 else self.query("SELECT 1 WHERE to_regclass('schema_migrations') IS NOT NULL")
+        return {(o, int(v)) for o, v in self.query('SELECT owner, version FROM schema_migrations')} if exists else set()
 
-    def migrate(self) -> list[int]:
-        "Apply pending migrations; returns the versions applied."
+    def migrate(self, owners:Sequence[str]|None=None, # default: every registered owner
+               ) -> list[tuple[str, int]]:
+        "Apply pending migrations; returns the (owner, version) pairs applied."
+        owners = list(_SCHEMAS) if owners is None else list(owners)
+        unknown = [o for o in owners if o not in _SCHEMAS]
+        if unknown: raise StoreError(f"no schema registered for {', '.join(unknown)}")
+        want = {(o, v) for o in owners for v, _, _ in _SCHEMAS[o]}
         applied = []
         # an up-to-date database is opened without taking the write lock, so a reader never waits for a writer's transaction
-        if {v for v, _, _ in MIGRATIONS} - self._applied_versions():
+        if want - self._applied():
             with self.transaction():
-                self._pg_lock('migrate')   # two processes opening a new database at once would both run CREATE TABLE
-                self.execute('CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied TEXT NOT NULL)')
-                have = {r[0] for r in self.query('SELECT version FROM schema_version')}
-                for v, name, stmts in MIGRATIONS:
-                    if v in have: continue
-                    for s in stmts: self.execute(s)
-                    self.execute('INSERT INTO schema_version (version, name, applied) VALUES (?, ?, ?)', (v, name, _now()))
-                    applied.append(v)
-        if self.engine == 'postgresql': self._maybe_hypertable()
+                self.serialize('migrate')   # two processes opening a new database at once would both run CREATE TABLE
+                self.execute('''CREATE TABLE IF NOT EXISTS schema_migrations (owner TEXT NOT NULL, version INTEGER NOT NULL,
+                                name TEXT NOT NULL, applied TEXT NOT NULL, PRIMARY KEY (owner, version))''')
+                have = self._applied()
+                for o in owners:
+                    for v, name, stmts in _SCHEMAS[o]:
+                        if (o, v) in have: continue
+                        for s in stmts: self.execute(s)
+                        self.execute('INSERT INTO schema_migrations (owner, version, name, applied) VALUES (?, ?, ?, ?)', (o, v, name, _now()))
+                        applied.append((o, v))
+        self._ready.update(owners)
+        if self.engine == 'postgresql' and 'core.store' in owners: self._maybe_hypertable()
         return applied
+
+    def ensure_schema(self, owner:str) -> None:
+        "Make sure `owner`'s tables exist in this store (cheap after the first call; owners call it in their constructors)."
+        if owner not in self._ready: self.migrate([owner])
 
     def _maybe_hypertable(self):
         "Make `bars` a TimescaleDB hypertable when the extension is installed on the server."
@@ -218,6 +309,15 @@ class Store:
             self.execute("SELECT create_hypertable('bars', 'ts', if_not_exists => TRUE, migrate_data => TRUE)")
             self.timescale = True
         except Exception: self.timescale = False
+
+Store.register_schema = staticmethod(register_schema)
+
+def _ts_to_db(engine:str, ts) -> object:
+    "Deprecated: use `store.ts_param(ts)` (kept until every caller has moved)."
+    t = to_utc(ts)
+    return None if t is None else (t.value if engine == 'sqlite' else t.to_pydatetime())
+
+_json = json_text   # deprecated alias: use `store.json_param` or `json_text`
 
 # %% ../../nbs/03_store.ipynb #c46eb056
 _COLS = 'symbol, timeframe, ts, open, high, low, close, volume'
@@ -263,7 +363,7 @@ def write_bars(self:Store, bars:pd.DataFrame, # bars in the bar schema (normalis
             lo, hi = df['ts'].min().to_pydatetime(), df['ts'].max().to_pydatetime()
             syms = df['symbol'].unique().tolist()
             # the fast path is only safe if no other session inserts these keys between the check and the COPY
-            self._pg_lock('bars')
+            self.serialize('bars')
             overlap = self.query('SELECT 1 FROM bars WHERE timeframe = ? AND symbol = ANY(?) AND ts BETWEEN ? AND ? LIMIT 1', (tf, syms, lo, hi))
             cur = self.conn.cursor()
             if not overlap:   # fast path: nothing to replace, COPY straight into the table
@@ -286,14 +386,10 @@ def read_bars(self:Store, symbols:str|Sequence[str]|None=None, # None for all
     if symbols is not None:
         syms = parse_symbols(symbols)
         q += f" AND symbol IN ({', '.join('?'*len(syms))})"; p += syms
-    if start is not None: q += ' AND ts >= ?'; p.append(_ts_to_db(self.engine, start))
-    if end is not None: q += ' AND ts <= ?'; p.append(_ts_to_db(self.engine, end))
-    with self._lock:
-        rows = self.execute(q + ' ORDER BY symbol, ts', p).fetchall()
-    df = pd.DataFrame(rows, columns=BAR_COLUMNS)
-    if self.engine == 'sqlite': df['ts'] = pd.to_datetime(df['ts'].astype('int64'), utc=True)
-    else: df['ts'] = pd.to_datetime(df['ts'], utc=True)
-    df['ts'] = df['ts'].astype('datetime64[ns, UTC]')
+    if start is not None: q += ' AND ts >= ?'; p.append(self.ts_param(start))
+    if end is not None: q += ' AND ts <= ?'; p.append(self.ts_param(end))
+    df = self.frame(q + ' ORDER BY symbol, ts', p, columns=BAR_COLUMNS)
+    df['ts'] = self.ts_series(df['ts'])
     for c in NUMERIC_COLUMNS: df[c] = df[c].astype('float64')
     df['symbol'] = df['symbol'].astype(str)
     return df
@@ -302,8 +398,7 @@ def read_bars(self:Store, symbols:str|Sequence[str]|None=None, # None for all
 def bar_summary(self:Store) -> pd.DataFrame:
     "Rows and date range per (symbol, timeframe)."
     df = self.frame('SELECT symbol, timeframe, COUNT(*) AS bars, MIN(ts) AS first, MAX(ts) AS last FROM bars GROUP BY symbol, timeframe ORDER BY symbol, timeframe')
-    for c in ('first', 'last'):
-        df[c] = pd.to_datetime(df[c].astype('int64') if self.engine == 'sqlite' and len(df) else df[c], utc=True)
+    for c in ('first', 'last'): df[c] = self.ts_series(df[c])
     return df
 
 @patch
@@ -316,17 +411,6 @@ def count_bars(self:Store, symbols=None, timeframe:str|None=None) -> int:
     return int(self.query(q, p)[0][0])
 
 # %% ../../nbs/03_store.ipynb #bf894449
-def _json(d) -> str:
-    "JSON text for JSON columns: NaN and infinities (not JSON; PostgreSQL's JSONB rejects them) become null; NumPy scalars become numbers."
-    def clean(x):
-        if isinstance(x, np.floating): x = float(x)
-        if isinstance(x, np.integer): return int(x)
-        if isinstance(x, float) and not math.isfinite(x): return None
-        if isinstance(x, dict): return {k: clean(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)): return [clean(v) for v in x]
-        return x
-    return json.dumps(clean(d), default=str)
-
 @patch
 def save_quality_report(self:Store, report, # a `QualityReport`
                         kind:str='ingest', # 'ingest' for a stored batch, 'check' for a re-check of stored data
@@ -335,37 +419,12 @@ def save_quality_report(self:Store, report, # a `QualityReport`
     d = report.to_dict()
     with self.transaction():
         vals = (report.created, kind, report.source, ','.join(report.symbols), report.timeframe, report.start, report.end,
-                report.n_bars, report.n_clean, report.score, report.threshold, int(report.blocked), rows_written, report.data_sha256, _json(d))
-        q = ('INSERT INTO quality_reports (created, kind, source, symbols, timeframe, start_ts, end_ts, n_bars, n_clean, score, threshold, blocked, '
-             'rows_written, data_sha256, report) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)')
-        if self.engine == 'postgresql': rid = self.query(q + ' RETURNING id', vals)[0][0]
-        else: rid = self.execute(q, vals).lastrowid
-        for sym, p in report.per_symbol.items():
-            self.execute('INSERT INTO quality_symbols (report_id, symbol, n_bars, score) VALUES (?,?,?,?)', (rid, sym, p['bars'], p['score']))
+                report.n_bars, report.n_clean, report.score, report.threshold, int(report.blocked), rows_written, report.data_sha256, self.json_param(d))
+        rid = self.insert_returning('INSERT INTO quality_reports (created, kind, source, symbols, timeframe, start_ts, end_ts, n_bars, n_clean, score, '
+                                    'threshold, blocked, rows_written, data_sha256, report) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)', vals)
+        self.executemany('INSERT INTO quality_symbols (report_id, symbol, n_bars, score) VALUES (?,?,?,?)',
+                         [(rid, sym, p['bars'], p['score']) for sym, p in report.per_symbol.items()])
     return int(rid)
-
-@patch
-def ingest(self:Store, report, # the gate's `QualityReport` for the batch (its `frame` holds the bars)
-           progress:bool=False, # show a progress bar (large batches are written in chunks, still one transaction)
-           chunk:int=250_000, # rows per chunk
-           ) -> int:
-    "Write a gate-approved batch and its report atomically; raise `QualityGateBlocked` (writing nothing) if blocked."
-    from trader.core.quality import QualityGateBlocked
-    if report.blocked: raise QualityGateBlocked(report)
-    df, n = report.frame, 0
-    with self.transaction():
-        if progress and len(df) > chunk:
-            from tqdm.auto import tqdm
-            with tqdm(total=len(df), unit='bar', unit_scale=True, desc='storing', file=sys.stderr) as bar:
-                for i in range(0, len(df), chunk):
-                    n += self.write_bars(df.iloc[i:i+chunk], report.timeframe); bar.update(min(chunk, len(df)-i))
-        else: n = self.write_bars(df, report.timeframe)
-        self.save_quality_report(report, 'ingest', rows_written=n)
-        from trader.core.audit import Audit     # imported late: the audit trail builds on the store
-        Audit(self).append('data_batch', {'source': report.source, 'symbols': report.symbols, 'timeframe': report.timeframe,
-                                          'start': report.start, 'end': report.end, 'rows': n, 'data_sha256': report.data_sha256,
-                                          'quality_score': report.score})
-    return n
 
 @patch
 def quality_reports(self:Store, limit:int=20, kind:str|None=None) -> pd.DataFrame:

@@ -4,13 +4,12 @@
 
 # %% ../../nbs/19_broker.ipynb #358b5347
 from __future__ import annotations
-import json
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 import pandas as pd
 from ..core.config import TraderError
 from ..research.book import Book
-from ..core.store import Store, _ts_to_db
+from ..core.store import Store, register_schema
 
 # %% auto #0
 __all__ = ['BrokerError', 'BrokerUnavailable', 'Order', 'OrderStatus', 'Account', 'Broker', 'SimBroker']
@@ -66,9 +65,18 @@ class Broker(Protocol):
     def account(self) -> Account: ...
 
 # %% ../../nbs/19_broker.ipynb #9029d610
-def _ts(v) -> pd.Timestamp|None:
-    if v is None: return None
-    return pd.Timestamp(int(v), tz='UTC') if isinstance(v, (int,)) else pd.Timestamp(v).tz_convert('UTC')
+register_schema('live.broker', [
+    (1, "the simulated broker's orders, positions and accounts", [
+        """CREATE TABLE IF NOT EXISTS broker_orders (
+            broker TEXT NOT NULL, client_order_id TEXT NOT NULL, symbol TEXT NOT NULL, side TEXT NOT NULL, qty {real} NOT NULL,
+            order_type TEXT NOT NULL, status TEXT NOT NULL, submitted TEXT NOT NULL, bar_ts {ts}, reference_price {real},
+            filled_ts {ts}, fill_price {real}, fees {real}, broker_order_id TEXT, PRIMARY KEY (broker, client_order_id))""",
+        """CREATE TABLE IF NOT EXISTS broker_positions (broker TEXT NOT NULL, symbol TEXT NOT NULL, qty {real} NOT NULL,
+            PRIMARY KEY (broker, symbol))""",
+        """CREATE TABLE IF NOT EXISTS broker_accounts (broker TEXT PRIMARY KEY, cash {real} NOT NULL, initial_cash {real} NOT NULL,
+            last_bar_ts {ts}, last_prices {json} NOT NULL, connected INTEGER NOT NULL)""",
+    ]),
+])
 
 class SimBroker:
     "A deterministic simulated broker whose state lives in the store."
@@ -78,10 +86,11 @@ class SimBroker:
         self.store, self.name = store, name
         self.fees, self.slippage = fees_bps*1e-4, slippage_bps*1e-4
         self._connected = True
+        store.ensure_schema('live.broker')
         r = store.query('SELECT cash FROM broker_accounts WHERE broker = ?', (name,))
         if not r:
             store.execute('INSERT INTO broker_accounts (broker, cash, initial_cash, last_bar_ts, last_prices, connected) VALUES (?,?,?,?,?,?)',
-                          (name, float(cash), float(cash), None, '{}', 1))
+                          (name, float(cash), float(cash), None, store.json_param({}), 1))
 
     # -- connectivity (drills) ----------------------------------------------------------------------
     def disconnect(self): self._connected = False
@@ -92,20 +101,17 @@ class SimBroker:
     # -- state --------------------------------------------------------------------------------------
     def _prices(self) -> dict[str, float]:
         if getattr(self, '_closes', None) is not None: return self._closes
-        r = self.store.query('SELECT last_prices FROM broker_accounts WHERE broker = ?', (self.name,))[0][0]
-        return r if isinstance(r, dict) else json.loads(r)
+        return self.store.query('SELECT last_prices FROM broker_accounts WHERE broker = ?', (self.name,))[0][0]
     def _book(self, symbols) -> Book:
         cash = float(self.store.query('SELECT cash FROM broker_accounts WHERE broker = ?', (self.name,))[0][0])
         pos = self._positions()
         return Book(cash, [pos.get(s, 0.0) for s in symbols], self.fees, self.slippage)
     def _save_book(self, book:Book, symbols):
         self.store.execute('UPDATE broker_accounts SET cash = ? WHERE broker = ?', (book.cash, self.name))
-        for s, q in zip(symbols, book.shares):
-            self.store.execute('INSERT INTO broker_positions (broker, symbol, qty) VALUES (?,?,?) ON CONFLICT (broker, symbol) DO UPDATE SET qty = excluded.qty',
-                               (self.name, s, q))
+        self.store.executemany('INSERT INTO broker_positions (broker, symbol, qty) VALUES (?,?,?) ON CONFLICT (broker, symbol) DO UPDATE SET qty = excluded.qty',
+                               [(self.name, s, float(q)) for s, q in zip(symbols, book.shares)])
     def _row(self, r) -> OrderStatus:
-        e = self.store.engine
-        conv = lambda v: None if v is None else (pd.Timestamp(int(v), tz='UTC') if e == 'sqlite' else pd.Timestamp(v).tz_convert('UTC'))
+        conv = self.store.ts_value
         return OrderStatus(r[0], r[1], r[2], float(r[3]), r[4], r[5], None if r[6] is None else float(r[6]), float(r[7] or 0.0),
                            conv(r[8]), None if r[9] is None else float(r[9]), conv(r[10]), r[11])
     _COLS = 'client_order_id, symbol, side, qty, order_type, status, fill_price, fees, filled_ts, reference_price, bar_ts, broker_order_id'
@@ -118,7 +124,7 @@ class SimBroker:
     def _orders(self, status:str|None=None, since_bar_ts=None) -> list[OrderStatus]:
         q, p = f'SELECT {self._COLS} FROM broker_orders WHERE broker = ?', [self.name]
         if status is not None: q += ' AND status = ?'; p.append(status)
-        if since_bar_ts is not None: q += ' AND bar_ts >= ?'; p.append(_ts_to_db(self.store.engine, since_bar_ts))
+        if since_bar_ts is not None: q += ' AND bar_ts >= ?'; p.append(self.store.ts_param(since_bar_ts))
         return [self._row(r) for r in self.store.query(q + ' ORDER BY submitted, client_order_id', p)]
 
     def _positions(self) -> dict[str, float]:
@@ -156,7 +162,7 @@ class SimBroker:
                                    VALUES (?,?,?,?,?,?,?,?,?,?)''',
                                (self.name, order.client_order_id, order.symbol, order.side, float(order.qty), order.order_type, 'new',
                                 pd.Timestamp.now(tz='UTC').isoformat(timespec='microseconds'),
-                                None if order.bar_ts is None else _ts_to_db(self.store.engine, order.bar_ts), order.reference_price))
+                                self.store.ts_param(order.bar_ts), order.reference_price))
             if order.order_type == 'market':
                 px = self._prices()
                 if order.symbol not in px: raise BrokerError(f"order {order.client_order_id}: no current price for {order.symbol}")
@@ -174,7 +180,7 @@ class SimBroker:
     # -- the simulated market ------------------------------------------------------------------------------
     def _last_ts(self):
         v = self.store.query('SELECT last_bar_ts FROM broker_accounts WHERE broker = ?', (self.name,))[0][0]
-        return None if v is None else (pd.Timestamp(int(v), tz='UTC') if self.store.engine == 'sqlite' else pd.Timestamp(v))
+        return self.store.ts_value(v)
 
     def _fill(self, orders:list[OrderStatus], prices:dict, ts) -> list[OrderStatus]:
         "Fill `orders` at `prices` with the Book rule, sells first."
@@ -186,7 +192,7 @@ class SimBroker:
             i = symbols.index(o.symbol)
             f = book.execute(i, o.qty if o.side == 'buy' else -o.qty, prices[o.symbol])
             self.store.execute("UPDATE broker_orders SET status = 'filled', fill_price = ?, fees = ?, filled_ts = ? WHERE broker = ? AND client_order_id = ?",
-                               (f.price, f.fees, _ts_to_db(self.store.engine, ts), self.name, o.client_order_id))
+                               (f.price, f.fees, self.store.ts_param(ts), self.name, o.client_order_id))
             out.append(o.client_order_id)
         self._save_book(book, symbols)
         return [self._get(c) for c in out]
@@ -199,7 +205,7 @@ class SimBroker:
             last = self._last_ts()
             if last is not None and t <= last: return []
             self.store.execute('UPDATE broker_accounts SET last_bar_ts = ?, last_prices = ? WHERE broker = ?',
-                               (_ts_to_db(self.store.engine, t), json.dumps({k: float(v) for k, v in opens.items()}), self.name))
+                               (self.store.ts_param(t), self.store.json_param({k: float(v) for k, v in opens.items()}), self.name))
             pending = [o for o in self._orders('new') if o.order_type == 'opg']
             return self._fill(pending, opens, t)
 
