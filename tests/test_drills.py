@@ -3,7 +3,8 @@
 champion, champion history, runs, ledger and a running session byte-for-byte unchanged, also when the drill's
 expectation fails or the drill raises. Production's audit trail gets exactly one entry per drill: that it ran, where, and how it ended.
 """
-import hashlib, json
+import hashlib, json, sqlite3
+from contextlib import closing
 from pathlib import Path
 import pytest
 from trader.core.audit import Audit
@@ -19,25 +20,24 @@ from trader.research.train import train
 
 TINY = {'n_steps': 128, 'batch_size': 64, 'n_epochs': 2, 'checkpoint_every': 0}
 
-def tables(store) -> list[str]:
-    "Every table of the production store (so a table added later is covered too)."
-    if store.engine == 'sqlite': rows = store.query("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")
-    else: rows = store.query("SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema()")
-    return sorted(r[0] for r in rows)
-
-def dump(store, table:str) -> list[str]:
-    "Every row of `table`, each as the repr of its values (exact: floats, bytes and text as stored), in a stable order."
-    return sorted(repr(tuple(r)) for r in store.query(f'SELECT * FROM {table}'))
+def _raw(store) -> sqlite3.Connection:
+    "A read-only connection of our own to the production SQLite file: rows exactly as stored (JSON as its text), nothing decoded."
+    assert store.engine == 'sqlite'
+    return sqlite3.connect(f"file:{store.url[len('sqlite:///'):]}?mode=ro", uri=True)
 
 def snapshot(store, settings) -> dict:
-    "Every table but the audit trail, row by row, plus every file of the production models directory (sha256)."
-    snap = {t: dump(store, t) for t in tables(store) if t != 'audit_log'}
+    "Every table but the audit trail, row by row as stored, plus every file of the production models directory (sha256)."
+    with closing(_raw(store)) as c:
+        tables = sorted(r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"))
+        snap = {t: sorted(repr(r) for r in c.execute(f'SELECT * FROM "{t}"')) for t in tables if t != 'audit_log'}
+    for t in ('models', 'champion_history', 'runs', 'run_series', 'run_orders', 'run_decisions', 'loop_state', 'broker_orders', 'audit_log'):
+        assert t in tables or t == 'audit_log', t
     snap['files:models'] = {str(p.relative_to(settings.models_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
                             for p in sorted(settings.models_dir.rglob('*')) if p.is_file()}
     return snap
 
 def audit_rows(store) -> list[tuple]:
-    return [tuple(r) for r in store.query('SELECT seq, ts, kind, payload, prev_hash, hash FROM audit_log ORDER BY seq')]
+    with closing(_raw(store)) as c: return c.execute('SELECT seq, ts, kind, payload, prev_hash, hash FROM audit_log ORDER BY seq').fetchall()
 
 @pytest.fixture(scope='module')
 def prod(tmp_path_factory):

@@ -32,7 +32,7 @@ class DrillResult:
         lines.append(f"drill {self.name}: {'PASSED' if self.passed else 'FAILED'}")
         return '\n'.join(lines)
 
-# %% ../../nbs/24_drills.ipynb #b019e204
+# %% ../../nbs/24_drills.ipynb #44accdce
 @dataclass
 class Sandbox:
     "A drill's own world: settings whose home and store are the sandbox directory, its store and its registry."
@@ -92,11 +92,7 @@ def _in_sandbox(name:str, s:Settings, store:Store|None, prepare, body) -> DrillR
     finally:
         if store is None: prod.close()
 
-def _when(col:pd.Series) -> pd.Series:
-    "Timestamp column as UTC times (integer nanoseconds on SQLite, datetimes on PostgreSQL)."
-    return pd.to_datetime(col, utc=True)
-
-# %% ../../nbs/24_drills.ipynb #c8e8a027
+# %% ../../nbs/24_drills.ipynb #c03169c1
 def crash_day_drill(settings:Settings|None=None, store:Store|None=None, # production: the sandbox is seeded from it
                     window:str='2012-03-01:2012-04-30', gap_at:str='2012-04-10', gap:float=-0.10) -> DrillResult:
     "Inject a -10% gap bar into a replay in a sandbox: the guardian must fire within that bar, flatten, and roll the model back."
@@ -122,7 +118,7 @@ def crash_day_drill(settings:Settings|None=None, store:Store|None=None, # produc
         rid, st = out['run_id'], out['state']
         ev = store.frame("SELECT bar_ts FROM risk_events WHERE run_id = ? AND kind = 'guardian' ORDER BY id", (rid,))
         gap_ts = pd.Timestamp(gap_at, tz='UTC')
-        fired = _when(ev.bar_ts).tolist()
+        fired = store.ts_series(ev.bar_ts).tolist()
         ser = Runs(store).series(rid, [f'shares:{x}' for x in syms])
         flat_after = ser[ser.index >= gap_ts].abs().sum(axis=1) if len(ser) else pd.Series(dtype=float)
         audit = Audit(store).verify()
@@ -167,7 +163,7 @@ def outage_drill(settings:Settings|None=None, store:Store|None=None, # productio
         rid, b = out['run_id'], out['broker']
         runs = Runs(store)
         hb = store.frame('SELECT bar_ts, feed FROM heartbeats WHERE run_id = ? ORDER BY ts', (rid,))
-        hb['bar_ts'] = _when(hb.bar_ts)
+        hb['bar_ts'] = store.ts_series(hb.bar_ts)
         fd = (pd.Timestamp(feed_down[0], tz='UTC'), pd.Timestamp(feed_down[1], tz='UTC'))
         gone = list(drill.get('_disconnected') or [])
         stale = hb[(hb.bar_ts >= fd[0]) & (hb.bar_ts <= fd[1])]

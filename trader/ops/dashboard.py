@@ -4,7 +4,7 @@
 
 # %% ../../nbs/30_dashboard.ipynb #5ae0c0ac
 from __future__ import annotations
-import asyncio, html, json, math, os, time
+import asyncio, html, math, os, time
 import pandas as pd
 import ipywidgets as W
 from ..core.config import Settings, load_settings
@@ -59,7 +59,7 @@ def run_label(meta) -> str:
 def snapshot(store:Store, run_id:str, settings:Settings|None=None, verify_audit:bool=True) -> dict:
     "Every figure the dashboard shows for `run_id`."
     from trader.ops.gate import compute_gate, GateError
-    from trader.research.metrics import drawdown
+    from trader.research.metrics import drawdown, max_drawdown, returns_of, sharpe_ratio
     from trader.core.registry import Registry
     s = settings or load_settings()
     runs = Runs(store)
@@ -72,14 +72,13 @@ def snapshot(store:Store, run_id:str, settings:Settings|None=None, verify_audit:
     st = None
     if meta.kind == 'paper':
         r = store.query('SELECT state FROM loop_state WHERE run_id = ?', (run_id,))
-        st = (r[0][0] if isinstance(r[0][0], dict) else json.loads(r[0][0])) if r else None
+        st = r[0][0] if r else None      # JSON columns come back decoded
         if st: start = st['initial_equity']
     out['pnl'] = None if out['equity'] is None else out['equity'] - start
     out['today_pnl'] = float(eq.iloc[-1] - eq.iloc[-2]) if len(eq) > 1 else None
-    rets = eq.pct_change().dropna()
-    out['sharpe'] = float(rets.mean()/rets.std(ddof=1)*math.sqrt(252)) if len(rets) > 2 and rets.std(ddof=1) > 0 else None
-    dd = drawdown(eq) if len(eq) else pd.Series(dtype=float)
-    out['max_drawdown'] = float(dd.max()) if len(dd) else None
+    out['sharpe'] = sharpe_ratio(returns_of(eq), 252, min_bars=3)     # None until three returns, or while the curve is flat
+    dd = drawdown(eq) if len(eq) else pd.Series(dtype=float)          # the series under the equity chart
+    out['max_drawdown'] = max_drawdown(eq) if len(eq) else None
     out['last_bar'] = str(eq.index[-1].date()) if len(eq) else None
     out['series'] = {'ts': eq.index, 'equity': eq, 'drawdown': dd,
                      'baselines': {c.split(':', 1)[1]: ser[c].dropna() for c in ser.columns if c.startswith('bench:')}}

@@ -4,11 +4,11 @@
 
 # %% ../../nbs/08_policy.ipynb #df7ae099
 from __future__ import annotations
-import math
 from dataclasses import dataclass
 import numpy as np
 from ..core.config import EnvSettings, RiskSettings, load_settings
 from .features import FeatureSet, Normaliser
+from .metrics import max_drawdown, returns_of, sharpe_ratio
 from ..core.registry import Registry
 
 # %% auto #0
@@ -95,11 +95,10 @@ class Evaluation:
     metrics: dict
 
 def _headline(equity:np.ndarray, periods:int=252) -> dict:
-    r = np.diff(equity)/equity[:-1]
-    sd = r.std(ddof=1) if len(r) > 1 else 0.0
-    peak = np.maximum.accumulate(equity)
-    return {'total_return': float(equity[-1]/equity[0] - 1), 'sharpe': float(r.mean()/sd*math.sqrt(periods)) if sd > 0 else 0.0,
-            'max_drawdown': float((1 - equity/peak).max()), 'bars': int(len(r))}
+    "Total return, Sharpe (None when undefined: too few bars, or a flat curve), max drawdown and bar count: the metrics module's definitions."
+    r = returns_of(equity)
+    return {'total_return': float(equity[-1]/equity[0] - 1), 'sharpe': sharpe_ratio(r, periods),
+            'max_drawdown': max_drawdown(equity), 'bars': int(len(r))}
 
 def evaluate(policy:Policy, fs:FeatureSet, start=None, end=None, risk=None) -> Evaluation:
     "Run `policy` deterministically over [start, end] (optionally through a `RiskEngine`)."
