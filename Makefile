@@ -50,6 +50,7 @@ test: install   ## set PG=1 to start a throwaway PostgreSQL for the PostgreSQL t
 	@rm -rf .test-home
 	$(MAKE) --no-print-directory sync-check
 	$(MAKE) --no-print-directory clean-check
+	$(BIN)/lint-imports   # the layer contracts in pyproject.toml: imports point down only (ops > live > research > core)
 	$(MAKE) --no-print-directory nbtest
 	@if [ "$(PG)" = "1" ] && [ -z "$$TRADER_TEST_PG_URL" ]; then \
 	  .ci/with-postgres $(MAKE) --no-print-directory pytest; else $(MAKE) --no-print-directory pytest; fi
