@@ -373,3 +373,30 @@ def test_cmd_audit_export(store, monkeypatch, capsys, tmp_path):
     _test_eq(cmd_audit_export(Namespace(from_ts='2000-01-01', to_ts=None, dir=None)), 0)    # default directory under TRADER_HOME
     line = next(l for l in capsys.readouterr().out.splitlines() if l.endswith('manifest.json'))
     assert verify_pack(Path(line.removeprefix('wrote ')).parent).ok
+
+# -- the audit trail builds on the store, never the other way round ------------------------------------------
+
+def test_the_store_does_not_import_the_audit_trail_and_audit_declares_its_own_table(tmp_path):
+    "No store -> audit import (the old cycle); a store opened before trader.core.audit was imported still gets `audit_log` from `Audit`."
+    code = f"""
+import sys
+from trader.core.store import Store
+assert 'trader.core.audit' not in sys.modules, 'the store imported the audit trail'
+s = Store('sqlite:///{tmp_path}/a.db')
+assert 'audit_log' not in s.tables()
+from trader.core.audit import Audit
+a = Audit(s)
+assert 'audit_log' in s.tables()
+a.append('session', {{'x': 1}})
+assert a.verify().ok and s.query("SELECT owner, version FROM schema_migrations WHERE owner = 'core.audit'") == [('core.audit', 1)]
+print('ok')
+"""
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == 'ok', r.stderr
+
+def test_audit_payload_stays_the_stored_text(store):
+    "`payload` is not a JSON column: it comes back as the exact canonical text the hash covers, on both engines."
+    e = Audit(store).append('decision', {'b': 1.5, 'a': [1, None]})
+    got = store.query('SELECT payload FROM audit_log WHERE seq = ?', (e.seq,))[0][0]
+    _test_eq(got, '{"a":[1,null],"b":1.5}'); _test_eq(got, e.payload)
+    _test_eq(Audit(store).verify().ok, True)
