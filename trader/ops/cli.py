@@ -331,19 +331,23 @@ def arg_speed(v:str):
     if str(v).strip().lower() == 'max': return 'max'
     return arg_number(float, 0, lo_open=True, what="'max' or bars per second > 0")(v)
 
+_ISO_DATE = re.compile(r'^\d{4}-\d{2}-\d{2}([T ]\d{2}(:\d{2}(:\d{2}(\.\d+)?)?)?(Z|[+-]\d{2}:?\d{2})?)?$')
+def _utc(v:str):
+    "An ISO date (YYYY-MM-DD, optionally with a time) as a UTC timestamp, else None (no 'jan', no '2012')."
+    if not _ISO_DATE.match(str(v).strip()): return None
+    try: return to_utc(str(v).strip())
+    except Exception: return None
+
 def arg_date(v:str) -> str:
-    "A date or date-time that parses (returned as given)."
-    try: t = to_utc(v)
-    except Exception: t = None
-    if t is None: raise _bad(f"expected a date like 2012-01-03, got {v!r}")
+    "An ISO date, YYYY-MM-DD (optionally with a time), returned as given."
+    if _utc(v) is None: raise _bad(f"expected a date like 2012-01-03, got {v!r}")
     return v
 
 def arg_window(v:str) -> str:
     "An 'A:B' window of two dates, A on or before B (returned as given)."
     parts = str(v).split(':')
     if len(parts) != 2: raise _bad(f"expected a window A:B of two dates like 2012-01-03:2013-03-01, got {v!r}")
-    try: a, b = to_utc(parts[0]), to_utc(parts[1])
-    except Exception: a = b = None
+    a, b = _utc(parts[0]), _utc(parts[1])
     if a is None or b is None: raise _bad(f"dates do not parse in {v!r} (expected e.g. 2012-01-03:2013-03-01)")
     if a > b: raise _bad(f"start {parts[0]} is after end {parts[1]}")
     return v
@@ -364,12 +368,12 @@ def arg_symbols(v:str) -> str:
 _ID = re.compile(r'^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$')
 def arg_model_id(v:str) -> str:
     "A model id or 'champion' (ids name folders, so no '/', spaces or leading dot)."
-    if not _ID.match(str(v)): raise _bad(f"not a model id: {v!r} (see `trader models list`)")
+    if not _ID.match(str(v)): raise _bad(f"not a model id: {v!r}")
     return v
 
 def arg_run_id(v:str) -> str:
     "A run id, e.g. ba-20260101120000-1a2b3c."
-    if not _ID.match(str(v)): raise _bad(f"not a run id: {v!r} (see `trader runs`)")
+    if not _ID.match(str(v)): raise _bad(f"not a run id: {v!r}")
     return v
 
 def arg_ma_range(v:str) -> str:
@@ -502,7 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add('models', cmd_models, 'list and inspect registered models; show or set the champion',
              epilog='examples:\n  trader models list\n  trader models show ID\n  trader models champion [ID]')
     sp.add_argument('action', choices=['list', 'show', 'champion'])
-    sp.add_argument('id', nargs='?', type=arg_model_id, help='model id (show, champion)')
+    sp.add_argument('id', nargs='?', type=arg_model_id, metavar='ID', help='model id (show, champion)')
     sp.add_argument('--reason', type=arg_text, help='champion: why (recorded)')
     sp.add_argument('--history', action='store_true', help='champion: print the champion history')
     sp.add_argument('--full', action='store_true', help='show: include the normalisation statistics')
