@@ -26,7 +26,7 @@ class PromotionDecision:
     dry_run: bool = False
 
     def render(self) -> str:
-        def fm(m): return f"Sharpe {_sharpe(m):.3f}, max drawdown {_dd(m):.2%}, return {m['total_return']:+.2%}" if m else '-'
+        def fm(m): return f"Sharpe {_show(m)}, max drawdown {_dd(m):.2%}, return {m['total_return']:+.2%}" if m else '-'
         verdict = ('WOULD PROMOTE' if self.dry_run else 'PROMOTED') if self.promoted else ('WOULD KEEP' if self.dry_run else 'KEPT')
         return (f"{verdict}: {self.reason}\n  window     {self.window}\n  challenger {self.challenger}: {fm(self.challenger_metrics)}\n"
                 f"  champion   {self.champion or '(none)'}: {fm(self.champion_metrics)}")
@@ -35,6 +35,10 @@ def _sharpe(m:dict) -> float:
     "Sharpe for comparison; undefined (a flat strategy: no variation) counts as 0, no excess return."
     return 0.0 if m.get('sharpe') is None else float(m['sharpe'])
 
+def _show(m:dict) -> str:
+    "Sharpe as reported: an undefined one says so (and that the rule counts it as 0)."
+    return 'undefined (counted as 0)' if m.get('sharpe') is None else f"{float(m['sharpe']):.3f}"
+
 def _dd(m:dict) -> float: return 0.0 if m.get('max_drawdown') is None else float(m['max_drawdown'])
 
 def decide(challenger:dict, champion:dict|None) -> tuple[bool, str]:
@@ -42,7 +46,7 @@ def decide(challenger:dict, champion:dict|None) -> tuple[bool, str]:
     if champion is None: return True, 'no champion yet: the first valid model becomes champion'
     cs, ks, cd, kd = _sharpe(challenger), _sharpe(champion), _dd(challenger), _dd(champion)
     better_sharpe, lower_dd = cs > ks, cd < kd
-    s = f"Sharpe {cs:.3f} vs {ks:.3f}, max drawdown {cd:.2%} vs {kd:.2%}"
+    s = f"Sharpe {_show(challenger)} vs {_show(champion)}, max drawdown {cd:.2%} vs {kd:.2%}"
     if better_sharpe and lower_dd: return True, f'better on both: {s}'
     if better_sharpe: return False, f'higher Sharpe but deeper drawdown: {s}'
     if lower_dd: return False, f'lower drawdown but lower Sharpe: {s}'
