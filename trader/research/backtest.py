@@ -11,8 +11,9 @@ from ..core.config import Settings, TraderError, load_settings
 
 from .features import build_features
 from .env import apply_action, action_table, describe_action
-from .risk import PortfolioState, RiskEngine
+from ..core.config import RiskSettings
 from .book import Book
+from .engine import BarPrices, SimExecution, TradingEngine
 from .policy import Policy
 from ..core.registry import Registry
 from ..core.runs import Runs
@@ -20,7 +21,8 @@ from ..core.store import Store
 from . import metrics as M
 
 # %% auto #0
-__all__ = ['BacktestError', 'BacktestResult', 'simulate', 'vectorbt_portfolio', 'buy_and_hold', 'best_ma', 'backtest']
+__all__ = ['BacktestError', 'BacktestResult', 'simulate', 'vectorbt_portfolio', 'buy_and_hold', 'ma_selection_window', 'best_ma',
+           'backtest']
 
 # %% ../../nbs/14_backtest.ipynb #47abead6
 class BacktestError(TraderError):
@@ -42,6 +44,7 @@ class BacktestResult:
     orders: pd.DataFrame
     decisions: pd.DataFrame
     metrics: dict
+    risk_events: pd.DataFrame|None = None   # what the guardian, the emergency levels and the halt rules did (or would have done)
     seconds: float = 0.0
 
     def table(self) -> pd.DataFrame:
@@ -52,8 +55,10 @@ class BacktestResult:
         return pd.DataFrame({name: {k: m.get(k) for k in keys} for name, m in cols.items()})
 
 # %% ../../nbs/14_backtest.ipynb #d46c7ddb
-def simulate(policy:Policy, fs, start, end, risk:RiskEngine, cash:float, fees_bps:float, slippage_bps:float):
-    "Walk `policy` over [start, end]; returns per-bar frames, fills and decisions."
+def simulate(policy:Policy, fs, start, end, limits:RiskSettings, cash:float, fees_bps:float, slippage_bps:float,
+             guardian:bool=True, # simulate the guardian and the emergency levels
+            ):
+    "Walk `policy` over [start, end] on the engine; returns per-bar frames, fills, decisions and risk events."
     from trader.research.env import MarketArrays
     env = policy.make_env(fs, start, end)
     market = MarketArrays(fs, policy.env_settings.corr_window)
@@ -61,62 +66,59 @@ def simulate(policy:Policy, fs, start, end, risk:RiskEngine, cash:float, fees_bp
     n, syms = fs.n_assets, list(fs.symbols)
     table = action_table(n)
     sizes, allow_short = env.sizes, policy.env_settings.allow_short
-    book = Book.empty(cash, n, fees_bps, slippage_bps)
+    eng = TradingEngine(n, cash, limits, fees_bps, slippage_bps, guardian=guardian, names=tuple(syms))
+    ex = SimExecution()
     state = policy.initial_state()
-    targets = tuple(0.0 for _ in range(n))
-    peak, halted, day_start = cash, False, cash
-    rows, fills, decisions = [], [], []
-    pending = None      # (orders [(asset, qty)], decision index): sized at the decision's close, filled at the next open
+    rows, fills, decisions, events = [], [], [], []
+    placed = {}         # asset -> decision ts of the orders waiting for the next open
     for t in range(lo, hi + 1):
-        close = fs.close[t].tolist()
-        before = book.shares.copy()
-        day_fills = []
-        if pending is not None:
-            opens = fs.open[t].tolist()
-            for i, q in sorted(pending[0], key=lambda o: o[1] > 0):        # sells first, as the broker does
-                f = book.execute(i, q, opens[i]); day_fills.append(f); fills.append((fs.ts[t], f, pending[1]))
-        equity = book.value(close)
-        peak = max(peak, equity)
-        prev_close = fs.close[t-1].tolist()
-        pnl = [book.shares[i]*close[i] - before[i]*prev_close[i]
-               - sum(f.qty*f.price + f.fees for f in day_fills if f.asset == i) for i in range(n)] if t > lo else [0.0]*n
-        rows.append((fs.ts[t], equity, book.cash, *book.weights(close), *book.shares, *pnl))
-        pending = None
-        obs = env.observation(t, targets)
-        a, state, conf = policy.decide(obs, state)
-        wanted = apply_action(targets, a, sizes, allow_short, table)
-        dec = risk.pre_trade(wanted, PortfolioState(equity, peak, book.weights(close), halted, day_start), tuple(syms), market.at(t))
-        halted = halted or dec.halted
-        changed = [i for i in range(n) if dec.targets[i] != targets[i]]
-        decisions.append({'ts': fs.ts[t], 'action': a, 'label': describe_action(a, syms), 'confidence': conf, 'model_id': policy.id,
-                          'targets': dec.targets, 'breaches': dec.breaches})
-        if changed and t < hi:      # the last decision has no next bar to fill on
-            orders = book.orders_for(dec.targets, close, changed)
-            if orders: pending = (orders, len(decisions) - 1)
-        targets = dec.targets
-        day_start = equity          # daily bars: the next day starts at this close
+        ts = fs.ts[t]
+        close, prev_close = fs.close[t].tolist(), fs.close[t - 1].tolist()
+        bar = BarPrices(str(ts.date()), fs.open[t].tolist(), close, prev_close)
+        before = eng.state.shares.copy()
+        step = eng.advance(bar, ex)
+        for f in step.fills:      # phase 0: the open's fills of earlier orders; 1: immediate orders at the open; 2: at the close
+            ph = 0 if not f.tag else (1 if f.tag == 'flatten' and step.fired_at == 'open' else 2)
+            fills.append((ts, f, placed[f.asset] if not f.tag else ts, ph))
+        placed = {}
+        events += [(ts, e) for e in step.events]
+        pnl = [eng.state.shares[i]*close[i] - before[i]*prev_close[i]
+               - sum(f.qty*f.price + f.fees for f in step.fills if f.asset == i) for i in range(n)] if t > lo else [0.0]*n
+        rows.append((ts, step.equity, eng.state.cash, *eng.weights(close), *eng.state.shares, *pnl))
+        targets = tuple(eng.state.targets)
+        a, state, conf = policy.decide(env.observation(t, targets), state)
+        d = eng.decide(bar, apply_action(targets, a, sizes, allow_short, table), market.at(t), ex, place=t < hi)
+        placed = {o.asset: ts for o in d.orders}
+        events += [(ts, e) for e in d.events]
+        decisions.append({'ts': ts, 'action': a, 'label': describe_action(a, syms), 'confidence': conf, 'model_id': policy.id,
+                          'targets': d.decision.targets, 'breaches': d.decision.breaches})
     cols = ['equity', 'cash'] + [f'weight:{s}' for s in syms] + [f'shares:{s}' for s in syms] + [f'pnl:{s}' for s in syms]
     frame = pd.DataFrame([r[1:] for r in rows], index=pd.DatetimeIndex([r[0] for r in rows], name='ts'), columns=cols)
-    orders = pd.DataFrame([{'seq': k, 'ts': ts, 'symbol': syms[f.asset], 'side': f.side, 'qty': abs(f.qty), 'price': f.price,
-                            'fees': f.fees, 'slippage': f.slippage_cost, 'reference_price': fs.close[fs.ts.get_loc(decisions[d]['ts']), f.asset],
-                            'open_price': f.reference, 'decision_ts': decisions[d]['ts'], 'status': 'filled', 'signed_qty': f.qty}
-                           for k, (ts, f, d) in enumerate(fills)])
-    return frame, orders, pd.DataFrame(decisions)
+    orders = pd.DataFrame([{'seq': k, 'ts': ts, 'symbol': syms[f.asset], 'side': str(f.side), 'qty': abs(f.qty), 'price': f.price,
+                            'fees': f.fees, 'slippage': f.slippage_cost, 'reference_price': f.order_price, 'open_price': f.reference,
+                            'decision_ts': dts, 'status': 'filled', 'signed_qty': f.qty, 'tag': f.tag, 'phase': ph}
+                           for k, (ts, f, dts, ph) in enumerate(fills)])
+    risk_events = pd.DataFrame([{'bar_ts': ts, 'kind': str(e.kind), 'level': int(e.level), 'detail': e.detail} for ts, e in events],
+                               columns=['bar_ts', 'kind', 'level', 'detail'])
+    return frame, orders, pd.DataFrame(decisions), risk_events
 
 # %% ../../nbs/14_backtest.ipynb #b4cbf397
 def vectorbt_portfolio(fs, frame:pd.DataFrame, orders:pd.DataFrame, cash:float, fees_bps:float, slippage_bps:float):
-    "vectorbt's simulation of `orders` over the rows of `frame`."
+    "vectorbt's simulation of `orders` over the rows of `frame`: three rows a bar (open fills, immediate orders at the open, at the close); `value().iloc[2::3]` is the equity at each close."
     import vectorbt as vbt
-    idx = frame.index
-    rows = fs.ts.get_indexer(idx)
+    rows = fs.ts.get_indexer(frame.index)
     syms = list(fs.symbols)
-    naive = idx.tz_localize(None)
-    close = pd.DataFrame(fs.close[rows], index=naive, columns=syms)
-    open_ = pd.DataFrame(fs.open[rows], index=naive, columns=syms)
-    size = pd.DataFrame(np.nan, index=naive, columns=syms)
+    naive = frame.index.tz_localize(None)
+    idx = pd.DatetimeIndex(np.repeat(naive.to_numpy(), 3)) + pd.to_timedelta(np.tile([0, 1, 2], len(naive)), unit='us')
+    o_, c_ = fs.open[rows], fs.close[rows]
+    price = pd.DataFrame(np.stack([o_, o_, c_], axis=1).reshape(-1, len(syms)), index=idx, columns=syms)
+    size = pd.DataFrame(np.nan, index=idx, columns=syms)
     for o in orders.itertuples():
-        size.loc[o.ts.tz_localize(None), o.symbol] = o.signed_qty
-    return vbt.Portfolio.from_orders(close, size=size, size_type='amount', price=open_, fees=fees_bps*1e-4, slippage=slippage_bps*1e-4,
+        k = o.ts.tz_localize(None) + pd.Timedelta(microseconds=int(o.phase))
+        size.loc[k, o.symbol] = o.signed_qty
+        price.loc[k, o.symbol] = o.open_price
+    close = pd.DataFrame(np.stack([o_, o_, c_], axis=1).reshape(-1, len(syms)), index=idx, columns=syms)
+    return vbt.Portfolio.from_orders(close, size=size, size_type='amount', price=price, fees=fees_bps*1e-4, slippage=slippage_bps*1e-4,
                                      init_cash=cash, cash_sharing=True, group_by=True, direction='both', call_seq='auto', freq='1D')
 
 def buy_and_hold(fs, start, end, cash:float, fees_bps:float, slippage_bps:float) -> pd.Series:
@@ -140,22 +142,27 @@ def _records(df:pd.DataFrame) -> list[dict]:
         if isinstance(d[c].dtype, pd.PeriodDtype): d[c] = d[c].astype(str)
     return json.loads(d.to_json(orient='records', date_format='iso'))
 
-def _windows(s:Settings):
-    from trader.research.train import parse_window
-    return parse_window(s.train.valid_window, 'validation window'), parse_window(s.train.holdout_window, 'holdout window')
+def ma_selection_window(window_start:pd.Timestamp, years:int=2) -> tuple[pd.Timestamp, pd.Timestamp]:
+    "The span the baseline crossover is chosen on: the `years` before the backtest window, ending the day before it starts."
+    end = window_start - pd.Timedelta(days=1)
+    return end - pd.DateOffset(years=years) + pd.Timedelta(days=1), end
 
-def best_ma(bars:pd.DataFrame, symbols, s:Settings, fees_bps:float, slippage_bps:float) -> dict:
-    "The best crossover of the sweep on the validation window (chosen there, reported elsewhere)."
-    from trader.research.sweep import ma_sweep
-    vw, _ = _windows(s)
-    sw = ma_sweep(bars[bars.ts <= vw[1]], symbols, start=vw[0], end=vw[1], fees_bps=fees_bps, slippage_bps=slippage_bps)
-    return {**sw.best, 'chosen_on': f"{vw[0]:%Y-%m-%d}:{vw[1]:%Y-%m-%d}", 'n_trials': sw.n_trials}
+def best_ma(bars:pd.DataFrame, symbols, window_start:pd.Timestamp, fees_bps:float, slippage_bps:float, years:int=2) -> dict|None:
+    "The best crossover of the sweep over the `years` before `window_start` (bars before the window only); None without enough history."
+    from trader.research.sweep import ma_sweep, SweepError
+    a, b = ma_selection_window(window_start, years)
+    past = bars[bars.ts <= b]
+    if past.empty or past.ts.min() > a: return None
+    try: sw = ma_sweep(past, symbols, start=a, end=b, fees_bps=fees_bps, slippage_bps=slippage_bps)
+    except SweepError: return None
+    return {**sw.best, 'chosen_on': f"{a:%Y-%m-%d}:{b:%Y-%m-%d}", 'n_trials': sw.n_trials}
 
 def backtest(model:str='champion', # a model id or 'champion'
              window:str|None=None, # 'A:B'; default: the holdout
              fees_bps:float|None=None, slippage_bps:float|None=None, # default: settings.env
              cash:float=100_000.0,
-             baselines:bool=True, # add buy-and-hold and the best MA crossover
+             baselines:bool=True, # add buy-and-hold and the best MA crossover (chosen on the two years before the window)
+             guardian:bool|None=None, # simulate the guardian and emergency levels; default: settings.risk.guardian, as paper trading
              settings:Settings|None=None, store:Store|None=None, save:bool=True) -> BacktestResult:
     "Backtest a registered model and store the run."
     from trader.research.train import parse_window
@@ -168,25 +175,25 @@ def backtest(model:str='champion', # a model id or 'champion'
     w = parse_window(window or s.train.holdout_window, 'window')
     fees = s.env.fees_bps if fees_bps is None else fees_bps
     slip = s.env.slippage_bps if slippage_bps is None else slippage_bps
+    guard = s.risk.guardian if guardian is None else bool(guardian)
     bars = store.read_bars(syms, end=w[1])
     if bars.empty or bars.ts.max() < w[0]: raise BacktestError(f"no stored bars of {','.join(syms)} in {w[0]:%Y-%m-%d}..{w[1]:%Y-%m-%d}")
     fs = build_features(bars, syms)
-    risk = RiskEngine(s.risk)
-    frame, orders, decisions = simulate(policy, fs, w[0], w[1], risk, cash, fees, slip)
+    frame, orders, decisions, events = simulate(policy, fs, w[0], w[1], s.risk, cash, fees, slip, guard)
     pf = vectorbt_portfolio(fs, frame, orders, cash, fees, slip)
-    vbt_value = pf.value().to_numpy()
-    gap = float(np.max(np.abs(vbt_value - frame.equity.to_numpy())/frame.equity.to_numpy()))
+    gap = float(np.max(np.abs(pf.value().to_numpy()[2::3] - frame.equity.to_numpy())/frame.equity.to_numpy()))
     if gap > 1e-9: raise BacktestError(f"internal check failed: vectorbt and the book disagree by {gap:.2e} (relative)")
     trades = pf.trades.records_readable.rename(columns={'PnL': 'pnl'})
     bases: dict[str, pd.Series] = {}
     ma = None
     if baselines:
         bases['buy_hold'] = buy_and_hold(fs, w[0], w[1], cash, fees, slip).reindex(frame.index)
-        ma = best_ma(bars, syms, s, fees, slip)
-        from trader.research.sweep import ma_baseline_equity
-        eq = ma_baseline_equity(bars, syms, ma['fast'], ma['slow'], start=w[0], end=w[1], fees_bps=fees, slippage_bps=slip, init_cash=cash)
-        eq.index = eq.index.tz_localize('UTC') if eq.index.tz is None else eq.index
-        bases['ma_cross'] = eq.reindex(frame.index)
+        ma = best_ma(bars, syms, w[0], fees, slip)
+        if ma is not None:
+            from trader.research.sweep import ma_baseline_equity
+            eq = ma_baseline_equity(bars, syms, ma['fast'], ma['slow'], start=w[0], end=w[1], fees_bps=fees, slippage_bps=slip, init_cash=cash)
+            eq.index = eq.index.tz_localize('UTC') if eq.index.tz is None else eq.index
+            bases['ma_cross'] = eq.reindex(frame.index)
     weights = frame[[f'weight:{x}' for x in syms]].set_axis(syms, axis=1)
     strat = M.performance(frame.equity, trades=trades, weights=weights)
     pnl = frame[[f'pnl:{x}' for x in syms]].set_axis(syms, axis=1)
@@ -197,13 +204,16 @@ def backtest(model:str='champion', # a model id or 'champion'
                'ma_cross_params': ma, 'attribution': attribution,
                'mean_confidence': float(decisions.confidence.mean()) if len(decisions) else None,
                'risk_breaches': int(sum(len(b) for b in decisions.breaches)) if len(decisions) else 0,
-               'vectorbt_check_max_rel_diff': gap}
+               'vectorbt_check_max_rel_diff': gap, 'guardian': guard,
+               'risk_events': _records(events.assign(detail=events.detail.map(str))) if len(events) else [],
+               'guardian_fired': [str(r.bar_ts) for r in events.itertuples() if r.kind in ('guardian', 'kill_switch')]}
     res = BacktestResult('', policy.id, syms, (f"{w[0]:%Y-%m-%d}", f"{w[1]:%Y-%m-%d}"), frame.equity, bases, weights,
-                         frame[[f'shares:{x}' for x in syms]].set_axis(syms, axis=1), pnl, orders, decisions, metrics)
+                         frame[[f'shares:{x}' for x in syms]].set_axis(syms, axis=1), pnl, orders, decisions, metrics, events)
     if save:
         runs = Runs(store)
         params = {'model': model, 'model_id': policy.id, 'window': f"{w[0]:%Y-%m-%d}:{w[1]:%Y-%m-%d}", 'fees_bps': fees, 'slippage_bps': slip,
-                  'cash': cash, 'risk': s.risk.model_dump(), 'execution': 'next open, slippage against the trader; simulated (backtest)'}
+                  'cash': cash, 'risk': s.risk.model_dump(), 'guardian': guard,
+                  'execution': 'next open, slippage against the trader; simulated (backtest)'}
         rid = runs.create('backtest', syms, policy.id, frame.index[0], frame.index[-1], params)
         try:
             series = frame.copy()

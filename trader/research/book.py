@@ -19,6 +19,8 @@ class Fill:
     price: float          # executed price, slippage included
     reference: float      # the price before slippage (the open)
     fees: float           # $
+    tag: str = ''         # why: '' a decision's order, 'flatten' the kill switch or guardian, 'level3'..'level5' an emergency cut
+    order_price: float|None = None   # the price the order was sized at (the decision's close)
     @property
     def side(self) -> Side: return Side.BUY if self.qty > 0 else Side.SELL
     @property

@@ -12,6 +12,7 @@ from gymnasium import spaces
 from ..core.config import EnvSettings, RiskSettings, load_settings
 from .features import FeatureSet, Normaliser, N_FEATURES
 from .risk import MarketContext, PortfolioState, RiskEngine
+from .engine import KernelState, engine_advance_nb, engine_step_nb, kernel_params, market_arrays, _value_nb, _HALT
 
 # %% auto #0
 __all__ = ['SELL', 'HOLD', 'BUY', 'ACTION_NAMES', 'action_table', 'describe_action', 'asset_sizes', 'apply_action',
@@ -111,7 +112,7 @@ class MarketArrays:
         return MarketContext(tuple(self.atr_rel[t]), self.corr[t])
 
 class TradingEnv(gym.Env):
-    "A gymnasium environment trading N assets at daily (or any) bars from precomputed arrays."
+    "A gymnasium environment trading N assets at daily (or any) bars on the `TradingEngine`, from precomputed arrays."
     metadata = {'render_modes': []}
 
     def __init__(self, fs:FeatureSet, # the dataset
@@ -125,7 +126,7 @@ class TradingEnv(gym.Env):
         self.settings, self.fs, self.normaliser = s, fs, normaliser
         self.symbols = tuple(fs.symbols)
         n = self.n_assets = fs.n_assets
-        rs = risk_settings or load_settings().risk
+        rs = self.risk_settings = risk_settings or load_settings().risk
         self.sizes = asset_sizes(n, s, rs)
         self._table = action_table(n)
         self.action_space = spaces.Discrete(3**n)
@@ -143,25 +144,37 @@ class TradingEnv(gym.Env):
         if s.portfolio_features: obs0 = np.concatenate([obs0, np.zeros((len(fs), 3), np.float32)], axis=1)
         self._obs0 = np.ascontiguousarray(obs0)
         self._pos_idx = [i*(N_FEATURES + 1) + N_FEATURES for i in range(n)]
-        with np.errstate(divide='ignore', invalid='ignore'):
-            gap = np.vstack([fs.open[1:]/fs.close[:-1] - 1, np.zeros((1, n))])
-            intra = np.vstack([fs.close[1:]/fs.open[1:] - 1, np.zeros((1, n))])
-        self._gap, self._intra = gap.tolist(), intra.tolist()                 # Python floats: fastest for small N
         if s.portfolio_features:
             corr, beta = _rolling_corr_beta(fs.close, s.corr_window)
             self._corr, self._beta = corr.astype(np.float32).tolist(), beta.tolist()
-        self._cost = (s.fees_bps + s.slippage_bps)*1e-4
+        self._open, self._close = np.ascontiguousarray(fs.open, dtype=np.float64), np.ascontiguousarray(fs.close, dtype=np.float64)
+        self._day, self._atr, self._corr_arr = market_arrays(fs, s.corr_window)
         self.initial_cash = initial_cash
         self.market = MarketArrays(fs, s.corr_window)
+        self.risk_checks, self.guardian = False, False       # `RiskCheckedEnv` turns the engine's rules on
         self._t = self.lo; self._end = self.hi
-        self._w = tuple(0.0 for _ in range(n)); self.equity = self.peak = self.day_start = initial_cash; self.halted = False
+        self._new_engine()
+
+    def _new_engine(self):
+        "A fresh engine (its compiled kernel's state) with this environment's costs and rules."
+        s = self.settings
+        self.engine = KernelState.new(self.initial_cash, self.n_assets)
+        self._P = kernel_params(self.risk_settings, s.fees_bps, s.slippage_bps, self.guardian, self.risk_checks)
+
+    @property
+    def equity(self) -> float: return float(_value_nb(self.engine.s, self.engine.shares, self._close[self._t]))
+    @property
+    def halted(self) -> bool: return bool(self.engine.s[_HALT])
+    @property
+    def _w(self) -> tuple[float, ...]: return tuple(self.engine.targets.tolist())
 
     # -- observation -------------------------------------------------------------------------------
     def _obs(self) -> np.ndarray:
         o = self._obs0[self._t].copy()
-        for k, w, size in zip(self._pos_idx, self._w, self.sizes): o[k] = w/size if size else 0.0
+        w = self.engine.targets.tolist()
+        for k, x, size in zip(self._pos_idx, w, self.sizes): o[k] = x/size if size else 0.0
         if self.settings.portfolio_features:
-            t, w = self._t, self._w
+            t = self._t
             tot = sum(abs(x) for x in w)
             o[-3] = self._corr[t]
             o[-2] = sum(x*b for x, b in zip(w, self._beta[t]))
@@ -169,11 +182,11 @@ class TradingEnv(gym.Env):
         return o
 
     def observation(self, t:int, weights:tuple[float, ...]) -> np.ndarray:
-        "The observation at row `t` with positions `weights` (used by backtests and the trading loop)."
-        saved = self._t, self._w
-        self._t, self._w = t, tuple(weights)
+        "The observation at row `t` with target weights `weights` (used by backtests)."
+        saved_t, saved_w = self._t, self.engine.targets
+        self._t, self.engine.targets = t, np.asarray(weights, dtype=np.float64)
         try: return self._obs()
-        finally: self._t, self._w = saved
+        finally: self._t, self.engine.targets = saved_t, saved_w
 
     # -- gymnasium API ---------------------------------------------------------------------------------
     def reset(self, *, seed:int|None=None, options:dict|None=None):
@@ -182,58 +195,45 @@ class TradingEnv(gym.Env):
         start = (options or {}).get('start')
         self._t = int(start) if start is not None else self.lo + (int(self.np_random.integers(0, span + 1)) if span > 0 else 0)
         self._end = min(self._t + self.episode_len, self.hi)
-        self._w = tuple(0.0 for _ in range(self.n_assets))
-        self.equity = self.peak = self.day_start = self.initial_cash
-        self.halted = False
+        self._new_engine()
+        k = self.engine                                               # the first bar: the book is flat, the day starts
+        engine_advance_nb(k.s, k.shares, k.targets, k.opened, k.pending, self._t, self._open, self._close, self._day, self._P)
+        self.peak = self.initial_cash
         return self._obs(), {'t': self._t, 'ts': str(self.fs.ts[self._t].date())}
 
     def action_targets(self, action) -> tuple[float, ...]:
         "Target weights the agent asks for with `action`."
         return apply_action(self._w, action, self.sizes, self.settings.allow_short, self._table)
 
-    def portfolio_state(self) -> PortfolioState:
-        "The portfolio at the current decision point (one bar is one day: the day started at the previous close)."
-        return PortfolioState(self.equity, self.peak, self._w, self.halted, self.day_start)
-
-    def market_context(self) -> MarketContext:
-        return self.market.at(self._t)
-
     def step(self, action):
         return self.step_targets(apply_action(self._w, action, self.sizes, self.settings.allow_short, self._table))
 
     def step_targets(self, targets:tuple[float, ...]):
-        "Advance one bar holding `targets` from the next open."
-        t, old = self._t, self._w
-        turnover = 0.0; r_gap = 0.0; r_in = 0.0
-        for w0, w1, g, x in zip(old, targets, self._gap[t], self._intra[t]):
-            turnover += abs(w1 - w0); r_gap += w0*g; r_in += w1*x
-        growth = (1.0 + r_gap)*(1.0 - self._cost*turnover)*(1.0 + r_in)
-        prev_dd = 1.0 - self.equity/self.peak
-        self.day_start = self.equity
-        self.equity *= growth
-        if self.equity > self.peak: self.peak = self.equity
-        dd = 1.0 - self.equity/self.peak
+        "Ask for `targets` at this close; the engine checks them, fills at the next open and marks to the next close."
+        t, k = self._t, self.engine
+        before, equity, traded, cuts, fired = engine_step_nb(k.s, k.shares, k.targets, k.opened, k.pending, np.asarray(targets, dtype=np.float64),
+                                                             t, self._open, self._close, self._day, self._atr, self._corr_arr, self._P)
+        turnover = traded/before if before > 0 else 0.0
+        prev_dd = 1.0 - before/self.peak
+        if equity > self.peak: self.peak = equity
+        dd = 1.0 - equity/self.peak
         s = self.settings
+        growth = equity/before if before > 0 else 0.0
         reward = (math.log(growth) if growth > 0 else -10.0) - s.turnover_penalty*turnover - s.drawdown_penalty*max(0.0, dd - prev_dd)
-        self._w = tuple(targets)
         self._t = t + 1
-        terminated = growth <= 0 or self.halted
+        halted = bool(k.s[_HALT])
+        terminated = equity <= 0 or halted
         truncated = self._t >= self._end
-        info = {'equity': self.equity, 'turnover': turnover, 'drawdown': dd, 'weights': self._w}
+        info = {'equity': equity, 'turnover': turnover, 'drawdown': dd, 'weights': self._w,
+                'risk_cuts': cuts, 'risk_halted': halted, 'guardian_fired': fired}   # flat keys: SB3's DummyVecEnv deep-copies info
         return self._obs(), reward*s.reward_scale, terminated, truncated, info
 
 # %% ../../nbs/06_env.ipynb #83dd807d
 class RiskCheckedEnv(gym.Wrapper):
-    "Route every action through the project's `RiskEngine` before it reaches the market."
+    "Turn on the engine's pre-trade rules (and, when `limits.guardian`, the guardian and emergency levels) for every action."
     def __init__(self, env:TradingEnv, risk:RiskEngine):
         super().__init__(env)
         self.risk = risk
-
-    def step(self, action):
-        e = self.env.unwrapped
-        decision = self.risk.pre_trade(e.action_targets(action), e.portfolio_state(), e.symbols, e.market_context())
-        if decision.halted: e.halted = True
-        obs, reward, terminated, truncated, info = e.step_targets(decision.targets)
-        info['risk_breaches'] = decision.breaches      # flat keys: SB3's DummyVecEnv deep-copies info every step
-        info['risk_halted'] = decision.halted
-        return obs, reward, terminated or decision.halted, truncated, info
+        e = env.unwrapped
+        e.risk_settings, e.risk_checks, e.guardian = risk.limits, True, risk.limits.guardian
+        e._new_engine()
