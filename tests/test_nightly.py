@@ -78,7 +78,7 @@ def test_promotes_a_better_challenger(env, capsys):
         h = reg.history().iloc[-1]
     assert (h.action, h.model_id, h.previous) == ('promote', env['aapl'], env['msft'])
     assert h.reason.startswith('better on both')
-    m = json.loads(h.metrics)
+    m = h.metrics                       # JSON columns come back decoded
     assert m['challenger']['id'] == env['aapl'] and m['champion']['id'] == env['msft']
     assert m['challenger']['sharpe'] > m['champion']['sharpe'] and m['challenger']['max_drawdown'] < m['champion']['max_drawdown']
     ev = nightly_events(seq)
