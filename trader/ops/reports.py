@@ -100,7 +100,7 @@ def packaged_notebook(name:str) -> Path:
     from importlib.resources import files
     res = files('trader.ops').joinpath(TEMPLATES, f'{name}.ipynb')
     if res.is_file(): return Path(str(res))                  # an installed wheel (zip_safe=False: a real file)
-    src = Path(__file__).resolve().parents[2]/'nbs'           # a source checkout (editable install): the one edited copy
+    src = Path(str(files('trader'))).resolve().parent/'nbs'  # a source checkout (editable install): the one edited copy
     for p in (src/'reports'/f'{name}.ipynb', src/f'{name}.ipynb'):
         if p.is_file(): return p
     raise ReportError(f"notebook {name}.ipynb is neither in the installed package (trader/ops/{TEMPLATES}/) nor in a source checkout's nbs/")
