@@ -171,10 +171,11 @@ class AlpacaBroker:
         if len(got) >= 500: log.warning("alpaca: 500 open orders, the most Alpaca lists at once; some may be missing")
         return [_order_status(o) for o in got]
 
-    def orders(self) -> list[OrderStatus]:
-        "The account's latest orders in any status, oldest first (up to 500; for reconciliation)."
+    def orders(self, since_bar_ts=None) -> list[OrderStatus]:
+        "The account's latest orders in any status, oldest first (up to 500; for reconciliation), decided on bars at or after `since_bar_ts` when given."
         got = self._call('list orders', self.client.get_orders, GetOrdersRequest(status=QueryOrderStatus.ALL, limit=500, direction=Sort.ASC))
-        return [_order_status(o) for o in got]
+        out = [_order_status(o) for o in got]
+        return out if since_bar_ts is None else [o for o in out if o.bar_ts is None or o.bar_ts >= since_bar_ts]
 
     def positions(self) -> dict[str, float]:
         "Shares held by symbol, short positions negative."

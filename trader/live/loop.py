@@ -4,28 +4,32 @@
 
 # %% ../../nbs/23_live.ipynb #418d9259
 from __future__ import annotations
-import datetime as _dt, json, logging, math, os, time
-from dataclasses import dataclass, field
+import datetime as _dt, logging, math, os, time
+from dataclasses import asdict, dataclass, field, fields
 import numpy as np, pandas as pd
 from ..core.config import Settings, TraderError, load_settings
 from ..core.data import bars_sha256, parse_symbols
-from ..research.features import FEATURE_NAMES, features_at
-from ..research.env import action_table, apply_action, asset_sizes, describe_action, build_observation, rolling_corr_at
-from ..research.risk import MarketContext, PortfolioState, RiskEngine, RiskGuardian, historical_var, LEVEL_NAMES
-from ..research.book import Book
-from .broker import BrokerUnavailable, Order, SimBroker
-from .feeds import BarSet, FeedError, ReplayFeed, ResilientFeed
-from ..research.policy import Policy
+from ..core.domain import EmergencyLevel, RiskEventKind
 from ..core.registry import Registry
-from ..core.runs import Runs, _jdump
-from ..core.store import Store, _ts_to_db
+from ..core.runs import Runs
+from ..core.store import Store
+from ..research.features import FEATURE_NAMES, features_at
+from ..research.env import action_table, apply_action, asset_sizes, describe_action, build_observation
+from ..research.engine import BarPrices, EngineState, MarketArrays, RiskEvent, TradingEngine, rolling_corr_at
+from ..research.risk import MarketContext, historical_var, LEVEL_NAMES
+from ..research.policy import Policy
+from .broker import Broker, SimBroker
+from .feeds import BarSet, FeedError, ReplayFeed, ResilientFeed
+from .execution import BarRecord, BrokerExecution, LiveMarket, SimulatedMarket
+from .journal import Journal
+from .controls import Controls, read_control, set_control
 from .monitor import LoopMetrics
 
-log = logging.getLogger('trader.live.loop')
+log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'check_bar', 'LoopState', 'LoopError', 'TradingLoop', 'uptime_pct', 'heartbeat_age', 'make_broker',
-           'paper_session', 'set_control', 'status_report']
+__all__ = ['log', 'check_bar', 'LoopState', 'LoopError', 'TradingLoop', 'step', 'run', 'uptime_pct', 'heartbeat_age',
+           'make_broker', 'paper_session', 'status_report']
 
 # %% ../../nbs/23_live.ipynb #10876301
 def check_bar(b:BarSet, last_ts=None) -> list[str]:
@@ -43,368 +47,206 @@ def check_bar(b:BarSet, last_ts=None) -> list[str]:
 # %% ../../nbs/23_live.ipynb #5bb8448f
 @dataclass
 class LoopState:
-    "The loop's memory between bars (JSON in `loop_state`)."
+    "The loop's memory between bars: the engine's state plus what only a live session has (JSON in `loop_state`, flat)."
     model_id: str
+    engine: EngineState
     lstm: list|None = None             # the policy's LSTM state
-    targets: list = field(default_factory=list)
-    cash: float = 0.0                  # the ledger's view (reconciled fills)
-    shares: list = field(default_factory=list)
-    initial_equity: float = 0.0
-    peak: float = 0.0
-    day: str|None = None               # date of the current trading day
-    day_start: float = 0.0             # equity at the start of the day
-    day_high: float = 0.0
-    closes: list = field(default_factory=list)    # [date, equity] of recent day closes (for the 3-day P&L)
-    halted: bool = False
-    halt_reason: str = ''
-    halted_at: str|None = None
-    level: int = 0
-    opened_at: list = field(default_factory=list)  # bar index when each position was opened (None if flat)
-    bar_index: int = 0
+    halted_at: str|None = None         # wall-clock time the session halted
     last_ts: str|None = None
     feed_state: str = 'fresh'
     broker_state: str = 'connected'
-    quality: list = field(default_factory=list)    # recent per-bar check results (1 ok, 0 bad)
-    closed_orders: list = field(default_factory=list) # recent client_order_ids that ended without a fill (canceled, rejected)
-    open_orders: list = field(default_factory=list)   # submitted, not yet filled
+    quality: list = field(default_factory=list)        # recent per-bar check results (1 ok, 0 bad)
+    closed_orders: list = field(default_factory=list)  # recent client_order_ids that ended without a fill
+    open_orders: list = field(default_factory=list)    # submitted, not yet filled
     control_seen: str|None = None      # `updated` of the last control acted upon
     var95: float|None = None
     var99: float|None = None
+
+    def to_json(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != 'engine'}
+        return {**d, **asdict(self.engine)}
+    @classmethod
+    def from_json(cls, d:dict) -> 'LoopState':
+        e = {f.name for f in fields(EngineState)}
+        return cls(engine=EngineState(**{k: v for k, v in d.items() if k in e}), **{k: v for k, v in d.items() if k not in e})
+    # the engine's figures, read through the state
+    cash = property(lambda self: self.engine.cash)
+    shares = property(lambda self: self.engine.shares)
+    targets = property(lambda self: self.engine.targets)
+    halted = property(lambda self: self.engine.halted)
+    halt_reason = property(lambda self: self.engine.halt_reason)
+    level = property(lambda self: self.engine.level)
+    initial_equity = property(lambda self: self.engine.initial_equity)
+    peak = property(lambda self: self.engine.peak)
 
 class LoopError(TraderError):
     "The trading loop cannot start or continue."
 
 # %% ../../nbs/23_live.ipynb #65284a2e
 class TradingLoop:
-    "Trade `model` on `feed` through `broker`; state, ledger and audit in `store`."
-    def __init__(self, store:Store, broker, feed, run_id:str, symbols, model:str='champion', settings:Settings|None=None,
-                 metrics:LoopMetrics|None=None, history_end=None, fees_bps:float|None=None, slippage_bps:float|None=None):
-        from trader.core.audit import Audit
+    "Trade `model` on `feed` through `broker`: each bar, controls -> checks -> the engine (open, close) -> a decision -> the journal."
+    def __init__(self, store:Store, broker:Broker, feed, run_id:str, symbols, model:str='champion', settings:Settings|None=None,
+                 metrics:LoopMetrics|None=None, history_end=None, market=None, # `SimulatedMarket` for a replay on a simulated broker
+                ):
         self.s = settings or load_settings()
         self.store, self.broker, self.feed, self.run_id = store, broker, feed, run_id
         self.symbols = tuple(parse_symbols(symbols))
         self.model_arg = model
         self.registry = Registry(store, self.s)
-        self.runs, self.audit = Runs(store), Audit(store)
         self.metrics = metrics or LoopMetrics()
-        self.risk, self.guardian = RiskEngine(self.s.risk), RiskGuardian(self.s.risk)
-        self.table = action_table(len(self.symbols))
+        self.journal = Journal(store, run_id, self.symbols, self.registry)
+        self.controls = Controls(store, self.registry, run_id, model)
         self.state = self._load_state()
+        self.engine = TradingEngine(len(self.symbols), risk=self.s.risk, guardian=self.s.risk.guardian, names=self.symbols, state=self.state.engine)
+        self.execution = BrokerExecution(broker, market or LiveMarket(), run_id, self.symbols, self.state, self.metrics)
+        self.execution.in_ledger = self.journal.in_ledger
         self._load_history(pd.Timestamp(self.state.last_ts) if self.state.last_ts else history_end)
         self.policy = self._load_policy(self.state.model_id)
         if self.policy.env_settings.portfolio_features:
             raise LoopError(f"model {self.policy.id} uses portfolio features, which the trading loop does not compute yet")
-        if self.state.lstm is None: self.state.lstm = Policy.state_to_list(self.policy.initial_state())
-        self._lstm = self.policy.state_from_list(self.state.lstm)
+        self._lstm = self.policy.state_from_list(self.state.lstm) if self.state.lstm is not None else self.policy.initial_state()
         self.sizes = asset_sizes(len(self.symbols), self.policy.env_settings, self.s.risk)
-
-    # -- set-up ---------------------------------------------------------------------------------------------
-    def _load_history(self, end):
-        "Bars from the start of the store's data up to `end` (the loop appends each new bar)."
-        bars = self.store.read_bars(self.symbols, end=end)
-        from trader.live.feeds import barsets_from_frame
-        sets = barsets_from_frame(bars, self.symbols) if len(bars) else []
-        cap = len(sets) + 100_000
-        n = len(self.symbols)
-        self._h = {k: np.full((cap, n), np.nan) for k in ('open', 'high', 'low', 'close', 'volume')}
-        self._ts = [b.ts for b in sets]
-        for i, b in enumerate(sets):
-            for k in self._h: self._h[k][i] = getattr(b, k)
-        self._n = len(sets)
-        self.history_sha256 = bars_sha256(bars) if len(bars) else ''
+        self.table = action_table(len(self.symbols))
 
     def _load_state(self) -> LoopState:
-        r = self.store.query('SELECT state FROM loop_state WHERE run_id = ?', (self.run_id,))
-        if r: return LoopState(**(r[0][0] if isinstance(r[0][0], dict) else json.loads(r[0][0])))
-        mid = self.registry.get(self.model_arg)['id']
+        d = self.journal.load_state()
+        if d is not None: return LoopState.from_json(d)
         acct = self.broker.account()
-        n = len(self.symbols)
-        return LoopState(model_id=mid, targets=[0.0]*n, cash=acct.cash, shares=[0.0]*n, initial_equity=acct.equity,
-                         peak=acct.equity, day_start=acct.equity, day_high=acct.equity, opened_at=[None]*n)
+        e = EngineState.new(acct.cash, len(self.symbols))
+        e.initial_equity = e.peak = e.day_start = e.day_high = acct.equity
+        return LoopState(self.registry.get(self.model_arg)['id'], e)
 
     def _load_policy(self, model_id:str) -> Policy:
         p = Policy.load(model_id, self.registry)
         if tuple(p.symbols) != self.symbols: raise LoopError(f"model {model_id} trades {p.symbols}, the loop trades {self.symbols}")
         return p
 
-    # -- helpers --------------------------------------------------------------------------------------------------
-    def _book(self) -> Book:
-        "The ledger's cash and shares as a `Book` (the one place equity and weights are computed)."
-        return Book(self.state.cash, self.state.shares)
-    def _equity(self, prices) -> float: return self._book().value(prices)
-    def _weights(self, prices) -> tuple[float, ...]: return self._book().weights(prices)
+    def _load_history(self, end):
+        "Bars from the start of the store's data up to `end` (the loop appends each new bar)."
+        bars = self.store.read_bars(self.symbols, end=end)
+        from trader.live.feeds import barsets_from_frame
+        sets = barsets_from_frame(bars, self.symbols) if len(bars) else []
+        self._h = {k: np.full((len(sets) + 100_000, len(self.symbols)), np.nan) for k in ('open', 'high', 'low', 'close', 'volume')}
+        for i, b in enumerate(sets):
+            for k in self._h: self._h[k][i] = getattr(b, k)
+        self._n = len(sets)
+        self.history_sha256 = bars_sha256(bars) if len(bars) else ''
+
+    def _append(self, b:BarSet) -> int:
+        if self._n >= len(self._h['close']): raise LoopError('history buffer full')
+        for k in self._h: self._h[k][self._n] = getattr(b, k)
+        self._n += 1
+        return self._n - 1
+
     def _last_ts(self):
         "The last committed bar's time, parsed once."
         if getattr(self, '_last_cache', ('unset',))[0] != self.state.last_ts:
             self._last_cache = (self.state.last_ts, pd.Timestamp(self.state.last_ts) if self.state.last_ts else None)
         return self._last_cache[1]
 
-    def _cid(self, ts, symbol:str, tag:str='') -> str:
-        return f"{self.run_id}-{pd.Timestamp(ts):%Y%m%d%H%M}-{symbol}{('-' + tag) if tag else ''}"
+# %% ../../nbs/23_live.ipynb #ec446f2c
+def step(self:TradingLoop, b:BarSet) -> dict:
+    "Process one bar and commit it; returns a summary."
+    st, eng, rec = self.state, self.engine, BarRecord(b.ts)
+    last = self._last_ts()
+    problems = check_bar(b, last)
+    st.quality = (st.quality + [0 if problems else 1])[-50:]
+    if problems and last is not None and b.ts <= last: return {'skipped': problems}
+    self.controls.kill_or_resume(st, rec)
+    if self.controls.new_champion(st, rec):
+        self.policy = self._load_policy(st.model_id); self._lstm = self.policy.initial_state()
+    t = self._append(b)
+    bar = BarPrices(str(b.ts.date()), list(b.open), list(b.close), self._h['close'][t - 1].tolist() if t > 0 else None)
+    self.execution.begin(rec, b, last)
+    self._record(rec, eng.advance(bar, self.execution, kill=rec.kill))           # open: fills, kill switch, guardian; close: guardian, levels
+    if not problems and not b.stale and self.execution.available: self._decide(rec, bar, t)
+    latency = time.perf_counter() - b.received
+    self.metrics.decision_latency.observe(latency)
+    self._var(t, eng.weights(bar.close))
+    st.last_ts = str(b.ts)
+    feed_state = getattr(self.feed, 'state', 'fresh')
+    if feed_state != st.feed_state: rec.audit.append(('feed_state', {'from': st.feed_state, 'to': feed_state, 'bar_ts': str(b.ts), 'error': getattr(self.feed, 'last_error', None)}))
+    st.feed_state = feed_state if not b.stale else 'stale'
+    if problems: self._record(rec, events=[RiskEvent(RiskEventKind.BAD_BAR, EmergencyLevel.MONITORING, {'problems': problems})])
+    equity = eng.value(bar.close)
+    st.lstm = Policy.state_to_list(self._lstm)
+    row = self.journal.row(equity, eng.state.cash, eng.state.shares, eng.weights(bar.close), bar.close, bar.prev_close or bar.close, rec.fills)
+    self.journal.commit(rec, row, st.to_json(), st.feed_state)
+    self._update_metrics(equity, bar.close, b)
+    return {'ts': b.ts, 'equity': equity, 'latency': latency, 'fills': len(rec.fills), 'orders': len(rec.orders),
+            'halted': st.halted, 'level': st.level, 'stale': b.stale}
 
-    def _submit(self, orders:list[tuple[int, float]], ts, prices, order_type:str, tag:str, bar) -> list:
-        "Send orders (asset, signed qty); returns the broker's statuses. Idempotent by client_order_id."
-        out = []
-        for i, q in sorted(orders, key=lambda o: o[1] > 0):
-            sym = self.symbols[i]
-            o = Order(self._cid(ts, sym, tag), sym, 'buy' if q > 0 else 'sell', abs(q), order_type, reference_price=prices[i], bar_ts=ts)
-            t0 = time.perf_counter()
-            st = self.broker.submit(o)
-            bar.setdefault('sent', set()).add(o.client_order_id)
-            self.metrics.order_latency.observe(time.perf_counter() - t0)
-            bar['audit'].append(('order', {'client_order_id': o.client_order_id, 'symbol': sym, 'side': o.side, 'qty': o.qty,
-                                           'type': order_type, 'reference_price': o.reference_price, 'bar_ts': str(ts), 'status': st.status}))
-            if st.status == 'new' and o.client_order_id not in self.state.open_orders:
-                self.state.open_orders.append(o.client_order_id)
-            out.append(st)
-        return out
+def _decide(self:TradingLoop, rec:BarRecord, bar:BarPrices, t:int):
+    "Features of bars <= t, the policy, then the engine's pre-trade rules and orders for the next open."
+    st, eng, n = self.state, self.engine, len(self.symbols)
+    F = features_at(self._h['high'], self._h['low'], self._h['close'], self._h['volume'], t)
+    obs = build_observation(self.policy.normaliser.transform(F[None])[0], eng.state.targets, self.sizes)
+    a, self._lstm, conf = self.policy.decide(obs, self._lstm)
+    wanted = apply_action(tuple(eng.state.targets), a, self.sizes, self.policy.env_settings.allow_short, self.table)
+    ctx = MarketContext(tuple(F[:, FEATURE_NAMES.index('atr_rel')].tolist()),
+                        rolling_corr_at(self._h['close'], t, self.policy.env_settings.corr_window) if n > 1 else None)
+    d = eng.decide(bar, wanted, ctx, self.execution)
+    self._record(rec, d)
+    for br in d.decision.breaches: self.metrics.breach(br.kind)
+    label = describe_action(a, self.symbols)
+    rec.decision = {'ts': rec.ts, 'action': a, 'label': label, 'confidence': conf, 'model_id': st.model_id,
+                    'targets': d.decision.targets, 'breaches': d.decision.breaches}
+    rec.audit.append(('decision', {'bar_ts': str(rec.ts), 'model_id': st.model_id, 'action': a, 'label': label, 'confidence': round(conf, 6),
+                                   'targets': list(d.decision.targets), 'breaches': list(d.decision.breaches)}))
 
-    def _reconcile(self, bar) -> list:
-        "Adopt every fill the broker has for this run that the ledger lacks (orders decided since the last committed bar; this bar's once re-sent)."
-        st = self.state
-        since = self._last_ts()
-        pre = self.run_id + '-'
-        if hasattr(self.broker, 'orders'):
-            try: cand = self.broker.orders(since)
-            except TypeError: cand = self.broker.orders()
-            cand = [o for o in cand if o.client_order_id.startswith(pre)]
-        else: cand = []
-        have = {o.client_order_id for o in cand}
-        cand += [x for x in (self.broker.get_order(c) for c in list(st.open_orders) if c not in have) if x is not None]
-        # Orders of the bar being processed count only once this process has (re)sent them. After a crash mid-bar the broker
-        # may already hold this bar's orders (e.g. a flatten filled at the close); adopting them at the open would show the
-        # open a portfolio it did not have, and the redone bar would decide differently (fire at the open, other fills).
-        now, sent = bar.get('ts'), bar.get('sent', set())
-        if now is not None: cand = [o for o in cand if o.bar_ts is None or o.bar_ts < now or o.client_order_id in sent]
-        ids = [o.client_order_id for o in cand if o.status == 'filled']
-        in_ledger = set()
-        if ids:
-            q = f"SELECT client_order_id FROM run_orders WHERE run_id = ? AND client_order_id IN ({', '.join('?'*len(ids))})"
-            in_ledger = {r[0] for r in self.store.query(q, [self.run_id, *ids])}
-        in_ledger |= {f['client_order_id'] for f in bar['fills_rows']}
-        new = []
-        for o in cand:
-            c = o.client_order_id
-            if o.status == 'filled' and c not in in_ledger:
-                i = self.symbols.index(o.symbol)
-                q = o.qty if o.side == 'buy' else -o.qty
-                st.cash -= q*o.fill_price + o.fees
-                was = st.shares[i]
-                st.shares[i] += q
-                if abs(st.shares[i]) < 1e-9: st.shares[i] = 0.0
-                if was == 0 and st.shares[i] != 0: st.opened_at[i] = st.bar_index
-                if st.shares[i] == 0: st.opened_at[i] = None
-                if c in st.open_orders: st.open_orders.remove(c)
-                new.append(o); in_ledger.add(c)
-                bar['fills_rows'].append({'ts': o.filled_ts, 'symbol': o.symbol, 'side': o.side, 'qty': o.qty, 'price': o.fill_price, 'fees': o.fees,
-                                          'slippage': abs(o.fill_price - (o.reference_price or o.fill_price))*o.qty, 'client_order_id': c,
-                                          'decision_ts': o.bar_ts, 'reference_price': o.reference_price})
-                bar['audit'].append(('fill', {'client_order_id': c, 'symbol': o.symbol, 'side': o.side, 'qty': o.qty,
-                                              'price': o.fill_price, 'fees': o.fees, 'filled_ts': str(o.filled_ts)}))
-            elif o.status in ('canceled', 'rejected'):
-                if c in st.open_orders: st.open_orders.remove(c)
-                if c not in st.closed_orders: st.closed_orders = (st.closed_orders + [c])[-200:]
-            elif o.status == 'new' and c not in st.open_orders:
-                st.open_orders.append(c)     # adopted: the broker has it, the ledger did not know
-        return new
-
-    def _risk_event(self, bar, kind:str, level:int, detail:dict):
-        bar['events'].append((kind, level, detail))
-        bar['audit'].append(('risk_event', {'kind': kind, 'level': level, **detail}))
-        log.warning('risk event %s (level %d): %s', kind, level, detail)
-
-    def _fire(self, bar, ts, prices, reason:str, kind:str='guardian', rollback:bool=True):
-        "Flatten with immediate orders, halt, roll back the model, alert: all within this bar."
-        st = self.state
-        orders = [(i, -q) for i, q in enumerate(st.shares) if q != 0]
-        statuses = self._submit(orders, ts, prices, 'market', 'flatten', bar) if orders else []
-        self._reconcile(bar)
-        st.targets = [0.0]*len(self.symbols)
-        st.halted, st.halt_reason, st.halted_at, st.level = True, reason, pd.Timestamp.now(tz='UTC').isoformat(), 6
-        detail = {'reason': reason, 'flatten_orders': [s.client_order_id for s in statuses], 'bar_ts': str(ts)}
-        if rollback and self.model_arg == 'champion':
-            prev = self.registry.previous_champion()
-            if prev is None: detail['rollback'] = 'not possible: no previous champion to roll back to'
-            else:   # done inside this bar's transaction (see _commit): a crash cannot roll back twice
-                detail['rollback'] = {'from': self.registry.champion(), 'to': prev}
-                bar['rollback'] = (f'risk guardian fired in run {self.run_id} at {ts}: {reason}', {'run_id': self.run_id, 'bar_ts': str(ts)})
+def _record(self:TradingLoop, rec:BarRecord, step=None, events=()):
+    "The engine's risk events to the bar's record (audit, log, metrics); a guardian firing asks for the champion's rollback."
+    st = self.state
+    if step is not None and step.fired:
+        st.halted_at = pd.Timestamp.now(tz='UTC').isoformat()
         self.metrics.kill_switch.set(1)
-        self._risk_event(bar, kind, 6, detail)
+        ev = next(e for e in step.events if e.kind in (RiskEventKind.GUARDIAN, RiskEventKind.KILL_SWITCH))
+        ev.detail['bar_ts'] = str(rec.ts)
+        if step.rollback and self.model_arg == 'champion':
+            prev = self.registry.previous_champion()
+            if prev is None: ev.detail['rollback'] = 'not possible: no previous champion to roll back to'
+            else:   # done inside this bar's transaction (the journal): a crash cannot roll back twice
+                ev.detail['rollback'] = {'from': self.registry.champion(), 'to': prev}
+                rec.rollback = (f'risk guardian fired in run {self.run_id} at {rec.ts}: {step.fired}', {'run_id': self.run_id, 'bar_ts': str(rec.ts)})
+    for e in (list(step.events) if step is not None else []) + list(events):
+        rec.events.append(e)
+        rec.audit.append(('risk_event', {'kind': str(e.kind), 'level': int(e.level), **e.detail}))
+        log.warning('risk event %s (level %d): %s', e.kind, e.level, e.detail)
 
-    # -- one bar ----------------------------------------------------------------------------------------------------
-    def step(self, b:BarSet) -> dict:
-        "Process one bar; commits it; returns a summary."
-        st, syms, n = self.state, self.symbols, len(self.symbols)
-        bar = {'audit': [], 'events': [], 'orders': [], 'fills': [], 'fills_rows': [], 'decision': None, 'ts': b.ts, 'sent': set()}
-        last = self._last_ts()
-        problems = check_bar(b, last)
-        st.quality = (st.quality + [0 if problems else 1])[-50:]
-        if problems and last is not None and b.ts <= last: return {'skipped': problems}
-        # controls: kill switch and resume
-        ctl = self.store.query("SELECT value, updated, reason FROM controls WHERE key = 'halt'")
-        if ctl and ctl[0][1] != st.control_seen:
-            value, updated, reason = ctl[0]
-            st.control_seen = updated
-            if value == '1' and not st.halted:
-                bar['kill'] = reason
-            elif value == '0' and st.halted:
-                st.halted, st.halt_reason, st.level = False, '', 0
-                self.metrics.kill_switch.set(0)
-                bar['audit'].append(('resume', {'reason': reason, 'run_id': self.run_id}))
-        # hot swap
-        if self.model_arg == 'champion':
-            cid = self.registry.champion()
-            if cid and cid != st.model_id:
-                old = st.model_id
-                self.policy = self._load_policy(cid)
-                self._lstm = self.policy.initial_state()
-                st.model_id = cid
-                bar['audit'].append(('model_swap', {'from': old, 'to': cid, 'bar_ts': str(b.ts), 'lstm': 'reset'}))
-        # append the bar to history
-        if self._n >= len(self._h['close']): raise LoopError('history buffer full')
-        for k in self._h: self._h[k][self._n] = getattr(b, k)
-        self._ts.append(b.ts); t = self._n; self._n += 1
-        day = str(b.ts.date())
-        if st.day != day:
-            if st.day is not None: st.closes = (st.closes + [[st.day, self._equity(self._h['close'][t-1].tolist())]])[-4:]
-            st.day = day
-            st.day_start = self._equity(self._h['close'][t-1].tolist()) if t > 0 else st.initial_equity
-            st.day_high = st.day_start
-        # open: the broker fills market-on-open orders; reconcile; mark to the open; guardian
-        opens, closes = list(b.open), list(b.close)
-        broker_ok = True
-        try:
-            if isinstance(self.broker, SimBroker): self.broker.on_open(b.ts, b.prices('open'))
-            bar['fills'] += self._reconcile(bar)
-            st.broker_state = 'connected'
-        except BrokerUnavailable as e:
-            broker_ok = False
-            if st.broker_state != 'disconnected': bar['audit'].append(('broker_state', {'state': 'disconnected', 'error': str(e)}))
-            st.broker_state = 'disconnected'
-        eq_open = self._equity(opens)
-        st.day_high = max(st.day_high, eq_open)
-        guard_on = self.s.risk.guardian
-        three = st.closes[-3][1] if len(st.closes) >= 3 else None
-        if bar.get('kill') and broker_ok:
-            self._fire(bar, b.ts, opens, f"kill switch: {bar['kill']}", 'kill_switch', rollback=False)
-        elif guard_on and not st.halted and broker_ok:
-            v = self.guardian.check(eq_open, st.day_high, three, max(st.peak, eq_open))
-            if v.fire: self._fire(bar, b.ts, opens, 'at the open: ' + '; '.join(v.reasons))
-        # close: mark, guardian, emergency levels
-        if isinstance(self.broker, SimBroker): self.broker.on_close(b.ts, b.prices('close'))
-        equity = self._equity(closes)
-        st.peak = max(st.peak, equity); st.day_high = max(st.day_high, equity)
-        if guard_on and not st.halted and broker_ok:
-            v = self.guardian.check(equity, st.day_high, three, st.peak)
-            if v.fire: self._fire(bar, b.ts, closes, 'at the close: ' + '; '.join(v.reasons))
-            else:
-                if v.level != st.level and v.level > 0: self._risk_event(bar, 'emergency_level', v.level, {'name': LEVEL_NAMES[v.level], 'drawdown_today': v.day_drawdown})
-                st.level = v.level
-                forced = self.guardian.level_targets(v.level, self._weights(closes),
-                                                     tuple(None if a is None else st.bar_index - a for a in st.opened_at))
-                if forced is not None:
-                    w = self._weights(closes)
-                    orders = self._book().orders_for(forced, closes, [i for i in range(n) if abs(forced[i]) < abs(w[i]) - 1e-9])
-                    if orders:
-                        self._submit(orders, b.ts, closes, 'market', f'level{v.level}', bar); bar['fills'] += self._reconcile(bar)
-                        st.targets = [min(tg, fw, key=abs) if tg*fw >= 0 else 0.0 for tg, fw in zip(st.targets, forced)]
-                        equity = self._equity(closes)
-        # decide (not on a stale or bad bar, not while the broker is away)
-        weights = self._weights(closes)
-        if not problems and not b.stale and broker_ok:
-            F = features_at(self._h['high'], self._h['low'], self._h['close'], self._h['volume'], t)
-            obs = build_observation(self.policy.normaliser.transform(F[None])[0], st.targets, self.sizes)
-            a, self._lstm, conf = self.policy.decide(obs, self._lstm)
-            wanted = apply_action(tuple(st.targets), a, self.sizes, self.policy.env_settings.allow_short, self.table)
-            ctx = MarketContext(tuple(F[:, FEATURE_NAMES.index('atr_rel')].tolist()),
-                                rolling_corr_at(self._h['close'], t, self.policy.env_settings.corr_window) if n > 1 else None)
-            dec = self.risk.pre_trade(wanted, PortfolioState(equity, st.peak, weights, st.halted, st.day_start, st.level), syms, ctx)
-            if dec.halted and not st.halted:
-                st.halted, st.halt_reason, st.level = True, dec.breaches[0], 6
-                self._risk_event(bar, 'max_drawdown_halt', 6, {'breach': dec.breaches[0]})
-            for br in dec.breaches: self.metrics.breach(br)
-            changed = [i for i in range(n) if dec.targets[i] != st.targets[i]]
-            label = describe_action(a, syms)
-            bar['decision'] = {'ts': b.ts, 'action': a, 'label': label, 'confidence': conf, 'model_id': st.model_id,
-                               'targets': dec.targets, 'breaches': dec.breaches}
-            bar['audit'].append(('decision', {'bar_ts': str(b.ts), 'model_id': st.model_id, 'action': a, 'label': label,
-                                              'confidence': round(conf, 6), 'targets': list(dec.targets), 'breaches': list(dec.breaches)}))
-            if changed:
-                orders = self._book().orders_for(dec.targets, closes, changed)
-                if orders: bar['orders'] = self._submit(orders, b.ts, closes, 'opg', '', bar)
-            st.targets = list(dec.targets)
-        latency = time.perf_counter() - b.received
-        self.metrics.decision_latency.observe(latency)
-        # VaR of the weights held, from the history (reported)
-        if t > 30 and any(weights):
-            r = self._h['close'][max(1, t - self.s.risk.var_window + 1):t+1]/self._h['close'][max(0, t - self.s.risk.var_window):t] - 1
-            st.var95, st.var99 = historical_var(weights, r)
-        elif not any(weights): st.var95 = st.var99 = 0.0
-        st.bar_index += 1; st.last_ts = str(b.ts)
-        fs_state = getattr(self.feed, 'state', 'fresh')
-        if fs_state != st.feed_state: bar['audit'].append(('feed_state', {'from': st.feed_state, 'to': fs_state, 'bar_ts': str(b.ts),
-                                                                          'error': getattr(self.feed, 'last_error', None)}))
-        st.feed_state = fs_state if not b.stale else 'stale'
-        if problems: self._risk_event(bar, 'bad_bar', 1, {'problems': problems})
-        self._commit(b, bar, equity, closes)
-        self._update_metrics(equity, closes, b)
-        return {'ts': b.ts, 'equity': equity, 'latency': latency, 'fills': len(bar['fills']), 'orders': len(bar['orders']),
-                'halted': st.halted, 'level': st.level, 'stale': b.stale}
+def _var(self:TradingLoop, t:int, weights):
+    "VaR of the weights held, from the history (reported)."
+    st = self.state
+    if t > 30 and any(weights):
+        r = self._h['close'][max(1, t - self.s.risk.var_window + 1):t+1]/self._h['close'][max(0, t - self.s.risk.var_window):t] - 1
+        st.var95, st.var99 = historical_var(weights, r)
+    elif not any(weights): st.var95 = st.var99 = 0.0
 
-    def _commit(self, b, bar, equity, closes):
-        "Everything of this bar in one transaction."
-        st, syms = self.state, self.symbols
-        st.lstm = Policy.state_to_list(self._lstm)
-        w = self._weights(closes)
-        prev = self._h['close'][self._n - 2].tolist() if self._n > 1 else closes
-        row = {'equity': equity, 'cash': st.cash}
-        for i, s in enumerate(syms):
-            row[f'weight:{s}'] = w[i]; row[f'shares:{s}'] = st.shares[i]
-        fills = bar['fills']
-        for i, s in enumerate(syms):
-            mine = [o for o in fills if o.symbol == s]
-            traded = sum((o.qty if o.side == 'buy' else -o.qty) for o in mine)
-            row[f'pnl:{s}'] = st.shares[i]*closes[i] - (st.shares[i] - traded)*prev[i] - sum((o.qty if o.side == 'buy' else -o.qty)*o.fill_price + o.fees for o in mine)
-        now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec='microseconds')
-        state_json = json.dumps(st.__dict__)
-        with self.store.transaction():
-            self.runs.append_bar(self.run_id, b.ts, row)
-            self.runs.append_fills(self.run_id, bar['fills_rows'])
-            if bar['decision'] is not None: self.runs.append_decision(self.run_id, bar['decision'])
-            for kind, level, detail in bar['events']:
-                self.store.execute('INSERT INTO risk_events (run_id, ts, bar_ts, kind, level, detail) VALUES (?,?,?,?,?,?)',
-                                   (self.run_id, now, _ts_to_db(self.store.engine, b.ts), kind, level, _jdump(detail)))
-            self.store.execute('INSERT INTO heartbeats (run_id, ts, bar_ts, feed) VALUES (?,?,?,?) ON CONFLICT (run_id, ts) DO NOTHING',
-                               (self.run_id, now, _ts_to_db(self.store.engine, b.ts), st.feed_state))
-            if bar['audit']: self.audit.append_many([(k, {**p, 'run_id': self.run_id}) for k, p in bar['audit']])
-            if bar.get('rollback'): self.registry.rollback(*bar['rollback'])     # audited by the registry, in this transaction
-            self.store.execute('INSERT INTO loop_state (run_id, last_bar_ts, state, updated) VALUES (?,?,?,?) '
-                               'ON CONFLICT (run_id) DO UPDATE SET last_bar_ts = excluded.last_bar_ts, state = excluded.state, updated = excluded.updated',
-                               (self.run_id, _ts_to_db(self.store.engine, b.ts), state_json, now))
+def _update_metrics(self:TradingLoop, equity, closes, b):
+    m, st = self.metrics, self.state
+    m.equity.set(equity); m.pnl.set(equity - st.initial_equity); m.drawdown.set(max(0.0, 1 - equity/st.peak) if st.peak else 0)
+    for s, w in zip(self.symbols, self.engine.weights(closes)): m.position.labels(symbol=s).set(w)
+    m.kill_switch.set(1 if st.halted else 0); m.level.set(st.level); m.bars.inc()
+    m.quality.set(100.0*sum(st.quality)/len(st.quality) if st.quality else 100.0)
+    m.feed_stale.set(1 if b.stale else 0); m.heartbeat.set(time.time())
 
-    def _update_metrics(self, equity, closes, b):
-        m, st = self.metrics, self.state
-        m.equity.set(equity); m.pnl.set(equity - st.initial_equity); m.drawdown.set(max(0.0, 1 - equity/st.peak) if st.peak else 0)
-        for s, w in zip(self.symbols, self._weights(closes)): m.position.labels(symbol=s).set(w)
-        m.kill_switch.set(1 if st.halted else 0); m.level.set(st.level); m.bars.inc()
-        m.quality.set(100.0*sum(st.quality)/len(st.quality) if st.quality else 100.0)
-        m.feed_stale.set(1 if b.stale else 0); m.heartbeat.set(time.time())
+def run(self:TradingLoop, max_bars:int|None=None, on_bar=None) -> dict:
+    "Process bars until the feed ends (or `max_bars`); returns a summary."
+    k, lat, t0 = 0, [], time.perf_counter()
+    while max_bars is None or k < max_bars:
+        try: b = self.feed.next_bar()
+        except FeedError as e:
+            log.warning('feed error: %s', e); b = None
+        if b is None: break
+        if self.state.last_ts is not None and b.ts <= self._last_ts(): continue   # already committed (resume)
+        r = self.step(b)
+        if 'latency' in r: lat.append(r['latency'])
+        if on_bar: on_bar(r)
+        k += 1
+    return {'bars': k, 'seconds': time.perf_counter() - t0, 'latency_p50': float(np.percentile(lat, 50)) if lat else None,
+            'latency_p99': float(np.percentile(lat, 99)) if lat else None}
 
-    def run(self, max_bars:int|None=None, on_bar=None) -> dict:
-        "Process bars until the feed ends (or `max_bars`); returns a summary."
-        k, lat, t0 = 0, [], time.perf_counter()
-        while max_bars is None or k < max_bars:
-            try: b = self.feed.next_bar()
-            except FeedError as e:
-                log.warning('feed error: %s', e); b = None
-            if b is None: break
-            if self.state.last_ts is not None and b.ts <= self._last_ts(): continue   # already committed (resume)
-            r = self.step(b)
-            if 'latency' in r: lat.append(r['latency'])
-            if on_bar: on_bar(r)
-            k += 1
-        return {'bars': k, 'seconds': time.perf_counter() - t0, 'latency_p50': float(np.percentile(lat, 50)) if lat else None,
-                'latency_p99': float(np.percentile(lat, 99)) if lat else None}
+TradingLoop.step, TradingLoop._decide, TradingLoop._record, TradingLoop._var, TradingLoop._update_metrics, TradingLoop.run = \
+    step, _decide, _record, _var, _update_metrics, run
 
 # %% ../../nbs/23_live.ipynb #1433f9a5
 def uptime_pct(store:Store, run_id:str, day=None, timeout:float|None=None) -> tuple[float, str]:
@@ -413,7 +255,7 @@ def uptime_pct(store:Store, run_id:str, day=None, timeout:float|None=None) -> tu
     if len(hb) < 2: return 100.0, 'fewer than two heartbeats'
     t = pd.to_datetime(hb.ts, utc=True, format='ISO8601')
     if day is not None:
-        bt = pd.to_datetime(hb.bar_ts.astype('int64'), utc=True) if store.engine == 'sqlite' else pd.to_datetime(hb.bar_ts, utc=True)
+        bt = store.ts_series(hb.bar_ts)
         t = t[bt < pd.Timestamp(day) + pd.Timedelta(days=1)]
         if len(t) < 2: return 100.0, 'fewer than two heartbeats by then'
     gaps = t.diff().dt.total_seconds().dropna()
@@ -489,9 +331,9 @@ def paper_session(broker:str='sim', # sim or alpaca
     params = {'broker': broker, 'model': model, 'replay': replay, 'symbols': syms, 'cash': cash, 'fees_bps': fees, 'slippage_bps': slip,
               'drill': drill, 'tag': tag, 'guardian': s.risk.guardian}
     runs = Runs(store)
-    key = _jdump(params)
+    key = store.json_param(params)
     cand = store.query("SELECT id, params FROM runs WHERE kind = 'paper' AND status = 'running' ORDER BY created DESC")
-    run_id = next((r[0] for r in cand if _jdump(r[1] if isinstance(r[1], dict) else json.loads(r[1])) == key), None)
+    run_id = next((r[0] for r in cand if store.json_param(r[1]) == key), None)
     resumed = run_id is not None
     if not resumed:
         w = parse_window(replay, 'replay window') if replay else (None, None)
@@ -510,10 +352,10 @@ def paper_session(broker:str='sim', # sim or alpaca
         hist_end = None
     metrics = LoopMetrics(metrics_port) if metrics_port is not None else LoopMetrics()
     try:
-        loop = TradingLoop(store, b, feed, run_id, syms, model, s, metrics, hist_end)
+        loop = TradingLoop(store, b, feed, run_id, syms, model, s, metrics, hist_end, SimulatedMarket(b) if broker == 'sim' else LiveMarket())
         with store.transaction():
-            loop.audit.append_many([('session', {'run_id': run_id, 'event': 'resumed' if resumed else 'started', 'params': params,
-                                                 'history_sha256': loop.history_sha256, 'history_bars': int(loop._n)}),
+            loop.journal.audit.append_many([('session', {'run_id': run_id, 'event': 'resumed' if resumed else 'started', 'params': params,
+                                                                 'history_sha256': loop.history_sha256, 'history_bars': int(loop._n)}),
                                     ('model_load', {'run_id': run_id, 'model_id': loop.policy.id, 'artifact_sha256': loop.policy.meta.get('artifact_sha256')})])
         if drill and drill.get('disconnect_bars'):
             # the broker drops the connection right after the first bar (past the feed outage) that sent orders,
@@ -530,7 +372,7 @@ def paper_session(broker:str='sim', # sim or alpaca
                 if inner_on_bar: inner_on_bar(r)
             drill['_disconnected'] = dstate['bars']
         summary = loop.run(max_bars, on_bar)
-        if hasattr(b, 'connect'): b.connect()
+        if drill and drill.get('disconnect_bars'): b.connect()      # the drill's simulated outage is over
         finished = max_bars is None or summary['bars'] < max_bars
         run = runs.load(run_id)
         eq = run.equity
@@ -545,7 +387,7 @@ def paper_session(broker:str='sim', # sim or alpaca
         if finished:
             with store.transaction():      # the run is done exactly when its 'finished' entry is in the audit trail
                 runs.finish(run_id, metrics_out, 'done')
-                loop.audit.append('session', {'run_id': run_id, 'event': 'finished', 'bars': int(len(eq)), 'halted': st.halted})
+                loop.journal.audit.append('session', {'run_id': run_id, 'event': 'finished', 'bars': int(len(eq)), 'halted': st.halted})
         return {'run_id': run_id, 'resumed': resumed, 'finished': finished, **summary, 'equity': float(eq.iloc[-1]) if len(eq) else None,
                 'state': st, 'metrics': metrics_out, 'broker': b}
     finally:
@@ -553,15 +395,6 @@ def paper_session(broker:str='sim', # sim or alpaca
         metrics.close()
 
 # %% ../../nbs/23_live.ipynb #32131f7e
-def set_control(store:Store, value:str, reason:str) -> None:
-    "Set the global halt control ('1' kill, '0' resume); the loop acts on it at its next bar."
-    from trader.core.audit import Audit
-    now = pd.Timestamp.now(tz='UTC').isoformat(timespec='microseconds')
-    with store.transaction():
-        store.execute("INSERT INTO controls (key, value, updated, reason) VALUES ('halt', ?, ?, ?) "
-                      "ON CONFLICT (key) DO UPDATE SET value = excluded.value, updated = excluded.updated, reason = excluded.reason", (value, now, reason))
-        Audit(store).append('kill_switch' if value == '1' else 'resume', {'control': 'halt', 'value': value, 'reason': reason})
-
 def status_report(store:Store, run_id:str|None=None, settings:Settings|None=None) -> dict:
     "Positions, equity, P&L, risk state, heartbeat age, feed state and execution quality of a paper run."
     s = settings or load_settings()
@@ -569,11 +402,11 @@ def status_report(store:Store, run_id:str|None=None, settings:Settings|None=None
     rid = run_id or runs.latest('paper')
     if rid is None: raise LoopError("no paper run yet: start one with `trader paper`")
     meta = runs.meta(rid)
-    r = store.query('SELECT state FROM loop_state WHERE run_id = ?', (rid,))
-    if not r: raise LoopError(f"run {rid} has no committed bar yet")
-    st = LoopState(**(r[0][0] if isinstance(r[0][0], dict) else json.loads(r[0][0])))
+    d = Journal(store, rid, meta.symbols, Registry(store, s)).load_state()
+    if d is None: raise LoopError(f"run {rid} has no committed bar yet")
+    st = LoopState.from_json(d)
     eq = runs.series(rid, ['equity'])['equity'].dropna()
-    ctl = store.query("SELECT value, updated, reason FROM controls WHERE key = 'halt'")
+    ctl = read_control(store)
     ev = store.frame('SELECT ts, bar_ts, kind, level, detail FROM risk_events WHERE run_id = ? ORDER BY id DESC LIMIT 5', (rid,))
     syms = meta.symbols
     age = heartbeat_age(store, rid)
@@ -585,6 +418,6 @@ def status_report(store:Store, run_id:str|None=None, settings:Settings|None=None
             'drawdown': float(1 - eq.iloc[-1]/eq.cummax().iloc[-1]) if len(eq) else None, 'var95': st.var95, 'var99': st.var99,
             'feed_state': st.feed_state, 'broker_state': st.broker_state, 'heartbeat_age_s': age,
             'heartbeat_stale': (age or 0) > float(os.environ.get('TRADER_HEARTBEAT_TIMEOUT', 60)) and meta.status == 'running',
-            'kill_control': {'value': ctl[0][0], 'updated': ctl[0][1], 'reason': ctl[0][2]} if ctl else None,
+            'kill_control': {'value': ctl[0], 'updated': ctl[1], 'reason': ctl[2]} if ctl else None,
             'open_orders': st.open_orders, 'execution_quality': _execution_quality(runs.orders(rid)),
             'recent_risk_events': ev.to_dict('records'), 'risk_limits': s.risk.model_dump()}

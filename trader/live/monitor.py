@@ -6,6 +6,7 @@
 from __future__ import annotations
 import time
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from ..core.domain import BreachKind
 
 # %% auto #0
 __all__ = ['LoopMetrics']
@@ -42,6 +43,6 @@ class LoopMetrics:
         if getattr(self, '_server', None) is not None:
             self._server.shutdown(); self._server.server_close(); self._server = None
 
-    def breach(self, text:str):
-        "Count a breach message by its rule (the first word)."
-        self.breaches.labels(rule=text.split()[0]).inc()
+    def breach(self, kind:BreachKind):
+        "Count a breach of the rule `kind` (its enum value is the label)."
+        self.breaches.labels(rule=str(BreachKind(kind))).inc()

@@ -267,13 +267,13 @@ class Dashboard:
 
     # -- controls ------------------------------------------------------------------------------------
     def _on_kill(self, _):
-        from trader.live.loop import set_control
+        from trader.live.controls import set_control
         if not self.control: return
         set_control(self.store, '1', 'kill switch pressed on the dashboard')
         self.status.value = "<b class='trader-kill-sent'>kill switch sent: the loop flattens and halts at its next bar</b>"
 
     def _on_resume(self, _):
-        from trader.live.loop import set_control
+        from trader.live.controls import set_control
         if not self.control: return
         set_control(self.store, '0', 'resume pressed on the dashboard (control mode)')
         self.status.value = '<b>resume sent</b>'

@@ -13,7 +13,7 @@ from .features import build_features
 from .env import apply_action, action_table, describe_action
 from ..core.config import RiskSettings
 from .book import Book
-from .engine import BarPrices, SimExecution, TradingEngine
+from .engine import BarPrices, MarketArrays, SimExecution, TradingEngine
 from .policy import Policy
 from ..core.registry import Registry
 from ..core.runs import Runs
@@ -59,7 +59,6 @@ def simulate(policy:Policy, fs, start, end, limits:RiskSettings, cash:float, fee
              guardian:bool=True, # simulate the guardian and the emergency levels
             ):
     "Walk `policy` over [start, end] on the engine; returns per-bar frames, fills, decisions and risk events."
-    from trader.research.env import MarketArrays
     env = policy.make_env(fs, start, end)
     market = MarketArrays(fs, policy.env_settings.corr_window)
     lo, hi = env.lo, env.hi

@@ -12,11 +12,11 @@ from gymnasium import spaces
 from ..core.config import EnvSettings, RiskSettings, load_settings
 from .features import FeatureSet, Normaliser, N_FEATURES
 from .risk import MarketContext, PortfolioState, RiskEngine
-from .engine import KernelState, engine_advance_nb, engine_step_nb, kernel_params, market_arrays, _value_nb, _HALT
+from .engine import MarketArrays, rolling_corr_at, KernelState, engine_advance_nb, engine_step_nb, kernel_params, market_arrays, _value_nb, _HALT
 
 # %% auto #0
 __all__ = ['SELL', 'HOLD', 'BUY', 'ACTION_NAMES', 'action_table', 'describe_action', 'asset_sizes', 'apply_action',
-           'rolling_corr_at', 'build_observation', 'MarketArrays', 'TradingEnv', 'RiskCheckedEnv']
+           'build_observation', 'TradingEnv', 'RiskCheckedEnv']
 
 # %% ../../nbs/06_env.ipynb #d8465ed6
 SELL, HOLD, BUY = 0, 1, 2
@@ -67,31 +67,6 @@ def _rolling_corr_beta(close:np.ndarray, window:int) -> tuple[np.ndarray, np.nda
     beta = np.column_stack([(r[i].rolling(window).cov(bench)/var).to_numpy() for i in range(n)])
     return np.nan_to_num(corr), np.nan_to_num(beta, nan=1.0)
 
-from numba import njit
-
-@njit(cache=True)
-def _mean_pair_corr_nb(r):
-    "Mean pairwise Pearson correlation of the columns of r (window x N)."
-    W, N = r.shape
-    mu = np.zeros(N); sd = np.zeros(N)
-    for j in range(N):
-        mu[j] = r[:, j].mean()
-        sd[j] = np.sqrt(((r[:, j] - mu[j])**2).sum())
-    tot, k = 0.0, 0
-    for i in range(N):
-        for j in range(i + 1, N):
-            if sd[i] == 0 or sd[j] == 0: return np.nan
-            tot += ((r[:, i] - mu[i])*(r[:, j] - mu[j])).sum()/(sd[i]*sd[j]); k += 1
-    return tot/k if k else np.nan
-
-def rolling_corr_at(close:np.ndarray, # (T, N) closes
-                    t:int, window:int) -> float|None:
-    "Mean pairwise correlation of the last `window` log returns up to bar t (None before enough bars)."
-    if close.shape[1] < 2 or t < window: return None
-    r = np.diff(np.log(np.ascontiguousarray(close[t - window:t + 1], dtype='float64')), axis=0)
-    v = float(_mean_pair_corr_nb(r))
-    return v if math.isfinite(v) else None
-
 def build_observation(z:np.ndarray, # (N, F) normalised features of one bar, float32
                       targets, sizes) -> np.ndarray:
     "The observation layout of `TradingEnv` (features then position, per asset) for one bar: used by the trading loop."
@@ -101,15 +76,6 @@ def build_observation(z:np.ndarray, # (N, F) normalised features of one bar, flo
         o[i*(f + 1):i*(f + 1) + f] = z[i]
         o[i*(f + 1) + f] = targets[i]/sizes[i] if sizes[i] else 0.0
     return o
-
-class MarketArrays:
-    "Per-bar market facts for the risk engine: ATR/price per asset and the rolling correlation (the loop computes the same per bar)."
-    def __init__(self, fs:FeatureSet, window:int=30):
-        from trader.research.features import FEATURE_NAMES
-        self.atr_rel = fs.features[:, :, FEATURE_NAMES.index('atr_rel')].tolist()
-        self.corr = [rolling_corr_at(fs.close, t, window) for t in range(len(fs))]
-    def at(self, t:int) -> MarketContext:
-        return MarketContext(tuple(self.atr_rel[t]), self.corr[t])
 
 class TradingEnv(gym.Env):
     "A gymnasium environment trading N assets at daily (or any) bars on the `TradingEngine`, from precomputed arrays."

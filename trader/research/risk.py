@@ -8,10 +8,11 @@ import math
 from dataclasses import dataclass
 import numpy as np
 from ..core.config import RiskSettings, load_settings
+from ..core.domain import BreachKind, EmergencyLevel
 
 # %% auto #0
-__all__ = ['LEVEL_NAMES', 'PortfolioState', 'MarketContext', 'RiskDecision', 'RiskEngine', 'historical_var', 'GuardianVerdict',
-           'RiskGuardian']
+__all__ = ['LEVEL_NAMES', 'PortfolioState', 'MarketContext', 'Breach', 'RiskDecision', 'RiskEngine', 'historical_var',
+           'GuardianVerdict', 'RiskGuardian']
 
 # %% ../../nbs/05_risk.ipynb #d34831a8
 @dataclass
@@ -40,6 +41,13 @@ class MarketContext:
     atr_rel: tuple[float, ...]|None = None     # ATR(14) / price per asset
     correlation: float|None = None             # rolling correlation of the assets' returns (mean over pairs)
 
+class Breach(str):
+    "A rule that cut or refused the request: the message (it is a `str`) and its `kind` (a `BreachKind`)."
+    kind: BreachKind
+    def __new__(cls, kind:BreachKind, message:str):
+        b = super().__new__(cls, message); b.kind = BreachKind(kind); return b
+    def __reduce__(self): return (Breach, (self.kind, str(self)))
+
 @dataclass
 class RiskDecision:
     "The engine's answer: the weights that may be traded and why they differ from the request."
@@ -62,16 +70,16 @@ class RiskEngine:
         lim = self.limits
         n = len(targets)
         name = (lambda i: names[i]) if names else (lambda i: str(i))
-        if state.halted: return RiskDecision((0.0,)*n, ('halted',), True)
+        if state.halted: return RiskDecision((0.0,)*n, (Breach(BreachKind.HALTED, 'halted'),), True)
         if state.drawdown >= lim.max_drawdown:
-            return RiskDecision((0.0,)*n, (f'max_drawdown {state.drawdown:.2%} >= {lim.max_drawdown:.0%}',), True)
+            return RiskDecision((0.0,)*n, (Breach(BreachKind.MAX_DRAWDOWN, f'max_drawdown {state.drawdown:.2%} >= {lim.max_drawdown:.0%}'),), True)
         cur = state.weights
         out, breaches = list(targets), []
         cap = lim.max_position
         for i, w in enumerate(out):
             if w > cap or w < -cap:
                 out[i] = cap if w > 0 else -cap
-                breaches.append(f'position_cap {name(i)} {abs(w):.0%} > {cap:.0%}')
+                breaches.append(Breach(BreachKind.POSITION_CAP, f'position_cap {name(i)} {abs(w):.0%} > {cap:.0%}'))
         grows = lambda i: abs(out[i]) > abs(cur[i]) + 1e-12 or (out[i]*cur[i] < 0)
         if market is not None and market.atr_rel is not None:
             for i in range(n):
@@ -79,12 +87,12 @@ class RiskEngine:
                 if grows(i) and a and a > 0 and math.isfinite(a):
                     lim_w = max(lim.per_trade_risk/(lim.atr_stop*a), abs(cur[i]) if out[i]*cur[i] >= 0 else 0.0)
                     if abs(out[i]) > lim_w + 1e-12:
-                        breaches.append(f'per_trade_risk {name(i)} {abs(out[i]):.0%} > {lim_w:.0%} (ATR {a:.2%})')
+                        breaches.append(Breach(BreachKind.PER_TRADE_RISK, f'per_trade_risk {name(i)} {abs(out[i]):.0%} > {lim_w:.0%} (ATR {a:.2%})'))
                         out[i] = math.copysign(lim_w, out[i])
         if state.day_loss >= lim.daily_loss_limit:
             for i in range(n):
                 if grows(i):
-                    breaches.append(f'daily_loss_limit {state.day_loss:.2%} >= {lim.daily_loss_limit:.0%}: no new risk in {name(i)}')
+                    breaches.append(Breach(BreachKind.DAILY_LOSS, f'daily_loss_limit {state.day_loss:.2%} >= {lim.daily_loss_limit:.0%}: no new risk in {name(i)}'))
                     out[i] = cur[i] if out[i]*cur[i] >= 0 else 0.0
         if market is not None and market.correlation is not None and n > 1 and market.correlation > lim.correlation_cap:
             for sign in (1.0, -1.0):
@@ -93,12 +101,12 @@ class RiskEngine:
                 if len(idx) > 1 and gross > lim.correlated_gross_max + 1e-12:
                     k = lim.correlated_gross_max/gross
                     for i in idx: out[i] *= k
-                    breaches.append(f'correlation_cap corr {market.correlation:.2f} > {lim.correlation_cap:.2f}: combined {gross:.0%} cut to {lim.correlated_gross_max:.0%}')
+                    breaches.append(Breach(BreachKind.CORRELATION_CAP, f'correlation_cap corr {market.correlation:.2f} > {lim.correlation_cap:.2f}: combined {gross:.0%} cut to {lim.correlated_gross_max:.0%}'))
         if state.level >= 2:
             for i in range(n):
                 if grows(i):
                     out[i] = cur[i] + 0.5*(out[i] - cur[i])
-                    breaches.append(f'emergency_level {state.level}: {name(i)} increase sized at half')
+                    breaches.append(Breach(BreachKind.EMERGENCY_LEVEL, f'emergency_level {state.level}: {name(i)} increase sized at half'))
         return RiskDecision(tuple(out), tuple(breaches), False)
 
 def historical_var(weights, returns:np.ndarray, # (bars, assets) simple returns, oldest first
@@ -111,8 +119,7 @@ def historical_var(weights, returns:np.ndarray, # (bars, assets) simple returns,
     return tuple(float(max(0.0, -x)) for x in q)
 
 # %% ../../nbs/05_risk.ipynb #db94ca42
-LEVEL_NAMES = {0: 'normal', 1: 'monitoring', 2: 'caution', 3: 'alert: cut exposure 50%', 4: 'emergency: close tactical',
-               5: 'crisis: close all but core', 6: 'manual: flat and halted'}
+LEVEL_NAMES = {int(l): l.description for l in EmergencyLevel}     # the enum's descriptions, by number
 
 @dataclass
 class GuardianVerdict:
