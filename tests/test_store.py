@@ -214,6 +214,7 @@ def test_quality_report_and_per_symbol_scores_are_stored_with_the_data_sha256(st
     assert int(r.n_bars) == int(r.rows_written) == SAMPLE_BARS and int(r.blocked) == 0
     assert r.score == pytest.approx(sample_report.score)
     assert r.data_sha256 == sample_report.data_sha256 == bars_sha256(sample_report.frame) and len(r.data_sha256) == 64
+    assert sample_report.id == int(r.id)                         # ingest exposes the stored id (INSERT ... RETURNING)
     doc = store.query('SELECT report FROM quality_reports WHERE id = ?', (int(r.id),))[0][0]
     assert isinstance(doc, dict)                                 # decoded on both engines
     assert doc['data_sha256'] == sample_report.data_sha256 and doc['blocked'] is False

@@ -49,6 +49,7 @@ class QualityReport:
     per_symbol: dict = field(default_factory=dict)   # symbol -> {'bars', 'clean', 'score'}
     created: str = field(default_factory=lambda: pd.Timestamp.now(tz='UTC').isoformat(timespec='seconds'))
     frame: pd.DataFrame|None = field(default=None, repr=False)  # normalised bars (not serialised)
+    id: int|None = field(default=None, compare=False)  # its row in `quality_reports` once `ingest` has stored it (from `INSERT ... RETURNING`)
 
     @property
     def score(self) -> float:
@@ -69,7 +70,7 @@ class QualityReport:
         return r
 
     def to_dict(self) -> dict:
-        d = {k: v for k,v in asdict(self).items() if k != 'frame'}
+        d = {k: v for k,v in asdict(self).items() if k != 'frame' and not (k == 'id' and v is None)}
         d.update(score=self.score, blocked=self.blocked)
         return d
     def to_json(self, **kw) -> str: return json.dumps(self.to_dict(), default=str, **kw)
@@ -377,7 +378,7 @@ def ingest(self:Store, report:QualityReport, # the gate's report for the batch (
            progress:bool=False, # show a progress bar (large batches are written in chunks, still one transaction)
            chunk:int=250_000, # rows per chunk
            ) -> int:
-    "Write a gate-approved batch, its report and its audit entry atomically; raise `QualityGateBlocked` (writing nothing) if blocked."
+    "Write a gate-approved batch, its report and its audit entry atomically (the report's id is then `report.id`); raise `QualityGateBlocked` (writing nothing) if blocked."
     if report.blocked: raise QualityGateBlocked(report)
     df, n = report.frame, 0
     with self.transaction():
@@ -387,8 +388,9 @@ def ingest(self:Store, report:QualityReport, # the gate's report for the batch (
                 for i in range(0, len(df), chunk):
                     n += self.write_bars(df.iloc[i:i+chunk], report.timeframe); bar.update(min(chunk, len(df)-i))
         else: n = self.write_bars(df, report.timeframe)
-        self.save_quality_report(report, 'ingest', rows_written=n)
+        rid = self.save_quality_report(report, 'ingest', rows_written=n)
         Audit(self).append('data_batch', {'source': report.source, 'symbols': report.symbols, 'timeframe': report.timeframe,
                                           'start': report.start, 'end': report.end, 'rows': n, 'data_sha256': report.data_sha256,
                                           'quality_score': report.score})
+    report.id = rid                                   # only once committed
     return n

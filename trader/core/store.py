@@ -415,8 +415,8 @@ def count_bars(self:Store, symbols=None, timeframe:str|None=None) -> int:
 def save_quality_report(self:Store, report, # a `QualityReport`
                         kind:str='ingest', # 'ingest' for a stored batch, 'check' for a re-check of stored data
                         rows_written:int=0) -> int:
-    "Store a quality report (and its per-symbol scores); returns its id."
-    d = report.to_dict()
+    "Store a quality report (and its per-symbol scores); returns its id (`INSERT ... RETURNING`, on both engines)."
+    d = {k: v for k, v in report.to_dict().items() if k != 'id'}   # the document, without the row's own id
     with self.transaction():
         vals = (report.created, kind, report.source, ','.join(report.symbols), report.timeframe, report.start, report.end,
                 report.n_bars, report.n_clean, report.score, report.threshold, int(report.blocked), rows_written, report.data_sha256, self.json_param(d))

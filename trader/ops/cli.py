@@ -48,14 +48,11 @@ def cmd_ingest(args) -> int:
         e.add_note(f"nothing was written to the store; report saved to {p}")
         raise e
     with Store(settings=s) as store:
-        n = store.ingest(report, progress=not args.quiet)
-        # the report just stored, by its own key (created, data sha256), not by reading the largest id
-        rid = int(store.query('SELECT id FROM quality_reports WHERE created = ? AND data_sha256 = ? ORDER BY id DESC LIMIT 1',
-                              (report.created, report.data_sha256))[0][0])
+        n = store.ingest(report, progress=not args.quiet)   # sets report.id (INSERT ... RETURNING)
     if not args.quiet: _say(report.render())
     per = ', '.join(f"{k} {v['bars']}" for k, v in report.per_symbol.items())
     _say(f"stored {n} bars ({per}) {report.start[:10]}..{report.end[:10]} into {store.display_url}; "
-         f"quality {report.score:.2f}% (report #{rid}) in {time.perf_counter()-t0:.1f}s")
+         f"quality {report.score:.2f}% (report #{report.id}) in {time.perf_counter()-t0:.1f}s")
     return 0
 
 def cmd_quality(args) -> int:
@@ -99,7 +96,7 @@ def cmd_train(args) -> int:
     v = m['validation']
     _say(f"registered {r.model_id}: {','.join(m['symbols'])}, {m['steps']} steps (+{m['steps_this_run']} in {r.seconds:.0f}s, {r.fps:.0f} fps), "
          f"seed {m['seed']}, params sha256 {m['params_sha256'][:16]}")
-    _say(f"  validation {m['windows']['valid']}: return {v['total_return']:+.2%}, Sharpe {v['sharpe']:.2f}, max drawdown {v['max_drawdown']:.2%}")
+    _say(f"  validation {m['windows']['valid']}: return {v['total_return']:+.2%}, Sharpe {'-' if v['sharpe'] is None else format(v['sharpe'], '.2f')}, max drawdown {v['max_drawdown']:.2%}")
     _say(f"  artifact {s.models_dir/r.model_id}")
     return 0
 
@@ -495,7 +492,8 @@ def build_parser() -> argparse.ArgumentParser:
                     '  trader train --symbols AAPL,MSFT --steps 50000 --warm-start AAPL_MODEL_ID')
     sp.add_argument('--symbols', type=arg_symbols, default='AAPL,MSFT', help='assets, in observation order')
     sp.add_argument('--steps', type=arg_count, default=20_000, help='timesteps in this run (on --resume: added to the model\'s count)')
-    sp.add_argument('--seed', type=arg_seed_value, default=0)
+    sp.add_argument('--seed', type=arg_seed_value, default=None,
+                    help="random seed (default 0; with --resume: the parent model's seed)")
     sp.add_argument('--resume', type=arg_model_id, metavar='MODEL_ID', help='continue a model: its step count, optimiser state and normaliser')
     sp.add_argument('--warm-start', type=arg_model_id, metavar='MODEL_ID', help='initialise from the matching parameters of another model')
     sp.add_argument('--train-window', type=arg_window, metavar='A:B', help='default from settings: 2000-03-01:2009-12-31')
