@@ -98,7 +98,7 @@ def run_demo(serve:bool=True, # start the dashboard at the end
             r = train(','.join(syms), s.demo.train_steps, s.demo.seed, settings=s, store=store, progress=sys.stderr.isatty())
             mid = r.model_id
             v = r.meta['validation']
-            st.done(f"{mid}: {s.demo.train_steps:,} steps at {r.fps:,.0f} fps; validation Sharpe {v['sharpe']:.2f}, max drawdown {v['max_drawdown']:.2%}")
+            st.done(f"{mid}: {s.demo.train_steps:,} steps at {r.fps:,.0f} fps; validation Sharpe {'-' if v['sharpe'] is None else format(v['sharpe'], '.2f')}, max drawdown {v['max_drawdown']:.2%}")
         if reg.champion() is None:
             d = promote(mid, settings=s, store=store); st.what += f"; champion ({d.reason})"
         elif reg.champion() != mid: st.what += f"; champion stays {reg.champion()}"
@@ -112,7 +112,7 @@ def run_demo(serve:bool=True, # start the dashboard at the end
         else:
             R.run_template('backtest', out_dir, {'model': champ, 'output_dir': str(out_dir), 'demo_if_empty': False})
             m = json.loads((out_dir/'metrics.json').read_text())['metrics']
-            st.done(f"holdout {s.train.holdout_window}: model {m['strategy']['total_return']:+.2%} (Sharpe {m['strategy']['sharpe'] or 0:.2f}), "
+            st.done(f"holdout {s.train.holdout_window}: model {m['strategy']['total_return']:+.2%} (Sharpe {'-' if m['strategy']['sharpe'] is None else format(m['strategy']['sharpe'], '.2f')}), "
                     f"buy-and-hold {m['baselines']['buy_hold']['total_return']:+.2%}, MA crossover {m['baselines']['ma_cross']['total_return']:+.2%}")
         paths['backtest report'] = out_dir/'report.html'; paths['tear sheet'] = out_dir/'tearsheet.html'; paths['backtest notebook'] = out_dir/'backtest.ipynb'
     with _Stage(4, 'paper') as st:
@@ -131,9 +131,12 @@ def run_demo(serve:bool=True, # start the dashboard at the end
             st.done(f"replay of {hold} (historical bars, simulated fills): {out['bars']} bars at {out['bars']/out['seconds']:,.0f} bars/s, "
                     f"equity {out['equity']:,.2f}, {'HALTED by the guardian: ' + sm.halt_reason if sm.halted else 'guardian on, not fired'}")
     with _Stage(5, 'drill') as st:
-        prior = [r for r in runs.list('paper', 200).itertuples() if (runs.meta(r.id).params.get('drill') or {}).get('name') == 'crash-day']
-        if prior and reg.champion() == champ:
-            st.done(f"reused crash-day drill {prior[0].id}")
+        # drills run in a sandbox store; production keeps one `drill` audit entry per drill: reuse the newest that passed
+        prior = [(e.seq, e.ts, d) for e in reversed(list(Audit(store).entries(kinds='drill').itertuples()))
+                 for d in [json.loads(e.payload)] if d.get('drill') == 'crash-day' and d.get('passed')]
+        if prior:
+            seq, ts, d = prior[0]
+            st.done(f"reused the crash-day drill that passed at {ts[:19]} (audit entry {seq}, sandbox run {d.get('run_id')})")
         else:
             d = crash_day_drill(s, store)
             st.done(f"crash-day drill {'PASSED' if d.passed else 'FAILED'}: " + '; '.join(f"{'ok' if ok else 'FAIL'} {what}" for what, ok, _ in d.checks[1:5]))
