@@ -218,12 +218,12 @@ def performance(equity:pd.Series, # strategy equity at each bar close, DatetimeI
     peak, trough, recovery = _max_drawdown_dates(e)
     day = np.expm1(np.log1p(r).groupby(r.index.normalize()).sum())
     out.update(total_return=_num(e.iloc[-1]/e.iloc[0] - 1), annual_return=_num(qs.cagr(r, periods=P)),
-               max_drawdown=_num(drawdown(e).max()), max_dd_start=_when(peak), max_dd_trough=_when(trough),
+               max_drawdown=_num(max_drawdown(e)), max_dd_start=_when(peak), max_dd_trough=_when(trough),
                max_dd_end=_when(recovery), worst_day=_num(day.min()), worst_day_date=_when(day.idxmin()),
                best_day=_num(day.max()))
-    if out['max_drawdown']: out['calmar'] = _num(qs.calmar(r, periods=P))
+    if out['max_drawdown'] and out['annual_return'] is not None: out['calmar'] = _num(out['annual_return']/out['max_drawdown'])
     if len(r) < 2: return out
-    out.update(volatility=_num(qs.volatility(r, periods=P)), sharpe=_num(qs.sharpe(r, periods=P)),
+    out.update(volatility=_num(qs.volatility(r, periods=P)), sharpe=sharpe_ratio(r, P),
                sortino=_num(qs.sortino(r, periods=P)), psr=_num(probabilistic_sharpe(r)))
     if n_trials <= 1: out['dsr'] = out['psr']
     elif trial_sharpes is not None:
