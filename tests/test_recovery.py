@@ -53,7 +53,7 @@ def _ctx():
     if not _CTX:
         ctx = mp.get_context('forkserver')
         # the fork server imports these once; every child starts from there (this module: for `_child` below)
-        ctx.set_forkserver_preload([__name__, 'trader.ops.cli', 'trader.live.loop', 'trader.research.train', 'sb3_contrib', 'torch._dynamo'])
+        ctx.set_forkserver_preload([__name__, 'trader.ops.cli', 'trader.live.loop', 'trader.live.journal', 'trader.research.train', 'sb3_contrib', 'torch._dynamo'])
         _CTX.append(ctx)
     return _CTX[0]
 
@@ -61,7 +61,8 @@ def _die(): os.kill(os.getpid(), signal.SIGKILL)
 
 def _arm(hook:dict):
     "In the child: send ourselves SIGKILL at an exact point of the first bar at or after hook['from_ns']."
-    from trader import broker as B, live as L, registry as R, runs as RU
+    from trader.live import broker as B, journal as J
+    from trader.core import registry as R, runs as RU
     t0, at = pd.Timestamp(hook['from_ns'], tz='UTC'), hook['at']
     if at == 'order':            # the broker has accepted (committed) an order of a bar the loop has not committed
         orig_submit = B.SimBroker.submit
@@ -84,11 +85,11 @@ def _arm(hook:dict):
             if fills and pd.Timestamp(fills[0]['ts']) >= t0: _die()
         RU.Runs.append_fills = append_fills
     elif at == 'after_commit':   # the bar is committed; the next one not started
-        orig_commit = L.TradingLoop._commit
-        def _commit(self, b, *a, **kw):
-            orig_commit(self, b, *a, **kw)
-            if b.ts >= t0: _die()
-        L.TradingLoop._commit = _commit
+        orig_commit = J.Journal.commit
+        def commit(self, rec, *a, **kw):
+            orig_commit(self, rec, *a, **kw)
+            if rec.ts >= t0: _die()
+        J.Journal.commit = commit
     elif at == 'rollback':       # the guardian has just rolled the champion back
         orig_set = R.Registry.set_champion
         def set_champion(self, model_id, reason, action='set', metrics=None):

@@ -77,6 +77,22 @@ def build_observation(z:np.ndarray, # (N, F) normalised features of one bar, flo
         o[i*(f + 1) + f] = targets[i]/sizes[i] if sizes[i] else 0.0
     return o
 
+from numba import njit
+
+@njit(cache=True)
+def _env_step_nb(s, shares, targets, opened, pending, action, codes, sizes, allow_short, t, open_, close, day, atr, corr, P, obs0, pos_idx):
+    "The action to targets (as `apply_action`), one engine step (`engine_step_nb`), and the next observation, in one compiled call."
+    n = len(shares)
+    wanted = targets.copy()
+    for i in range(n):
+        c = codes[action, i]
+        if c == 2: wanted[i] = sizes[i]
+        elif c == 0: wanted[i] = -sizes[i] if allow_short else 0.0
+    before, after, traded, cuts, fired = engine_step_nb(s, shares, targets, opened, pending, wanted, t, open_, close, day, atr, corr, P)
+    obs = obs0[t + 1].copy()
+    for i in range(n): obs[pos_idx[i]] = targets[i]/sizes[i] if sizes[i] else 0.0
+    return obs, before, after, traded, cuts, fired
+
 class TradingEnv(gym.Env):
     "A gymnasium environment trading N assets at daily (or any) bars on the `TradingEngine`, from precomputed arrays."
     metadata = {'render_modes': []}
@@ -110,6 +126,8 @@ class TradingEnv(gym.Env):
         if s.portfolio_features: obs0 = np.concatenate([obs0, np.zeros((len(fs), 3), np.float32)], axis=1)
         self._obs0 = np.ascontiguousarray(obs0)
         self._pos_idx = [i*(N_FEATURES + 1) + N_FEATURES for i in range(n)]
+        self._pos_arr, self._codes = np.array(self._pos_idx, dtype=np.int64), np.array(self._table, dtype=np.int64)
+        self._sizes = np.array(self.sizes, dtype=np.float64)
         if s.portfolio_features:
             corr, beta = _rolling_corr_beta(fs.close, s.corr_window)
             self._corr, self._beta = corr.astype(np.float32).tolist(), beta.tolist()
@@ -172,13 +190,24 @@ class TradingEnv(gym.Env):
         return apply_action(self._w, action, self.sizes, self.settings.allow_short, self._table)
 
     def step(self, action):
-        return self.step_targets(apply_action(self._w, action, self.sizes, self.settings.allow_short, self._table))
+        if self.settings.portfolio_features:
+            return self.step_targets(apply_action(self._w, action, self.sizes, self.settings.allow_short, self._table))
+        t, k = self._t, self.engine
+        obs, before, equity, traded, cuts, fired = _env_step_nb(k.s, k.shares, k.targets, k.opened, k.pending, int(action), self._codes, self._sizes,
+                                                                self.settings.allow_short, t, self._open, self._close, self._day, self._atr,
+                                                                self._corr_arr, self._P, self._obs0, self._pos_arr)
+        return self._after(obs, before, equity, traded, cuts, fired)
 
     def step_targets(self, targets:tuple[float, ...]):
         "Ask for `targets` at this close; the engine checks them, fills at the next open and marks to the next close."
         t, k = self._t, self.engine
         before, equity, traded, cuts, fired = engine_step_nb(k.s, k.shares, k.targets, k.opened, k.pending, np.asarray(targets, dtype=np.float64),
                                                              t, self._open, self._close, self._day, self._atr, self._corr_arr, self._P)
+        return self._after(None, before, equity, traded, cuts, fired)
+
+    def _after(self, obs, before, equity, traded, cuts, fired):
+        "Reward, termination and info after one engine step (the observation is built here when not given)."
+        k = self.engine
         turnover = traded/before if before > 0 else 0.0
         prev_dd = 1.0 - before/self.peak
         if equity > self.peak: self.peak = equity
@@ -186,13 +215,13 @@ class TradingEnv(gym.Env):
         s = self.settings
         growth = equity/before if before > 0 else 0.0
         reward = (math.log(growth) if growth > 0 else -10.0) - s.turnover_penalty*turnover - s.drawdown_penalty*max(0.0, dd - prev_dd)
-        self._t = t + 1
+        self._t += 1
         halted = bool(k.s[_HALT])
         terminated = equity <= 0 or halted
         truncated = self._t >= self._end
         info = {'equity': equity, 'turnover': turnover, 'drawdown': dd, 'weights': self._w,
                 'risk_cuts': cuts, 'risk_halted': halted, 'guardian_fired': fired}   # flat keys: SB3's DummyVecEnv deep-copies info
-        return self._obs(), reward*s.reward_scale, terminated, truncated, info
+        return (self._obs() if obs is None else obs), reward*s.reward_scale, terminated, truncated, info
 
 # %% ../../nbs/06_env.ipynb #83dd807d
 class RiskCheckedEnv(gym.Wrapper):
