@@ -5,10 +5,11 @@
 # %% ../../nbs/11_runs.ipynb #f5cc0852
 from __future__ import annotations
 import math, uuid
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 import pandas as pd
 from .config import TraderError
 from .store import Store, json_text, register_schema
+from .domain import Decision, RunKind
 
 # %% auto #0
 __all__ = ['RunError', 'Run', 'Runs']
@@ -18,7 +19,6 @@ class RunError(TraderError):
     "A run is unknown or incomplete."
     exit_code = 2
 
-_jdump = json_text      # deprecated alias (use `store.json_param`), kept until its last callers outside this module move
 
 register_schema('core.runs', [
     (1, 'runs: backtests and paper sessions, their series, orders, decisions', [
@@ -77,10 +77,11 @@ class Runs:
         self.store = store
         store.ensure_schema('core.runs')
 
-    def create(self, kind:str, # 'backtest' or 'paper'
+    def create(self, kind:RunKind|str, # 'backtest' or 'paper'
                symbols, model_id:str|None=None, start=None, end=None, params:dict|None=None,
                run_id:str|None=None) -> str:
         "Register a new run (status 'running'); returns its id."
+        kind = RunKind(kind)
         rid = run_id or f"{kind[:2]}-{pd.Timestamp.now(tz='UTC'):%Y%m%d%H%M%S}-{uuid.uuid4().hex[:6]}"
         now = pd.Timestamp.now(tz='UTC').isoformat(timespec='microseconds')
         self.store.execute('''INSERT INTO runs (id, kind, created, updated, status, model_id, symbols, start_ts, end_ts, params, metrics)
@@ -100,7 +101,8 @@ class Runs:
         return (run_id, int(seq), conv(o['ts']), o['symbol'], o['side'], float(o['qty']), float(o['price']), float(o['fees']), float(o['slippage']),
                 o.get('client_order_id'), conv(o.get('decision_ts')), None if ref is None or not math.isfinite(ref) else float(ref), o.get('status', 'filled'))
 
-    def _decision_row(self, run_id:str, d:dict) -> tuple:
+    def _decision_row(self, run_id:str, d:Decision|dict) -> tuple:
+        if is_dataclass(d): d = asdict(d)
         js = self.store.json_param
         return (run_id, self.store.ts_param(d['ts']), int(d['action']), d['label'], float(d['confidence']), d.get('model_id'),
                 js(list(d['targets'])), js(list(d['breaches'])))
@@ -136,7 +138,7 @@ class Runs:
         if decisions is None or decisions.empty: return 0
         return self._many(_DECISIONS_SQL, [self._decision_row(run_id, d) for d in decisions.to_dict('records')])
 
-    def append_decision(self, run_id:str, d:dict) -> int:
+    def append_decision(self, run_id:str, d:Decision|dict) -> int:
         "Append one decision (the trading loop)."
         return self._many(_DECISIONS_SQL, [self._decision_row(run_id, d)])
 

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field, fields
 import numpy as np, pandas as pd
 from ..core.config import Settings, TraderError, load_settings
 from ..core.data import bars_sha256, parse_symbols
-from ..core.domain import EmergencyLevel, RiskEventKind
+from ..core.domain import Decision, EmergencyLevel, RiskEventKind, RunKind
 from ..core.registry import Registry
 from ..core.runs import Runs
 from ..core.store import Store
@@ -144,7 +144,7 @@ class TradingLoop:
             self._last_cache = (self.state.last_ts, pd.Timestamp(self.state.last_ts) if self.state.last_ts else None)
         return self._last_cache[1]
 
-# %% ../../nbs/23_live.ipynb #ec446f2c
+# %% ../../nbs/23_live.ipynb #d0876742
 def step(self:TradingLoop, b:BarSet) -> dict:
     "Process one bar and commit it; returns a summary."
     st, eng, rec = self.state, self.engine, BarRecord(b.ts)
@@ -189,8 +189,7 @@ def _decide(self:TradingLoop, rec:BarRecord, bar:BarPrices, t:int):
     self._record(rec, d)
     for br in d.decision.breaches: self.metrics.breach(br.kind)
     label = describe_action(a, self.symbols)
-    rec.decision = {'ts': rec.ts, 'action': a, 'label': label, 'confidence': conf, 'model_id': st.model_id,
-                    'targets': d.decision.targets, 'breaches': d.decision.breaches}
+    rec.decision = Decision(rec.ts, a, label, conf, st.model_id, d.decision.targets, d.decision.breaches)
     rec.audit.append(('decision', {'bar_ts': str(rec.ts), 'model_id': st.model_id, 'action': a, 'label': label, 'confidence': round(conf, 6),
                                    'targets': list(d.decision.targets), 'breaches': list(d.decision.breaches)}))
 
@@ -337,7 +336,7 @@ def paper_session(broker:str='sim', # sim or alpaca
     resumed = run_id is not None
     if not resumed:
         w = parse_window(replay, 'replay window') if replay else (None, None)
-        run_id = runs.create('paper', syms, None, w[0], w[1], params)
+        run_id = runs.create(RunKind.PAPER, syms, None, w[0], w[1], params)
     b = make_broker(broker, store, run_id, s, cash, fees, slip)
     if replay:
         w = parse_window(replay, 'replay window')

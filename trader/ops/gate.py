@@ -142,11 +142,10 @@ def compute_gate(store:Store, run_id:str|None=None, date=None, settings:Settings
 
 def record_gate(store:Store, result:GateResult) -> int:
     "Store the gate's verdict in the gate history."
-    from trader.core.runs import _jdump
     from trader.core.audit import Audit
     with store.transaction():
-        gid = store.query('INSERT INTO gate_history (created, date, run_id, status, figures) VALUES (?,?,?,?,?) RETURNING id',
-                          (result.created, result.date, result.run_id, result.status, _jdump(result.to_dict())))[0][0]
+        gid = store.insert_returning('INSERT INTO gate_history (created, date, run_id, status, figures) VALUES (?,?,?,?,?)',
+                                     (result.created, result.date, result.run_id, result.status, store.json_param(result.to_dict())))
         Audit(store).append('gate', {'date': result.date, 'run_id': result.run_id, 'status': result.status, 'reasons': result.reasons,
                                      'figures': {f.name: f.value for f in result.figures}})
     return int(gid)

@@ -12,6 +12,7 @@ from ..core.config import Settings, TraderError, load_settings
 from .features import build_features
 from .env import apply_action, action_table, describe_action
 from ..core.config import RiskSettings
+from ..core.domain import Decision, RunKind
 from .book import Book
 from .engine import BarPrices, MarketArrays, SimExecution, TradingEngine
 from .policy import Policy
@@ -89,8 +90,7 @@ def simulate(policy:Policy, fs, start, end, limits:RiskSettings, cash:float, fee
         d = eng.decide(bar, apply_action(targets, a, sizes, allow_short, table), market.at(t), ex, place=t < hi)
         placed = {o.asset: ts for o in d.orders}
         events += [(ts, e) for e in d.events]
-        decisions.append({'ts': ts, 'action': a, 'label': describe_action(a, syms), 'confidence': conf, 'model_id': policy.id,
-                          'targets': d.decision.targets, 'breaches': d.decision.breaches})
+        decisions.append(Decision(ts, a, describe_action(a, syms), conf, policy.id, d.decision.targets, d.decision.breaches))
     cols = ['equity', 'cash'] + [f'weight:{s}' for s in syms] + [f'shares:{s}' for s in syms] + [f'pnl:{s}' for s in syms]
     frame = pd.DataFrame([r[1:] for r in rows], index=pd.DatetimeIndex([r[0] for r in rows], name='ts'), columns=cols)
     orders = pd.DataFrame([{'seq': k, 'ts': ts, 'symbol': syms[f.asset], 'side': str(f.side), 'qty': abs(f.qty), 'price': f.price,
@@ -213,7 +213,7 @@ def backtest(model:str='champion', # a model id or 'champion'
         params = {'model': model, 'model_id': policy.id, 'window': f"{w[0]:%Y-%m-%d}:{w[1]:%Y-%m-%d}", 'fees_bps': fees, 'slippage_bps': slip,
                   'cash': cash, 'risk': s.risk.model_dump(), 'guardian': guard,
                   'execution': 'next open, slippage against the trader; simulated (backtest)'}
-        rid = runs.create('backtest', syms, policy.id, frame.index[0], frame.index[-1], params)
+        rid = runs.create(RunKind.BACKTEST, syms, policy.id, frame.index[0], frame.index[-1], params)
         try:
             series = frame.copy()
             for k, v in bases.items(): series[f'bench:{k}'] = v
