@@ -87,31 +87,39 @@ def test_gate_files_and_exit_codes(home):
         hist = st.frame('SELECT status FROM gate_history ORDER BY id').status.tolist()
     assert hist[-3:] == ['GREEN', 'YELLOW', 'RED']
 
+# Promotion backtests simulate the guardian. Over the whole validation window (2010-01-01:2011-12-31) it halts every
+# always-long model in January 2010 (3-day P&L below the limit), leaving no model better than another on both counts;
+# on this half of the window the prepared models keep the ordering the rule is tested with (figures printed below).
+VALID = '2010-07-01:2011-06-30'
+
 def test_promote_rule_with_prepared_models(home):
     i = ids(home)
     s = load_settings({'TRADER_HOME': str(home)})
-    # the prepared strategies on the validation window, for the record
+    # the prepared strategies on the promotion window, under the guardian, for the record
     from trader.research.backtest import backtest
     with Store(settings=s) as st:
-        m = {k: backtest(v, '2010-01-01:2011-12-31', settings=s, store=st, baselines=False, save=False).metrics['strategy'] for k, v in i.items()}
-    assert m['flat']['max_drawdown'] == 0.0 and m['flat']['sharpe'] is None and m['aapl']['sharpe'] > 0
+        m = {k: backtest(v, VALID, settings=s, store=st, baselines=False, save=False).metrics['strategy'] for k, v in i.items()}
+    print({k: (v['sharpe'], v['max_drawdown'], v['total_return']) for k, v in m.items()})    # (Sharpe, max drawdown, return)
+    assert m['flat']['max_drawdown'] == 0.0 and m['flat']['sharpe'] is None and m['aapl']['sharpe'] > 0 and m['aapl']['max_drawdown'] > 0
     assert m['aapl']['sharpe'] > m['msft']['sharpe'] and m['aapl']['max_drawdown'] < m['msft']['max_drawdown']
     # no champion yet: the first valid model becomes champion
-    r = trader(home, 'promote', '--challenger', i['flat'])
+    r = trader(home, 'promote', '--challenger', i['flat'], '--window', VALID)
     assert r.returncode == 0 and 'PROMOTED' in r.stdout and 'first valid model' in r.stdout
     # better Sharpe but deeper drawdown than the flat champion: refused
-    r = trader(home, 'promote', '--challenger', i['aapl'])
+    r = trader(home, 'promote', '--challenger', i['aapl'], '--window', VALID)
     assert r.returncode == 0 and 'KEPT' in r.stdout and 'higher Sharpe but deeper drawdown' in r.stdout, r.stdout
     # better on both: promoted (msft first, then aapl beats it on both)
     with Store(settings=s) as st: Registry(st, s).set_champion(i['msft'], 'test setup')
-    r = trader(home, 'promote', '--challenger', i['aapl'], '--dry-run')
-    assert 'WOULD PROMOTE' in r.stdout
-    r = trader(home, 'promote', '--challenger', i['aapl'])
+    r = trader(home, 'promote', '--challenger', i['aapl'], '--window', VALID, '--dry-run')
+    assert 'WOULD PROMOTE' in r.stdout and f'window     {VALID}' in r.stdout, r.stdout
+    r = trader(home, 'promote', '--challenger', i['aapl'], '--window', VALID)
     assert 'PROMOTED' in r.stdout and 'better on both' in r.stdout, r.stdout
+    assert f"Sharpe {m['aapl']['sharpe']:.3f} vs {m['msft']['sharpe']:.3f}" in r.stdout, r.stdout   # the figures above decided it
     with Store(settings=s) as st:
         reg = Registry(st, s)
         assert reg.champion() == i['aapl']
         h = reg.history()
     assert h.action.tolist()[-4:] == ['promote', 'keep', 'set', 'promote']
-    keep = json.loads(h.metrics.iloc[-3])
+    keep = h.metrics.iloc[-3]                       # JSON columns come back decoded
+    assert keep['window'] == VALID
     assert keep['challenger']['id'] == i['aapl'] and 'sharpe' in keep['champion'] and 'higher Sharpe but deeper drawdown' in h.reason.iloc[-3]
