@@ -438,7 +438,10 @@ def check_args(args) -> None:
             except TraderError as e: raise ArgError(run[0], str(e)) from None
 
 # %% ../../nbs/20_cli.ipynb #a9d6aa80
-class _Fmt(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter): pass
+class _Fmt(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    "Defaults in the help, except None: there the help text says what happens (e.g. --seed: 0, or the parent's on --resume)."
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
 
 class _Parser(argparse.ArgumentParser):
     "argparse with one-line errors naming the argument (`error: argument --cash: must be > 0, got -5`), exit code 2."
