@@ -12,14 +12,15 @@ from ..core.config import Settings, TraderError, load_settings
 from ..core.data import bars_sha256, parse_symbols, to_utc
 from .features import FEATURE_NAMES, WARMUP, Normaliser, build_features
 from .env import RiskCheckedEnv, TradingEnv
+from .vecenv import BatchedTradingEnv
 from .risk import RiskEngine
 from ..core.registry import ARTIFACT, Registry, new_model_id
 from .policy import Policy, evaluate
 from ..core.store import Store
 
 # %% auto #0
-__all__ = ['TrainError', 'parse_window', 'check_holdout', 'params_sha256', 'warm_start', 'TrainResult', 'train', 'tiny_settings',
-           'fixed_action_model']
+__all__ = ['TrainError', 'parse_window', 'check_holdout', 'params_sha256', 'warm_start', 'TrainResult', 'envs_for', 'train',
+           'tiny_settings', 'fixed_action_model']
 
 # %% ../../nbs/09_train.ipynb #73315697
 class TrainError(TraderError):
@@ -116,17 +117,26 @@ class TrainResult:
     seconds: float
     fps: float
 
-def _build_env(fs, norm, window, s:Settings, seed:int):
+def _build_env(fs, norm, window, s:Settings, seed:int, n_envs:int=1):
+    "Monitor(TradingEnv) for one env (SB3 wraps it in a DummyVecEnv); VecMonitor(BatchedTradingEnv) for n_envs > 1."
     from stable_baselines3.common.monitor import Monitor
+    from stable_baselines3.common.vec_env import VecMonitor
     env = TradingEnv(fs, norm, window[0], window[1], s.env, s.risk)
     if s.train.risk_wrapper: env = RiskCheckedEnv(env, RiskEngine(s.risk))
-    return Monitor(env)
+    if n_envs == 1: return Monitor(env)
+    if s.env.portfolio_features:
+        raise TrainError(f"train.n_envs = {n_envs}: the batched environment does not compute env.portfolio_features; set train.n_envs = 1 for them")
+    return VecMonitor(BatchedTradingEnv(env, n_envs, seed))
+
+def envs_for(steps:int, n_envs:int, n_steps:int) -> int:
+    "The envs a run of `steps` uses: `n_envs`, fewer when one rollout (n_envs x n_steps) would overshoot the budget (at least 1)."
+    return max(1, min(int(n_envs), int(steps)//int(n_steps)))
 
 def _new_model(env, s:Settings, seed:int):
     from sb3_contrib import RecurrentPPO
     t = s.train
     return RecurrentPPO('MlpLstmPolicy', env, seed=seed, device='cpu', verbose=0,
-                        n_steps=t.n_steps, batch_size=t.batch_size, n_epochs=t.n_epochs, learning_rate=t.learning_rate,
+                        n_steps=t.n_steps, batch_size=min(t.batch_size, getattr(env, 'num_envs', 1)*t.n_steps), n_epochs=t.n_epochs, learning_rate=t.learning_rate,
                         gamma=t.gamma, gae_lambda=t.gae_lambda, clip_range=t.clip_range, ent_coef=t.ent_coef,
                         vf_coef=t.vf_coef, max_grad_norm=t.max_grad_norm,
                         policy_kwargs=dict(net_arch=dict(pi=list(t.net_arch), vf=list(t.net_arch)), lstm_hidden_size=t.lstm_hidden))
@@ -173,7 +183,9 @@ def train(symbols='AAPL,MSFT', # assets, in observation order
 
     torch.set_num_threads(s.train.torch_threads)
     set_random_seed(seed)
-    env = _build_env(fs, norm, tw, s, seed)
+    n_steps = int((parent_meta.get('train') or {}).get('n_steps', s.train.n_steps)) if resume else s.train.n_steps   # a resumed model keeps its rollout length
+    n_envs = envs_for(steps, s.train.n_envs, n_steps)
+    env = _build_env(fs, norm, tw, s, seed, n_envs)
     ws_report = None
     if resume:
         model = RecurrentPPO.load(reg.artifact(parent_meta['id']), env=env, device='cpu')
@@ -198,7 +210,7 @@ def train(symbols='AAPL,MSFT', # assets, in observation order
         val = evaluate(pol, fs, *vw)
         meta = {'parent': parent_meta['id'] if parent_meta else (ws_report or {}).get('from'),
                 'kind': 'resume' if resume else ('warm_start' if warm_start_from else 'fresh'),
-                'seed': seed, 'seed_from': seed_from, 'steps': int(model.num_timesteps), 'steps_this_run': steps, 'symbols': syms,
+                'seed': seed, 'seed_from': seed_from, 'steps': int(model.num_timesteps), 'steps_this_run': steps, 'n_envs': n_envs, 'symbols': syms,
                 'features': {'names': list(FEATURE_NAMES), 'warmup': WARMUP}, 'normaliser': norm.to_dict(),
                 'windows': {'train': f"{tw[0]:%Y-%m-%d}:{tw[1]:%Y-%m-%d}", 'valid': f"{vw[0]:%Y-%m-%d}:{vw[1]:%Y-%m-%d}",
                             'holdout': s.train.holdout_window, 'allow_holdout': allow_holdout, 'used_holdout': bool(used_holdout)},
@@ -226,7 +238,7 @@ def _versions() -> dict:
 def tiny_settings(settings:Settings, n_steps:int=128, n_epochs:int=2) -> Settings:
     "`settings` with a small RecurrentPPO budget (drills, bootstrapping an empty store, prepared models)."
     return settings.model_copy(update={'train': settings.train.model_copy(update={'n_steps': n_steps, 'batch_size': 64, 'n_epochs': n_epochs,
-                                                                                   'checkpoint_every': 0})})
+                                                                                   'checkpoint_every': 0, 'n_envs': 1})})
 
 def fixed_action_model(store:Store, settings:Settings, action:int, # the joint action it always takes
                        symbols=('AAPL', 'MSFT'), note:str='') -> str:
