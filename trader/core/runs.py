@@ -5,7 +5,7 @@
 # %% ../../nbs/11_runs.ipynb #f5cc0852
 from __future__ import annotations
 import math, uuid
-from dataclasses import asdict, dataclass, field, is_dataclass
+from dataclasses import dataclass, field, is_dataclass
 import pandas as pd
 from .config import TraderError
 from .store import Store, json_text, register_schema
@@ -102,7 +102,7 @@ class Runs:
                 o.get('client_order_id'), conv(o.get('decision_ts')), None if ref is None or not math.isfinite(ref) else float(ref), o.get('status', 'filled'))
 
     def _decision_row(self, run_id:str, d:Decision|dict) -> tuple:
-        if is_dataclass(d): d = asdict(d)
+        if is_dataclass(d): d = vars(d)
         js = self.store.json_param
         return (run_id, self.store.ts_param(d['ts']), int(d['action']), d['label'], float(d['confidence']), d.get('model_id'),
                 js(list(d['targets'])), js(list(d['breaches'])))

@@ -102,7 +102,8 @@ def json_text(obj) -> str:
         if isinstance(x, dict): return {k: clean(v) for k, v in x.items()}
         if isinstance(x, (list, tuple)): return [clean(v) for v in x]
         return x
-    return json.dumps(clean(obj), default=str)
+    try: return json.dumps(obj, allow_nan=False)          # the common case, without walking the object twice
+    except (ValueError, TypeError): return json.dumps(clean(obj), default=str)
 
 # Writers of the same thing in different sessions take turns: on PostgreSQL a transaction-scoped advisory lock per name
 # (SQLite's BEGIN IMMEDIATE already serialises writers). Unlisted names get a key from their sha256.

@@ -64,7 +64,7 @@ class LoopState:
 
     def to_json(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != 'engine'}
-        return {**d, **asdict(self.engine)}
+        return {**d, **vars(self.engine)}
     @classmethod
     def from_json(cls, d:dict) -> 'LoopState':
         e = {f.name for f in fields(EngineState)}
@@ -144,7 +144,7 @@ class TradingLoop:
             self._last_cache = (self.state.last_ts, pd.Timestamp(self.state.last_ts) if self.state.last_ts else None)
         return self._last_cache[1]
 
-# %% ../../nbs/23_live.ipynb #d0876742
+# %% ../../nbs/23_live.ipynb #4a57907c
 def step(self:TradingLoop, b:BarSet) -> dict:
     "Process one bar and commit it; returns a summary."
     st, eng, rec = self.state, self.engine, BarRecord(b.ts)

@@ -71,8 +71,9 @@ def simulate(policy:Policy, fs, start, end, limits:RiskSettings, cash:float, fee
     state = policy.initial_state()
     rows, fills, decisions, events = [], [], [], []
     placed = {}         # asset -> decision ts of the orders waiting for the next open
+    stamps = list(fs.ts[lo:hi + 1])
     for t in range(lo, hi + 1):
-        ts = fs.ts[t]
+        ts = stamps[t - lo]
         close, prev_close = fs.close[t].tolist(), fs.close[t - 1].tolist()
         bar = BarPrices(str(ts.date()), fs.open[t].tolist(), close, prev_close)
         before = eng.state.shares.copy()
@@ -99,7 +100,7 @@ def simulate(policy:Policy, fs, start, end, limits:RiskSettings, cash:float, fee
                            for k, (ts, f, dts, ph) in enumerate(fills)])
     risk_events = pd.DataFrame([{'bar_ts': ts, 'kind': str(e.kind), 'level': int(e.level), 'detail': e.detail} for ts, e in events],
                                columns=['bar_ts', 'kind', 'level', 'detail'])
-    return frame, orders, pd.DataFrame(decisions), risk_events
+    return frame, orders, pd.DataFrame([d.__dict__ for d in decisions]), risk_events
 
 # %% ../../nbs/14_backtest.ipynb #b4cbf397
 def vectorbt_portfolio(fs, frame:pd.DataFrame, orders:pd.DataFrame, cash:float, fees_bps:float, slippage_bps:float):
