@@ -34,6 +34,7 @@ def test_same_seed_same_weights(home):
               'artifact_sha256', 'params_sha256', 'validation', 'train'):
         assert k in meta, k
     assert meta['train']['net_arch'] == [64, 64] and meta['train']['lstm_hidden'] == 32
+    assert meta['n_envs'] == 8 and meta['steps'] == 1024           # the batched env: 8 envs x 128-step rollouts fit the 1,024-step budget
     assert meta['data']['last'].startswith('2011-12-30')          # nothing from the holdout was read
     assert (Path(home)/'models'/a/'learning_curve.csv').exists()
 
@@ -112,9 +113,33 @@ def test_models_commands_and_tamper(home):
     r = trader(home, 'models', 'champion', mid)
     assert r.returncode == 2 and 'sha256 mismatch' in r.stderr
 
+def test_batched_and_single_env_api(tmp_path):
+    "n_envs from settings: the batched env by default, one TradingEnv with n_envs = 1; a resume may change n_envs; portfolio features need one env."
+    from trader.core.config import load_settings
+    from trader.core.data import load_sample
+    from trader.core.quality import DataQualityGate
+    from trader.core.store import Store
+    from trader.research.train import TrainError, train
+    s = load_settings({'TRADER_HOME': str(tmp_path)}, train={'n_steps': 32, 'batch_size': 128, 'n_epochs': 1, 'checkpoint_every': 0})
+    one = s.model_copy(update={'train': s.train.model_copy(update={'n_envs': 1})})
+    with Store(settings=s) as store:
+        store.ingest(DataQualityGate(s.quality).check(load_sample(['AAPL', 'MSFT']), source='sample'))
+        b = train('AAPL,MSFT', steps=512, seed=3, settings=s, store=store, progress=False)
+        b2 = train('AAPL,MSFT', steps=512, seed=3, settings=s, store=store, progress=False)
+        o = train('AAPL,MSFT', steps=512, seed=3, settings=one, store=store, progress=False)
+        assert (b.meta['n_envs'], o.meta['n_envs'], b.meta['steps'], o.meta['steps']) == (16, 1, 512, 512)
+        assert b.meta['params_sha256'] == b2.meta['params_sha256'] != o.meta['params_sha256']
+        r = train(resume=o.model_id, steps=256, settings=s, store=store, progress=False)      # one env -> 8 envs
+        assert (r.meta['steps'], r.meta['n_envs'], r.meta['parent']) == (768, 8, o.model_id)
+        pf = s.model_copy(update={'env': s.env.model_copy(update={'portfolio_features': True})})
+        with pytest.raises(TrainError, match='portfolio_features'):
+            train('AAPL,MSFT', steps=512, seed=0, settings=pf, store=store, progress=False)
+        pf1 = pf.model_copy(update={'train': one.train})
+        assert train('AAPL,MSFT', steps=64, seed=0, settings=pf1, store=store, progress=False).meta['obs_dim'] == 29
+
 @pytest.mark.slow
 def test_acceptance_20k_twice_same_hash(tmp_path):
-    "The issue's own figure: 20,000 steps twice with seed 0 give identical weights (about 2 x 40 s), default hyperparameters."
+    "The issue's own figure: 20,000 steps twice with seed 0 give identical weights, default hyperparameters (the batched env)."
     (tmp_path/'trader.toml').write_text('')
     r = trader(tmp_path, 'ingest', '--source', 'sample', '--symbols', 'AAPL,MSFT', '-q'); assert r.returncode == 0
     a = registered(trader(tmp_path, 'train', '--symbols', 'AAPL,MSFT', '--steps', '20000', '--seed', '0', '-q').stdout)
