@@ -137,6 +137,14 @@ class Registry:
                     'artifact_sha256': meta['artifact_sha256']})
         return {'ts': ts, 'model_id': meta['id'], 'previous': prev, 'action': action, 'reason': reason}
 
+    def tag(self, model_id:str, **tags) -> dict:
+        "Merge `tags` into a model's metadata (`meta['tags']`), e.g. the experiment and trial that trained it; returns the metadata."
+        meta = self.get(model_id)
+        meta['tags'] = {**meta.get('tags', {}), **tags}
+        (self.model_dir(meta['id'])/METADATA).write_text(json.dumps(meta, indent=1, default=str))
+        self.store.execute('UPDATE models SET metadata = ? WHERE id = ?', (self.store.json_param(meta), meta['id']))
+        return meta
+
     def record_decision(self, model_id:str, reason:str, action:str='keep', metrics:dict|None=None) -> None:
         "Record a decision that leaves the champion as it is (e.g. a challenger refused)."
         ts = pd.Timestamp.now(tz='UTC').isoformat(timespec='microseconds')
