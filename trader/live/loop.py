@@ -319,6 +319,7 @@ def paper_session(broker:str='sim', # sim or alpaca
                   metrics_linger:float=3.0, # seconds the metrics endpoint stays up after the last bar (one scrape or two)
                  ) -> dict:
     "Run (or resume) a paper-trading session; returns its summary."
+    from trader.research.holdout import overlaps_holdout, record_look
     from trader.research.train import parse_window
     from trader.research.metrics import performance
     s = settings or load_settings()
@@ -356,6 +357,10 @@ def paper_session(broker:str='sim', # sim or alpaca
             loop.journal.audit.append_many([('session', {'run_id': run_id, 'event': 'resumed' if resumed else 'started', 'params': params,
                                                                  'history_sha256': loop.history_sha256, 'history_bars': int(loop._n)}),
                                     ('model_load', {'run_id': run_id, 'model_id': loop.policy.id, 'artifact_sha256': loop.policy.meta.get('artifact_sha256')})])
+            look = None
+            if replay and overlaps_holdout(replay, s):     # a replay of the holdout reads it: a look, audited and counted (not refused)
+                look = record_look(store, 'paper replay', loop.policy.id, loop.policy.meta.get('artifact_sha256'), replay, settings=s,
+                                   caller=f"paper_session{' (' + tag + ')' if tag else ''}", run_id=run_id, resumed=resumed)['look']
         if drill and drill.get('disconnect_bars'):
             # the broker drops the connection right after the first bar (past the feed outage) that sent orders,
             # so those orders fill at the broker while the loop cannot see them
@@ -388,6 +393,7 @@ def paper_session(broker:str='sim', # sim or alpaca
                 runs.finish(run_id, metrics_out, 'done')
                 loop.journal.audit.append('session', {'run_id': run_id, 'event': 'finished', 'bars': int(len(eq)), 'halted': st.halted})
         return {'run_id': run_id, 'resumed': resumed, 'finished': finished, **summary, 'equity': float(eq.iloc[-1]) if len(eq) else None,
+                'holdout_look': look,
                 'state': st, 'metrics': metrics_out, 'broker': b}
     finally:
         if metrics_port is not None and metrics_linger: time.sleep(metrics_linger)   # let Prometheus scrape the final state

@@ -15,11 +15,11 @@ from ..core.store import Store
 
 # %% auto #0
 __all__ = ['arg_cash_amount', 'arg_bps', 'arg_count', 'arg_seed_value', 'arg_port_number', 'cmd_ingest', 'cmd_quality',
-           'cmd_bars', 'cmd_train', 'cmd_models', 'cmd_backtest', 'cmd_sweep', 'cmd_report', 'cmd_gate', 'cmd_promote',
-           'cmd_runs', 'cmd_paper', 'cmd_status', 'cmd_kill', 'cmd_resume', 'cmd_drill', 'cmd_audit', 'cmd_dashboard',
-           'cmd_nightly', 'cmd_demo', 'ArgError', 'arg_number', 'arg_speed', 'arg_date', 'arg_window', 'arg_symbol',
-           'arg_symbols', 'arg_model_id', 'arg_run_id', 'arg_ma_range', 'arg_existing_file', 'arg_text', 'arg_out_dir',
-           'check_args', 'build_parser', 'main']
+           'cmd_bars', 'cmd_train', 'cmd_models', 'cmd_backtest', 'cmd_holdout', 'cmd_sweep', 'cmd_report', 'cmd_gate',
+           'cmd_promote', 'cmd_runs', 'cmd_paper', 'cmd_status', 'cmd_kill', 'cmd_resume', 'cmd_drill', 'cmd_audit',
+           'cmd_dashboard', 'cmd_nightly', 'cmd_demo', 'ArgError', 'arg_number', 'arg_speed', 'arg_date', 'arg_window',
+           'arg_symbol', 'arg_symbols', 'arg_model_id', 'arg_run_id', 'arg_ma_range', 'arg_existing_file', 'arg_text',
+           'arg_out_dir', 'check_args', 'build_parser', 'main']
 
 # %% ../../nbs/20_cli.ipynb #47322f2d
 def _say(*a, **kw): print(*a, **kw, flush=True)
@@ -145,12 +145,22 @@ def cmd_backtest(args) -> int:
     _say(f"stored run {res.run_id} in {res.seconds:.1f}s")
     return 0
 
+def cmd_holdout(args) -> int:
+    "Evaluate a model on the sealed holdout, the only way to read it: the look is audited and counted, and the Sharpe deflated by the count."
+    from trader.research.holdout import holdout
+    r = holdout(args.model, caller='trader holdout')
+    ma = r.backtest.metrics.get('ma_cross_params') or {}
+    _say(r.render(_fmt_metrics_table(r.backtest)))
+    if ma: _say(f"  ma_cross = fast {ma['fast']} / slow {ma['slow']}, chosen on {ma['chosen_on']} among {ma['n_trials']} combinations")
+    return 0
+
 def cmd_sweep(args) -> int:
     "Moving-average crossover sweep, vectorised in one vectorbt call, with deflated Sharpe."
     from trader.research.sweep import ma_sweep
     from trader.research.train import parse_window
+    from trader.research.holdout import refuse_holdout
     s = load_settings()
-    w = parse_window(args.window or s.train.valid_window, 'window')
+    w = refuse_holdout(args.window or s.train.valid_window, 'sweep window', s)      # a sweep selects: never on the holdout
     syms = parse_symbols(args.symbols)
     with Store(settings=s) as store:
         bars = store.read_bars(syms, end=w[1])
@@ -167,8 +177,10 @@ def cmd_report(args) -> int:
     "Run a report template through papermill into a dated folder."
     from trader.ops import reports as R
     from trader.core.registry import Registry
+    from trader.research.holdout import refuse_holdout
     s = load_settings()
     if args.kind == 'backtest':
+        if args.window: refuse_holdout(args.window, 'report window', s)      # exit 2 before the template runs
         with Store(settings=s) as store: mid = Registry(store, s).get(args.model)['id']
         out = Path(args.output_dir) if args.output_dir else R.backtest_report_dir(s, mid)
         params = {'model': mid, 'window': args.window or '', 'fees_bps': -1.0 if args.fees_bps is None else args.fees_bps,
@@ -514,24 +526,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add('backtest', cmd_backtest, 'backtest a model against buy-and-hold and the best MA crossover; stores a run')
     sp.add_argument('--model', type=arg_model_id, default='champion', help="model id or 'champion'")
-    sp.add_argument('--window', type=arg_window, metavar='A:B', help='default: the holdout (2012-01-01:2013-03-01)')
+    sp.add_argument('--window', type=arg_window, metavar='A:B', help='default: the validation window; a window touching the holdout is refused (use `trader holdout`)')
     sp.add_argument('--fees-bps', type=arg_bps, help='default from settings (env.fees_bps)')
     sp.add_argument('--slippage-bps', type=arg_bps, help='default from settings (env.slippage_bps)')
     sp.add_argument('--cash', type=arg_cash_amount, default=100_000.0)
+
+    sp = add('holdout', cmd_holdout, 'evaluate a model on the sealed holdout (each look is audited and counted)',
+             epilog='the only way to read the holdout: prints how many looks there have been and the Sharpe deflated by that count\n'
+                    'example:\n  trader holdout --model champion')
+    sp.add_argument('--model', type=arg_model_id, default='champion', help="model id or 'champion'")
 
     sp = add('sweep', cmd_sweep, 'moving-average crossover parameter sweep (one vectorbt call)')
     sp.add_argument('kind', choices=['ma'])
     sp.add_argument('--symbols', type=arg_symbols, default='AAPL,MSFT')
     sp.add_argument('--fast', type=arg_ma_range, default='5:53:2', help='fast windows start:stop:step')
     sp.add_argument('--slow', type=arg_ma_range, default='20:180:10', help='slow windows start:stop:step')
-    sp.add_argument('--window', type=arg_window, metavar='A:B', help='default: the validation window')
+    sp.add_argument('--window', type=arg_window, metavar='A:B', help='default: the validation window (the holdout is refused)')
     sp.add_argument('--top', type=arg_count, default=10)
 
     sp = add('report', cmd_report, 'run a papermill report into reports/',
              epilog='example:\n  trader report backtest --model champion')
     sp.add_argument('kind', choices=['backtest'])
     sp.add_argument('--model', type=arg_model_id, default='champion')
-    sp.add_argument('--window', type=arg_window, metavar='A:B'); sp.add_argument('--fees-bps', type=arg_bps); sp.add_argument('--slippage-bps', type=arg_bps)
+    sp.add_argument('--window', type=arg_window, metavar='A:B', help='default: the validation window (the holdout is refused)'); sp.add_argument('--fees-bps', type=arg_bps); sp.add_argument('--slippage-bps', type=arg_bps)
     sp.add_argument('--cash', type=arg_cash_amount, default=100_000.0)
     sp.add_argument('--output-dir', type=arg_out_dir, help='default: reports/backtest/<date>-<model>/')
 
@@ -544,7 +561,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add('promote', cmd_promote, 'promote a challenger if better on Sharpe AND max drawdown')
     sp.add_argument('--challenger', type=arg_model_id, required=True, metavar='MODEL_ID')
-    sp.add_argument('--window', type=arg_window, metavar='A:B', help='default: the validation window')
+    sp.add_argument('--window', type=arg_window, metavar='A:B', help='default: the validation window (the holdout is refused)')
     sp.add_argument('--dry-run', action='store_true', help='decide and print; record nothing')
 
     sp = add('runs', cmd_runs, 'list stored runs')
@@ -554,7 +571,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add('paper', cmd_paper, 'paper-trade a model bar by bar (replay or Alpaca paper)',
              epilog='examples:\n  trader paper --broker sim --model champion --replay 2012-01-03:2013-03-01 --speed max\n'
                     '  trader paper --broker alpaca --model champion --live   (not verified against the live service from this machine)\n'
-                    'a killed session resumes when started again with the same arguments')
+                    'a killed session resumes when started again with the same arguments;\n'
+                    'a replay touching the holdout is recorded in the audit trail as a look at it (and counted by `trader holdout`)')
     sp.add_argument('--broker', choices=['sim', 'alpaca'], default='sim')
     sp.add_argument('--model', type=arg_model_id, default='champion', help="model id, or 'champion' (follows promotions and rollbacks)")
     sp.add_argument('--replay', type=arg_window, default='2012-01-03:2013-03-01', metavar='A:B', help='replay stored bars over this window')
@@ -590,7 +608,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add('nightly', cmd_nightly, 'nightly cycle: warm-started challenger, promotion only if better, gate',
              epilog='cron: 15 2 * * 1-5  cd /srv/trader && .venv/bin/trader nightly >> var/logs/nightly.log 2>&1\n'
-                    'exit codes: 0 the cycle completed (promoted or kept), 1 a stage failed (the champion is unchanged)')
+                    'exit codes: 0 the cycle completed (promoted or kept), 1 a stage failed (the champion is unchanged),\n'
+                    '            2 the evaluation window touches the holdout (refused before anything runs)')
+    sp.add_argument('--window', type=arg_window, metavar='A:B', help='promotion window (default: the validation window; the holdout is refused)')
     sp.add_argument('--steps', type=arg_count, help='training steps for the challenger (default: TRADER_NIGHTLY_STEPS or 20,000)')
     sp.add_argument('--challenger', type=arg_model_id, metavar='MODEL_ID', help='evaluate this registered model instead of training one')
     sp.add_argument('--dry-run', action='store_true', help='decide and print; promote nothing')

@@ -105,15 +105,21 @@ def run_demo(serve:bool=True, # start the dashboard at the end
         else: st.what += '; champion'
     champ = reg.champion()
     with _Stage(3, 'backtest') as st:
+        from trader.research.holdout import holdout, looks
         out_dir = R.backtest_report_dir(s, champ)
-        if (out_dir/'report.html').exists() and (out_dir/'metrics.json').exists():
-            m = json.loads((out_dir/'metrics.json').read_text())['metrics']
-            st.done(f"reused today's report for {champ}")
+        prev = json.loads((out_dir/'metrics.json').read_text()) if (out_dir/'report.html').exists() and (out_dir/'metrics.json').exists() else {}
+        look = (prev.get('metrics') or {}).get('holdout') or {}
+        if look.get('look'):           # today's holdout report of this champion: no new look
+            st.done(f"reused today's holdout report for {champ} (look {look['look']}; {len(looks(store))} looks at the holdout so far)")
         else:
-            R.run_template('backtest', out_dir, {'model': champ, 'output_dir': str(out_dir), 'demo_if_empty': False})
-            m = json.loads((out_dir/'metrics.json').read_text())['metrics']
-            st.done(f"holdout {s.train.holdout_window}: model {m['strategy']['total_return']:+.2%} (Sharpe {'-' if m['strategy']['sharpe'] is None else format(m['strategy']['sharpe'], '.2f')}), "
-                    f"buy-and-hold {m['baselines']['buy_hold']['total_return']:+.2%}, MA crossover {m['baselines']['ma_cross']['total_return']:+.2%}")
+            h = holdout(champ, settings=s, store=store, caller='trader demo (stage 3)')
+            R.run_template('backtest', out_dir, {'model': champ, 'run_id': h.run_id, 'output_dir': str(out_dir), 'demo_if_empty': False})
+            m, d = h.backtest.metrics, h.deflated
+            f = lambda x, p='.2f': '-' if x is None else format(x, p)
+            base = ', '.join(f"{k.replace('buy_hold', 'buy-and-hold').replace('ma_cross', 'MA crossover')} {v['total_return']:+.2%}" for k, v in m['baselines'].items())
+            st.done(f"holdout {s.train.holdout_window} via `trader holdout` (look {h.look}: {h.look} look{'s' if h.look != 1 else ''} at the holdout so far, audited): "
+                    f"model {m['strategy']['total_return']:+.2%} (Sharpe {f(m['strategy']['sharpe'])}, deflated Sharpe ratio {f(d['dsr'], '.3f')} "
+                    f"for {d['n_trials']} look{'s' if d['n_trials'] != 1 else ''})" + (f", {base}" if base else ''))
         paths['backtest report'] = out_dir/'report.html'; paths['tear sheet'] = out_dir/'tearsheet.html'; paths['backtest notebook'] = out_dir/'backtest.ipynb'
     with _Stage(4, 'paper') as st:
         hold = s.train.holdout_window
@@ -129,7 +135,8 @@ def run_demo(serve:bool=True, # start the dashboard at the end
             out = paper_session('sim', 'champion', hold, settings=s, store=store, tag='demo')
             paper_id, sm = out['run_id'], out['state']
             st.done(f"replay of {hold} (historical bars, simulated fills): {out['bars']} bars at {out['bars']/out['seconds']:,.0f} bars/s, "
-                    f"equity {out['equity']:,.2f}, {'HALTED by the guardian: ' + sm.halt_reason if sm.halted else 'guardian on, not fired'}")
+                    f"equity {out['equity']:,.2f}, {'HALTED by the guardian: ' + sm.halt_reason if sm.halted else 'guardian on, not fired'}"
+                    + (f"; recorded as holdout look {out['holdout_look']}" if out.get('holdout_look') else ''))
     with _Stage(5, 'drill') as st:
         # drills run in a sandbox store; production keeps one `drill` audit entry per drill: reuse the newest that passed
         prior = [(e.seq, e.ts, d) for e in reversed(list(Audit(store).entries(kinds='drill').itertuples()))

@@ -106,16 +106,20 @@ def nightly(steps:int|None=None, # training timesteps (default: TRADER_NIGHTLY_S
             dry_run:bool=False, # decide and compute the gate, record nothing (a challenger trained tonight stays registered)
             settings:Settings|None=None, store:Store|None=None,
             seed:int|None=None, # training seed (default: tonight's UTC date as YYYYMMDD)
+            window:str|None=None, # promotion window 'A:B' (default: the validation window; a window touching the holdout is refused)
            ) -> NightlyResult:
     "Train a challenger warm-started from the champion, promote it only if its Sharpe is higher and drawdown lower, run the gate; audit it all."
+    from trader.research.holdout import refuse_holdout
     s = settings or load_settings()
+    window = window or s.train.valid_window
+    refuse_holdout(window, 'nightly evaluation window', s)      # HoldoutError (exit 2) before anything runs or is recorded
     own = store is None
     store = store or Store(settings=s)
-    try: return _cycle(store, s, steps, challenger, dry_run, seed)
+    try: return _cycle(store, s, steps, challenger, dry_run, seed, window)
     finally:
         if own: store.close()
 
-def _cycle(store:Store, s:Settings, steps, challenger, dry_run:bool, seed) -> NightlyResult:
+def _cycle(store:Store, s:Settings, steps, challenger, dry_run:bool, seed, window:str) -> NightlyResult:
     from trader.core.audit import Audit
     reg = Registry(store, s)
     res = NightlyResult(dry_run=dry_run, challenger=challenger, trained=challenger is None)
@@ -148,7 +152,8 @@ def _cycle(store:Store, s:Settings, steps, challenger, dry_run:bool, seed) -> Ni
         if audit is not None:
             audit.append('nightly', {'event': 'start', 'started': res.started, 'champion': res.champion_before, 'challenger': challenger,
                                      'train': challenger is None, 'steps': n, 'seed': sd,
-                                     'windows': {'train': s.train.train_window, 'valid': s.train.valid_window, 'holdout': s.train.holdout_window}})
+                                     'windows': {'train': s.train.train_window, 'valid': s.train.valid_window, 'evaluate': window,
+                                                 'holdout': s.train.holdout_window}})
         return '', (n, sd)
     n, sd = stage('start', start, show=False)
 
@@ -172,7 +177,7 @@ def _cycle(store:Store, s:Settings, steps, challenger, dry_run:bool, seed) -> Ni
 
     def decide():
         from trader.ops.promote import promote
-        d = promote(res.challenger, window=s.train.valid_window, dry_run=dry_run, settings=s, store=store)
+        d = promote(res.challenger, window=window, dry_run=dry_run, settings=s, store=store)
         res.promoted, res.reason = d.promoted, d.reason
         return f"{d.render().splitlines()[0]} (validation {d.window})", d
     stage('promote', decide)
@@ -197,8 +202,13 @@ def _cycle(store:Store, s:Settings, steps, challenger, dry_run:bool, seed) -> Ni
 
 # %% ../../nbs/31_nightly.ipynb #fdbfe02b
 def cmd_nightly(args) -> int:
-    "Train a challenger from the champion, promote it only if better on Sharpe and drawdown, run the daily gate. Exit 0: done (promoted or kept); 1: a stage failed."
-    try: r = nightly(getattr(args, 'steps', None), getattr(args, 'challenger', None), bool(getattr(args, 'dry_run', False)))
+    "Train a challenger from the champion, promote it only if better on Sharpe and drawdown, run the daily gate. Exit 0: done (promoted or kept); 1: a stage failed; 2: the window touches the holdout."
+    from trader.research.holdout import HoldoutError
+    try: r = nightly(getattr(args, 'steps', None), getattr(args, 'challenger', None), bool(getattr(args, 'dry_run', False)),
+                     window=getattr(args, 'window', None))
+    except HoldoutError as e:
+        print(f"error: {e}; nothing ran", file=sys.stderr, flush=True)
+        return e.exit_code
     except NightlyError as e:
         r = e.result
         if r is not None: print(r.render(), flush=True)

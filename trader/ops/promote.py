@@ -56,17 +56,19 @@ def decide(challenger:dict, champion:dict|None) -> tuple[bool, str]:
 
 # %% ../../nbs/17_promote.ipynb #3d640a90
 def promote(challenger:str, # model id
-            window:str|None=None, # 'A:B'; default: the validation window
+            window:str|None=None, # 'A:B'; default: the validation window (a window touching the holdout is refused)
             dry_run:bool=False, # decide and print, record nothing
             settings:Settings|None=None, store:Store|None=None) -> PromotionDecision:
     "Backtest champion and challenger on one window with the same costs; promote only if better on both counts."
     from trader.research.backtest import backtest
+    from trader.research.holdout import refuse_holdout
     s = settings or load_settings()
+    w = window or s.train.valid_window
+    refuse_holdout(w, 'promotion window', s)       # selection never reads the holdout: refused before anything is read or recorded
     store = store or Store(settings=s)
     reg = Registry(store, s)
     ch = reg.get(challenger)['id']
     champ = reg.champion()
-    w = window or s.train.valid_window
     if champ == ch: raise TraderError(f"{ch} is already the champion")
     c_res = backtest(ch, w, settings=s, store=store, baselines=False, save=not dry_run)
     c_m = c_res.metrics['strategy']

@@ -158,21 +158,25 @@ def best_ma(bars:pd.DataFrame, symbols, window_start:pd.Timestamp, fees_bps:floa
     return {**sw.best, 'chosen_on': f"{a:%Y-%m-%d}:{b:%Y-%m-%d}", 'n_trials': sw.n_trials}
 
 def backtest(model:str='champion', # a model id or 'champion'
-             window:str|None=None, # 'A:B'; default: the holdout
+             window:str|None=None, # 'A:B'; default: the validation window (a window touching the holdout is refused)
              fees_bps:float|None=None, slippage_bps:float|None=None, # default: settings.env
              cash:float=100_000.0,
              baselines:bool=True, # add buy-and-hold and the best MA crossover (chosen on the two years before the window)
              guardian:bool|None=None, # simulate the guardian and emergency levels; default: settings.risk.guardian, as paper trading
-             settings:Settings|None=None, store:Store|None=None, save:bool=True) -> BacktestResult:
+             settings:Settings|None=None, store:Store|None=None, save:bool=True,
+             _allow_holdout:bool=False, # internal: set only by `trader.research.holdout.holdout`, which audits and counts the look
+            ) -> BacktestResult:
     "Backtest a registered model and store the run."
     from trader.research.train import parse_window
+    from trader.research.holdout import refuse_holdout
     t0 = time.perf_counter()
     s = settings or load_settings()
+    w = parse_window(window or s.train.valid_window, 'window')
+    if not _allow_holdout: refuse_holdout(w, 'backtest window', s)      # before a bar is read or a run created
     store = store or Store(settings=s)
     reg = Registry(store, s)
     policy = Policy.load(model, reg)
     syms = list(policy.symbols)
-    w = parse_window(window or s.train.holdout_window, 'window')
     fees = s.env.fees_bps if fees_bps is None else fees_bps
     slip = s.env.slippage_bps if slippage_bps is None else slippage_bps
     guard = s.risk.guardian if guardian is None else bool(guardian)
