@@ -9,6 +9,7 @@ from trader.core.store import Store
 from trader.research.train import train
 from trader.core.registry import Registry
 from trader.research.backtest import backtest
+from trader.research.holdout import holdout, overlaps_holdout
 from trader.live.loop import paper_session
 from trader.core.runs import Runs
 
@@ -33,7 +34,10 @@ def test_paper_replay_equals_backtest(prepared, window, what, guardian):
     # halted on 2011-08-08 in the sell-off (and in January of the calm year); on the holdout it trades throughout
     s2 = s.model_copy(update={'env': s.env.model_copy(update={'fees_bps': fees, 'slippage_bps': slip}),
                               'risk': s.risk.model_copy(update={'guardian': guardian})})
-    bt = backtest(mid, window, settings=s2, store=store, baselines=False)
+    if what == 'holdout':     # the sealed holdout is backtested only through `trader holdout`'s function (an audited look)
+        assert window.split(':')[1] == s2.train.holdout_window.split(':')[1] and overlaps_holdout(window, s2)
+        bt = holdout(mid, settings=s2, store=store, baselines=False, caller='test_parity').backtest
+    else: bt = backtest(mid, window, settings=s2, store=store, baselines=False)
     assert bt.metrics['guardian'] is guardian
     out = paper_session('sim', mid, window, settings=s2, store=store, tag=f'parity {window} guardian={guardian}')
     paper = Runs(store).load(out['run_id'])

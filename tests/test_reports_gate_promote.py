@@ -57,7 +57,8 @@ def test_backtest_cli_prints_model_and_baselines(home):
     r = trader(home, 'backtest', '--model', ids(home)['both'])
     assert r.returncode == 0, r.stderr
     assert 'model buy_hold ma_cross' in ' '.join(r.stdout.split()) and 'stored run ba-' in r.stdout
-    assert 'chosen on 2010-01-01:2011-12-31' in r.stdout
+    assert 'on 2010-01-01..2011-12-31' in r.stdout               # the default window: validation (the holdout is sealed)
+    assert 'chosen on 2008-01-01:2009-12-31' in r.stdout         # the two years before it
 
 def test_gate_files_and_exit_codes(home):
     s = load_settings({'TRADER_HOME': str(home)})
