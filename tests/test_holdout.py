@@ -149,7 +149,7 @@ def test_paper_replay_of_the_holdout_is_a_look(home):
         out = paper_session('sim', ids(home)['aapl'], '2012-03-01:2012-04-30', settings=s, store=st, tag='holdout replay')
         assert out['finished'] and out['holdout_look'] == n0 + 1             # replayed, not refused, and counted
         e = looks(st).iloc[-1]
-        assert (e.source, e.model_id, e.window, e.run_id, e.look) == ('paper replay', ids(home)['aapl'], '2012-03-01:2012-04-30', out['run_id'], n0 + 1)
+        assert (e.source, e.model_id, e.window, e.replay_run_id, e.look) == ('paper replay', ids(home)['aapl'], '2012-03-01:2012-04-30', out['run_id'], n0 + 1)
         assert e.user == getpass.getuser() and 'paper_session' in e.caller
     r = trader(home, 'holdout', '--model', ids(home)['aapl'])
     assert r.returncode == 0 and f'holdout look {n0 + 2} ({n0 + 2} looks at the holdout so far' in r.stdout, r.stdout + r.stderr

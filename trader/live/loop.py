@@ -358,9 +358,11 @@ def paper_session(broker:str='sim', # sim or alpaca
                                                                  'history_sha256': loop.history_sha256, 'history_bars': int(loop._n)}),
                                     ('model_load', {'run_id': run_id, 'model_id': loop.policy.id, 'artifact_sha256': loop.policy.meta.get('artifact_sha256')})])
             look = None
-            if replay and overlaps_holdout(replay, s):     # a replay of the holdout reads it: a look, audited and counted (not refused)
+            # a replay of the holdout reads it: a look, audited and counted (not refused); each start or resume is one; keyed by
+            # replay_run_id, not run_id, so the run's own entries are the same however often it was resumed
+            if replay and overlaps_holdout(replay, s):
                 look = record_look(store, 'paper replay', loop.policy.id, loop.policy.meta.get('artifact_sha256'), replay, settings=s,
-                                   caller=f"paper_session{' (' + tag + ')' if tag else ''}", run_id=run_id, resumed=resumed)['look']
+                                   caller=f"paper_session{' (' + tag + ')' if tag else ''}", replay_run_id=run_id, resumed=resumed)['look']
         if drill and drill.get('disconnect_bars'):
             # the broker drops the connection right after the first bar (past the feed outage) that sent orders,
             # so those orders fill at the broker while the loop cannot see them
