@@ -367,11 +367,15 @@ def _run_optuna(self:Experiment, workers:int|None=None, say=print):
     self.study = study
     return study
 
-def run(self:Experiment, workers:int|None=None, say=print) -> dict:
-    "Run (or continue) the experiment; returns its summary."
+def run(self:Experiment, workers:int|None=None, say=print, ray:bool=False, address:str|None=None) -> dict:
+    "Run (or continue) the experiment; returns its summary. `ray=True`: on a private local Ray instance; `address`: on that Ray cluster."
     self._register()
     self._baselines()
-    if self.spec.optuna: self._run_optuna(workers, say)
+    self.placement = {}                   # {trial key: Ray node id} of the trials run on Ray
+    if ray or address:
+        from trader.research.distributed import run_on_ray   # imports Ray only here
+        run_on_ray(self, address=address, workers=workers, say=say)
+    elif self.spec.optuna: self._run_optuna(workers, say)
     else: self._execute(self.trials(), workers, say)
     summ = self.summary()
     now = pd.Timestamp.now(tz='UTC').isoformat(timespec='seconds')
