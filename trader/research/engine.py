@@ -335,23 +335,10 @@ def _execute_nb(s, shares, opened, qty, px, P):
     return traded
 
 @njit(cache=True)
-def _orders_nb(s, shares, targets, px, mask):
-    "Share quantities bringing the masked assets to `targets` at `px` (the `Book.orders_for` rule); 0 where nothing trades."
-    v = _value_nb(s, shares, px)
-    q = np.zeros(len(shares))
-    for i in range(len(shares)):
-        if mask[i]:
-            x = targets[i]*v/px[i] - shares[i]
-            if abs(x)*px[i] > 1e-9*max(abs(v), 1.0): q[i] = x
-    return q
-
-@njit(cache=True)
-def _weights_nb(s, shares, px):
-    v = _value_nb(s, shares, px)
-    w = np.zeros(len(shares))
-    if v != 0:
-        for i in range(len(shares)): w[i] = shares[i]*px[i]/v
-    return w
+def _order_qty(targets, shares, px, v, i):
+    "Shares bringing asset i to `targets[i]` at `px` with equity `v` (the `Book.orders_for` rule); 0 when too small to trade."
+    x = targets[i]*v/px[i] - shares[i]
+    return x if abs(x)*px[i] > 1e-9*max(abs(v), 1.0) else 0.0
 
 @njit(cache=True)
 def _guardian_nb(equity, day_high, e3, peak, P):
@@ -373,28 +360,38 @@ def _guardian_nb(equity, day_high, e3, peak, P):
 def _grows(out, cur, i): return abs(out[i]) > abs(cur[i]) + 1e-12 or out[i]*cur[i] < 0
 
 @njit(cache=True)
-def _pre_trade_nb(wanted, cur, equity, peak, halted, day_start, level, atr, corr, P):
-    "`RiskEngine.pre_trade` on arrays: (targets, number of rules that cut them, halted)."
-    n = len(wanted)
-    if halted: return np.zeros(n), 1, True
-    dd = max(0.0, 1.0 - equity/peak) if peak > 0 else 0.0
-    if dd >= P[_MAXDD]: return np.zeros(n), 1, True
-    out = wanted.copy(); nb = 0
+def _cur(shares, px, v, i): return shares[i]*px[i]/v if v != 0 else 0.0
+
+@njit(cache=True)
+def _grows(out, shares, px, v, i):
+    c = _cur(shares, px, v, i)
+    return abs(out[i]) > abs(c) + 1e-12 or out[i]*c < 0
+
+@njit(cache=True)
+def _pre_trade_nb(out, shares, px, equity, peak, halted, day_start, level, atr, corr, P):
+    "`RiskEngine.pre_trade` on arrays, in place on `out` (the requested targets); current weights from `shares` at `px`. Returns (cuts, halted)."
+    n = len(out)
+    if halted or (max(0.0, 1.0 - equity/peak) if peak > 0 else 0.0) >= P[_MAXDD]:
+        for i in range(n): out[i] = 0.0
+        return 1, True
+    nb = 0
     cap = P[_MAXPOS]
     for i in range(n):
         if out[i] > cap or out[i] < -cap:
             out[i] = cap if out[i] > 0 else -cap; nb += 1
     for i in range(n):
         a = atr[i]
-        if _grows(out, cur, i) and a > 0 and np.isfinite(a):
-            lim_w = max(P[_PTR]/(P[_ATRSTOP]*a), abs(cur[i]) if out[i]*cur[i] >= 0 else 0.0)
+        if _grows(out, shares, px, equity, i) and a > 0 and np.isfinite(a):
+            c = _cur(shares, px, equity, i)
+            lim_w = max(P[_PTR]/(P[_ATRSTOP]*a), abs(c) if out[i]*c >= 0 else 0.0)
             if abs(out[i]) > lim_w + 1e-12:
                 nb += 1; out[i] = np.copysign(lim_w, out[i])
     day_loss = max(0.0, 1.0 - equity/day_start) if day_start else 0.0
     if day_loss >= P[_DLOSS]:
         for i in range(n):
-            if _grows(out, cur, i):
-                nb += 1; out[i] = cur[i] if out[i]*cur[i] >= 0 else 0.0
+            if _grows(out, shares, px, equity, i):
+                c = _cur(shares, px, equity, i)
+                nb += 1; out[i] = c if out[i]*c >= 0 else 0.0
     if corr == corr and n > 1 and corr > P[_CORRCAP]:
         for sign in (1.0, -1.0):
             cnt, gross = 0, 0.0
@@ -407,14 +404,18 @@ def _pre_trade_nb(wanted, cur, equity, peak, halted, day_start, level, atr, corr
                 nb += 1
     if level >= 2:
         for i in range(n):
-            if _grows(out, cur, i):
-                out[i] = cur[i] + 0.5*(out[i] - cur[i]); nb += 1
-    return out, nb, False
+            if _grows(out, shares, px, equity, i):
+                c = _cur(shares, px, equity, i)
+                out[i] = c + 0.5*(out[i] - c); nb += 1
+    return nb, False
 
 @njit(cache=True)
 def _flatten_nb(s, shares, targets, opened, px, P):
-    q = -shares.copy()
-    traded = _execute_nb(s, shares, opened, q, px, P)
+    traded = 0.0                # sells first, then buys, as `_execute_nb`
+    for i in range(len(shares)):
+        if shares[i] > 0: traded += _fill_nb(s, shares, opened, i, -shares[i], px[i], P)
+    for i in range(len(shares)):
+        if shares[i] < 0: traded += _fill_nb(s, shares, opened, i, -shares[i], px[i], P)
     targets[:] = 0.0
     s[_HALT] = 1.0; s[_LEVEL] = 6.0
     return traded
@@ -453,49 +454,49 @@ def engine_advance_nb(s, shares, targets, opened, pending, t, open_, close, day,
         else:
             entered = lvl > s[_LEVEL]
             s[_LEVEL] = lvl
-            w = _weights_nb(s, shares, close[t])
-            forced = np.empty(n); has = False
-            if lvl == 3 and entered:
-                for i in range(n): forced[i] = 0.5*w[i]
+            if (lvl == 3 and entered) or lvl == 4 or lvl == 5:
+                v = _value_nb(s, shares, close[t])
+                w = np.empty(n); forced = np.empty(n)
+                for i in range(n): w[i] = _cur(shares, close[t], v, i)
                 has = True
-            elif lvl == 4:
-                for i in range(n): forced[i] = 0.0 if (opened[i] >= 0 and s[_BAR] - opened[i] < P[_TACT]) else w[i]
-                has = True
-            elif lvl == 5:
-                anyw = False
-                for i in range(n):
-                    if w[i] != 0: anyw = True
-                if anyw:
-                    kk = np.argmax(np.abs(w))
-                    for i in range(n): forced[i] = 0.0
-                    forced[kk] = np.copysign(min(abs(w[kk]), P[_CORE]), w[kk])
-                    has = True
-            if has:
-                mask = np.abs(forced) < np.abs(w) - 1e-9
-                q = _orders_nb(s, shares, forced, close[t], mask)
-                if np.any(q != 0):
-                    traded += _execute_nb(s, shares, opened, q, close[t], P)
+                if lvl == 3:
+                    for i in range(n): forced[i] = 0.5*w[i]
+                elif lvl == 4:
+                    for i in range(n): forced[i] = 0.0 if (opened[i] >= 0 and s[_BAR] - opened[i] < P[_TACT]) else w[i]
+                else:
+                    has = False
                     for i in range(n):
-                        tg, fw = targets[i], forced[i]
-                        targets[i] = (tg if abs(tg) <= abs(fw) else fw) if tg*fw >= 0 else 0.0
+                        if w[i] != 0: has = True
+                    if has:
+                        kk = np.argmax(np.abs(w))
+                        for i in range(n): forced[i] = 0.0
+                        forced[kk] = np.copysign(min(abs(w[kk]), P[_CORE]), w[kk])
+                if has:
+                    anyq = False
+                    for i in range(n):       # pending is empty after the open: it holds the cut quantities
+                        pending[i] = _order_qty(forced, shares, close[t], v, i) if abs(forced[i]) < abs(w[i]) - 1e-9 else 0.0
+                        if pending[i] != 0: anyq = True
+                    if anyq:
+                        traded += _execute_nb(s, shares, opened, pending, close[t], P)
+                        for i in range(n):
+                            tg, fw = targets[i], forced[i]
+                            targets[i] = (tg if abs(tg) <= abs(fw) else fw) if tg*fw >= 0 else 0.0
+                    pending[:] = 0.0
     s[_BAR] += 1
     return traded, fired
 
 @njit(cache=True)
 def engine_decide_nb(s, shares, targets, pending, wanted, t, close, atr, corr, P):
-    "`TradingEngine.decide` with `SimExecution` at the close of row t: returns the number of rules that cut the targets."
+    "`TradingEngine.decide` with `SimExecution` at the close of row t (`wanted` is overwritten with the approved targets): returns the number of rules that cut them."
     n = len(shares)
     equity = _value_nb(s, shares, close[t])
     nb = 0
     if P[_CHECKS] > 0:
-        out, nb, halt = _pre_trade_nb(wanted, _weights_nb(s, shares, close[t]), equity, s[_PEAK], s[_HALT] > 0, s[_DSTART], s[_LEVEL], atr[t], corr[t], P)
+        nb, halt = _pre_trade_nb(wanted, shares, close[t], equity, s[_PEAK], s[_HALT] > 0, s[_DSTART], s[_LEVEL], atr[t], corr[t], P)
         if halt and s[_HALT] == 0: s[_HALT] = 1.0; s[_LEVEL] = 6.0
-    else: out = wanted.copy()
-    mask = out != targets
-    if np.any(mask):
-        q = _orders_nb(s, shares, out, close[t], mask)
-        for i in range(n): pending[i] = q[i]
-    targets[:] = out
+    for i in range(n):
+        if wanted[i] != targets[i]: pending[i] = _order_qty(wanted, shares, close[t], equity, i)
+    for i in range(n): targets[i] = wanted[i]
     return nb
 
 @njit(cache=True)

@@ -80,17 +80,24 @@ def build_observation(z:np.ndarray, # (N, F) normalised features of one bar, flo
 from numba import njit
 
 @njit(cache=True)
-def _env_step_nb(s, shares, targets, opened, pending, action, codes, sizes, allow_short, t, open_, close, day, atr, corr, P, obs0, pos_idx):
-    "The action to targets (as `apply_action`), one engine step (`engine_step_nb`), and the next observation, in one compiled call."
+def _env_step_into_nb(s, shares, targets, opened, pending, action, codes, sizes, allow_short, t, open_, close, day, atr, corr, P, obs0, pos_idx,
+                      wanted, obs):
+    "The action to targets (as `apply_action`), one engine step (`engine_step_nb`), and the next observation written into `obs`; `wanted` is scratch."
     n = len(shares)
-    wanted = targets.copy()
     for i in range(n):
         c = codes[action, i]
-        if c == 2: wanted[i] = sizes[i]
-        elif c == 0: wanted[i] = -sizes[i] if allow_short else 0.0
+        wanted[i] = sizes[i] if c == 2 else ((-sizes[i] if allow_short else 0.0) if c == 0 else targets[i])
     before, after, traded, cuts, fired = engine_step_nb(s, shares, targets, opened, pending, wanted, t, open_, close, day, atr, corr, P)
-    obs = obs0[t + 1].copy()
+    obs[:] = obs0[t + 1]
     for i in range(n): obs[pos_idx[i]] = targets[i]/sizes[i] if sizes[i] else 0.0
+    return before, after, traded, cuts, fired
+
+@njit(cache=True)
+def _env_step_nb(s, shares, targets, opened, pending, action, codes, sizes, allow_short, t, open_, close, day, atr, corr, P, obs0, pos_idx):
+    "`_env_step_into_nb` with fresh buffers: returns (observation, equity before, after, traded value, cuts, fired)."
+    obs = np.empty(obs0.shape[1], obs0.dtype)
+    before, after, traded, cuts, fired = _env_step_into_nb(s, shares, targets, opened, pending, action, codes, sizes, allow_short, t, open_, close,
+                                                           day, atr, corr, P, obs0, pos_idx, np.empty(len(shares)), obs)
     return obs, before, after, traded, cuts, fired
 
 class TradingEnv(gym.Env):

@@ -9,7 +9,7 @@ import gymnasium as gym
 from numba import njit
 from stable_baselines3.common.vec_env import VecEnv
 from .engine import engine_advance_nb, _value_nb, _NSTATE, _CASH, _PEAK, _INIT, _DAY, _DSTART, _DHIGH, _HALT
-from .env import TradingEnv, _env_step_nb
+from .env import TradingEnv, _env_step_into_nb
 
 # %% auto #0
 __all__ = ['BatchedTradingEnv']
@@ -33,7 +33,7 @@ def _batch_reset_nb(idx, starts, S, SH, TG, OP, PD, T, END, PEAK, hi, episode_le
         _reset_one_nb(idx[k], starts[k], S, SH, TG, OP, PD, T, END, PEAK, hi, episode_len, cash, open_, close, day, P, obs0, pos_idx, sizes, obs)
 
 @njit(cache=True)
-def _batch_step_nb(actions, S, SH, TG, OP, PD, T, END, PEAK, NEXT, codes, sizes, allow_short, open_, close, day, atr, corr, P, obs0, pos_idx,
+def _batch_step_nb(actions, S, SH, TG, OP, PD, W, T, END, PEAK, NEXT, codes, sizes, allow_short, open_, close, day, atr, corr, P, obs0, pos_idx,
                    hi, episode_len, cash, turnover_penalty, drawdown_penalty, reward_scale,
                    obs, rew, term, trunc, done, last_obs, equity, turnover, drawdown, cuts, fired):
     "One step of every env: `_env_step_nb` (action -> targets -> engine step -> observation), the reward and termination of `TradingEnv`, auto-reset."
@@ -41,8 +41,8 @@ def _batch_step_nb(actions, S, SH, TG, OP, PD, T, END, PEAK, NEXT, codes, sizes,
     ndone = 0
     for e in range(N):
         t = T[e]
-        o, before, eq, traded, nb, fr = _env_step_nb(S[e], SH[e], TG[e], OP[e], PD[e], actions[e], codes, sizes, allow_short, t,
-                                                     open_, close, day, atr, corr, P, obs0, pos_idx)
+        before, eq, traded, nb, fr = _env_step_into_nb(S[e], SH[e], TG[e], OP[e], PD[e], actions[e], codes, sizes, allow_short, t,
+                                                       open_, close, day, atr, corr, P, obs0, pos_idx, W[e], obs[e])
         to = traded/before if before > 0 else 0.0
         prev_dd = 1.0 - before/PEAK[e]
         if eq > PEAK[e]: PEAK[e] = eq
@@ -56,10 +56,9 @@ def _batch_step_nb(actions, S, SH, TG, OP, PD, T, END, PEAK, NEXT, codes, sizes,
         term[e] = tm; trunc[e] = tr; done[e] = tm or tr
         equity[e] = eq; turnover[e] = to; drawdown[e] = dd; cuts[e] = nb; fired[e] = fr
         if tm or tr:
-            last_obs[e, :] = o
+            last_obs[e, :] = obs[e]
             _reset_one_nb(e, NEXT[e], S, SH, TG, OP, PD, T, END, PEAK, hi, episode_len, cash, open_, close, day, P, obs0, pos_idx, sizes, obs)
             ndone += 1
-        else: obs[e, :] = o
     return ndone
 
 # %% ../../nbs/06a_vecenv.ipynb #0bdae7a3
@@ -81,7 +80,7 @@ class BatchedTradingEnv(VecEnv):
         self._allow_short, self._tp, self._dp, self._scale = bool(s.allow_short), float(s.turnover_penalty), float(s.drawdown_penalty), float(s.reward_scale)
         self._arrays = (te._open, te._close, te._day)
         self._S, self._SH, self._TG = np.zeros((N, _NSTATE)), np.zeros((N, n)), np.zeros((N, n))
-        self._OP, self._PD = -np.ones((N, n)), np.zeros((N, n))
+        self._OP, self._PD, self._W = -np.ones((N, n)), np.zeros((N, n)), np.zeros((N, n))
         self._T, self._END, self._PEAK = np.zeros(N, np.int64), np.zeros(N, np.int64), np.zeros(N)
         self._next = np.zeros(N, np.int64)
         self._obs = np.zeros((N, te.obs_dim), np.float32)
@@ -121,7 +120,7 @@ class BatchedTradingEnv(VecEnv):
 
     def step_wait(self):
         te = self.template
-        ndone = _batch_step_nb(self._actions, self._S, self._SH, self._TG, self._OP, self._PD, self._T, self._END, self._PEAK, self._next,
+        ndone = _batch_step_nb(self._actions, self._S, self._SH, self._TG, self._OP, self._PD, self._W, self._T, self._END, self._PEAK, self._next,
                                te._codes, te._sizes, self._allow_short, te._open, te._close, te._day, te._atr, te._corr_arr, self._P, te._obs0,
                                te._pos_arr, self.hi, self.episode_len, self.initial_cash, self._tp, self._dp, self._scale,
                                self._obs, self.rewards, self.terminated, self.truncated, self._done, self._last_obs,
