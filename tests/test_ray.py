@@ -54,17 +54,14 @@ def _numbers(summ:dict) -> dict:
     return json.loads(json.dumps(out, default=str))
 
 def ray_side(home:Path, out:Path):
-    "Runs inside the loopback-only namespace: the same specs on a local Ray instance and on a two-node cluster."
+    """Runs inside the loopback-only namespace: the grid spec on a private local Ray instance (`ray=True`), then the grid
+    and the Optuna spec on a two-node cluster (`address=`), one CPU per node."""
     import ray
     from ray.cluster_utils import Cluster
     s, store = _setup(home)
     res = {'links': subprocess.run(['ip', '-o', 'link', 'show'], capture_output=True, text=True).stdout.split('\n')}
     ex = _experiment('grid-ray', GRID, s, store)
     res['grid'] = {'summary': ex.run(ray=True, workers=2, say=quiet), 'placement': ex.placement}
-    ex = _experiment('optuna-ray', OPTUNA, s, store)
-    lines = []
-    res['optuna'] = {'summary': ex.run(ray=True, workers=2, say=lines.append), 'placement': ex.placement, 'lines': lines,
-                     'study': [[t.params, t.state.name, t.value] for t in ex.study.trials]}
     assert not ray.is_initialized()                             # the private instance was shut down
     cluster = Cluster(initialize_head=True, head_node_args={'num_cpus': 1, 'node_ip_address': '127.0.0.1', 'include_dashboard': False})
     try:
@@ -72,9 +69,11 @@ def ray_side(home:Path, out:Path):
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, log_to_driver=False)  # run() uses (and leaves) this session, so the nodes can be listed after it
         ex = _experiment('grid-cluster', GRID, s, store)
-        summ = ex.run(address=cluster.address, say=quiet)
-        res['cluster'] = {'summary': summ, 'placement': ex.placement,
-                          'nodes': [{'id': n['NodeID'], 'address': n['NodeManagerAddress'], 'alive': n['Alive']} for n in ray.nodes()]}
+        res['cluster'] = {'summary': ex.run(address=cluster.address, say=quiet), 'placement': ex.placement}
+        ex, lines = _experiment('optuna-cluster', OPTUNA, s, store), []
+        res['optuna'] = {'summary': ex.run(address=cluster.address, say=lines.append), 'placement': ex.placement, 'lines': lines,
+                         'study': [[t.params, t.state.name, t.value] for t in ex.study.trials]}
+        res['nodes'] = [{'id': n['NodeID'], 'address': n['NodeManagerAddress'], 'alive': n['Alive']} for n in ray.nodes()]
     finally:
         if ray.is_initialized(): ray.shutdown()
         cluster.shutdown()
@@ -112,20 +111,22 @@ def test_grid_on_ray_equals_local(runs):
     assert set(ray_['placement']) == set(local_trials)                               # every trial ran on Ray
 
 def test_optuna_on_ray_equals_local(runs):
+    "An Optuna search as a Tune Tuner (on the two-node cluster): the same configurations, pruning, trials and summary as locally."
     store, ray_ = runs['store'], runs['ray']['optuna']
     assert ray_['study'] == json.loads(json.dumps(runs['local']['study']))           # the same configurations, states, values
-    local_trials, ray_trials = _trials(store, 'optuna-local'), _trials(store, 'optuna-ray')
+    local_trials, ray_trials = _trials(store, 'optuna-local'), _trials(store, 'optuna-cluster')
     assert set(ray_trials) == set(local_trials) and len(local_trials) >= 12
     for k, v in local_trials.items(): assert ray_trials[k] == v, k
     assert _numbers(ray_['summary']) == _numbers(runs['local']['optuna'])
+    assert set(ray_['placement']) == set(local_trials)                               # every trial ran on Ray
     assert sum(l.startswith('optuna trial ') for l in ray_['lines']) == 3
 
 def test_cluster_trials_land_on_both_nodes(runs):
-    c, store = runs['ray']['cluster'], runs['store']
-    assert {n['address'] for n in c['nodes']} == {'127.0.0.1'} and sum(n['alive'] for n in c['nodes']) == 2
+    c, store, nodes = runs['ray']['cluster'], runs['store'], runs['ray']['nodes']
+    assert {n['address'] for n in nodes} == {'127.0.0.1'} and sum(n['alive'] for n in nodes) == 2
     assert set(c['placement']) == set(_trials(store, 'grid-local'))
     assert len(set(c['placement'].values())) == 2, c['placement']                    # two distinct nodes ran trials
-    assert set(c['placement'].values()) <= {n['id'] for n in c['nodes']}
+    assert set(c['placement'].values()) <= {n['id'] for n in nodes}
     assert _trials(store, 'grid-cluster') == _trials(store, 'grid-local')
     assert _numbers(c['summary']) == _numbers(runs['local']['grid'])
 
