@@ -16,9 +16,9 @@ from trader.core.runs import Runs
 from trader.core.store import Store
 from trader.live.drills import DrillResult, crash_day_drill, outage_drill
 from trader.live.loop import paper_session
-from trader.research.train import train
+from trader.research.train import fixed_action_model, train
 
-TINY = {'n_steps': 128, 'batch_size': 64, 'n_epochs': 2, 'checkpoint_every': 0}
+TINY = {'n_steps': 128, 'batch_size': 64, 'n_epochs': 2, 'checkpoint_every': 0, 'n_envs': 1}
 
 def _raw(store) -> sqlite3.Connection:
     "A read-only connection of our own to the production SQLite file: rows exactly as stored (JSON as its text), nothing decoded."
@@ -49,7 +49,8 @@ def prod(tmp_path_factory):
     reg = Registry(store, s)
     first = train('AAPL,MSFT', steps=512, seed=0, settings=s, store=store, progress=False).model_id
     reg.set_champion(first, 'test: the first champion')
-    champ = train('AAPL,MSFT', steps=1024, seed=1, settings=s, store=store, progress=False).model_id
+    # a prepared always-BUY model: certain to hold positions in the session, so there is a ledger to protect
+    champ = fixed_action_model(store, s, 8, ('AAPL', 'MSFT'), note='test: always BUY both')
     reg.set_champion(champ, 'test: promoted', 'promote')
     out = paper_session('sim', 'champion', '2012-01-03:2012-03-30', settings=s, store=store, max_bars=15, metrics_linger=0, tag='production')
     assert not out['finished'] and Runs(store).meta(out['run_id']).status == 'running'

@@ -6,7 +6,7 @@
 from __future__ import annotations
 import os, stat, tomllib
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 # %% auto #0
@@ -94,6 +94,8 @@ class EnvSettings(_Section):
     reward_scale: float = Field(100.0, gt=0, description="rewards in percent: log returns times this")
     turnover_penalty: float = Field(0.0, ge=0, description="extra penalty per unit of turnover, on top of the costs")
     drawdown_penalty: float = Field(0.5, ge=0, description="penalty per unit of new drawdown")
+    reward: Literal['log', 'dsr'] = Field('log', description="'log': log growth of equity minus the penalties, times reward_scale; 'dsr': the differential Sharpe ratio (Moody & Saffell 2001)")
+    dsr_eta: float = Field(0.01, gt=0, lt=1, description="the differential Sharpe ratio's adaptation rate (about 1/100 bars)")
     portfolio_features: bool = Field(False, description="add rolling correlation, portfolio beta and concentration to the observation")
     corr_window: int = Field(30, ge=5, description="bars in the rolling correlation / beta (the plans: 30)")
 

@@ -15,11 +15,11 @@ from ..core.store import Store
 
 # %% auto #0
 __all__ = ['arg_cash_amount', 'arg_bps', 'arg_count', 'arg_seed_value', 'arg_port_number', 'cmd_ingest', 'cmd_quality',
-           'cmd_bars', 'cmd_train', 'cmd_models', 'cmd_backtest', 'cmd_holdout', 'cmd_sweep', 'cmd_report', 'cmd_gate',
-           'cmd_promote', 'cmd_runs', 'cmd_paper', 'cmd_status', 'cmd_kill', 'cmd_resume', 'cmd_drill', 'cmd_audit',
-           'cmd_dashboard', 'cmd_nightly', 'cmd_demo', 'ArgError', 'arg_number', 'arg_speed', 'arg_date', 'arg_window',
-           'arg_symbol', 'arg_symbols', 'arg_model_id', 'arg_run_id', 'arg_ma_range', 'arg_existing_file', 'arg_text',
-           'arg_out_dir', 'check_args', 'build_parser', 'main']
+           'cmd_bars', 'cmd_train', 'cmd_models', 'cmd_backtest', 'cmd_holdout', 'cmd_experiment', 'cmd_sweep',
+           'cmd_report', 'cmd_gate', 'cmd_promote', 'cmd_runs', 'cmd_paper', 'cmd_status', 'cmd_kill', 'cmd_resume',
+           'cmd_drill', 'cmd_audit', 'cmd_dashboard', 'cmd_nightly', 'cmd_demo', 'ArgError', 'arg_number', 'arg_speed',
+           'arg_date', 'arg_window', 'arg_symbol', 'arg_symbols', 'arg_model_id', 'arg_name', 'arg_run_id',
+           'arg_ma_range', 'arg_existing_file', 'arg_text', 'arg_out_dir', 'check_args', 'build_parser', 'main']
 
 # %% ../../nbs/20_cli.ipynb #47322f2d
 def _say(*a, **kw): print(*a, **kw, flush=True)
@@ -152,6 +152,43 @@ def cmd_holdout(args) -> int:
     ma = r.backtest.metrics.get('ma_cross_params') or {}
     _say(r.render(_fmt_metrics_table(r.backtest)))
     if ma: _say(f"  ma_cross = fast {ma['fast']} / slow {ma['slow']}, chosen on {ma['chosen_on']} among {ma['n_trials']} combinations")
+    return 0
+
+def cmd_experiment(args) -> int:
+    "Walk-forward experiments: configurations x seeds x folds, each judged out of sample through the engine against buy-and-hold and a crossover."
+    from trader.research.experiments import Experiment, configurations, list_experiments, load_experiment, load_spec
+    s = load_settings()
+    if args.action == 'run':
+        spec = load_spec(args.target, s, name=args.name, folds=args.folds, seeds=args.seeds, steps=args.steps)   # a bad spec: exit 2, nothing written
+        with Store(settings=s) as store:
+            ex = Experiment(spec, s, store)
+            n = len(configurations(spec)) if not spec.optuna else int(spec.optuna['trials'])
+            _say(f"experiment {spec.name}: {n} configuration(s) {'(Optuna)' if spec.optuna else ''}x {len(spec.seeds)} seeds x {len(ex.folds)} folds "
+                 f"x {spec.steps:,} steps, on {'Ray ' + (args.address or 'local') if args.ray or args.address else 'a local process pool'}")
+            for f in ex.folds: _say(f"  fold {f.index}: train {f.label()['train']}, test {f.label()['test']}")
+            t0 = time.perf_counter()
+            summ = ex.run(workers=args.workers, say=_say, ray=args.ray, address=args.address)
+        _say(summ.get('verdict', summ.get('status', '')))
+        _say(f"{time.perf_counter() - t0:.0f} s; details: trader experiment show {spec.name}; report: trader experiment report {spec.name}")
+        return 0
+    if args.action == 'list':
+        with Store(settings=s) as store: df = list_experiments(store)
+        if df.empty: _say('no experiments yet: trader experiment run [SPEC.toml]'); return 0
+        with pd.option_context('display.width', 200): _say(df.to_string(index=False, float_format=lambda x: f'{x:.2f}'))
+        return 0
+    with Store(settings=s) as store: summ = load_experiment(args.target, s, store).summary()
+    if args.action == 'show':
+        if args.json: print(json.dumps(summ, indent=1, default=str)); return 0
+        _say(summ.get('verdict', summ.get('status', '')))
+        rows = [{'fold': f['fold'], 'test': f['test'], 'model Sharpe': f['model']['sharpe'], 'model return': f['model']['total_return'],
+                 'buy-and-hold Sharpe': f['buy_hold']['sharpe'], 'buy-and-hold return': f['buy_hold']['total_return'],
+                 'crossover Sharpe': f['ma_cross']['sharpe']} for f in summ.get('folds', [])]
+        with pd.option_context('display.width', 200): _say(pd.DataFrame(rows).to_string(index=False, float_format=lambda x: f'{x:.3f}'))
+        return 0
+    from trader.ops import reports as R
+    out = s.reports_dir/'experiments'/args.target
+    nb = R.run_template('experiment', out, {'name': args.target, 'output_dir': str(out), 'demo_if_empty': False})
+    for f in (nb, out/'report.html', out/'summary.json'): _say(f"wrote {f}")
     return 0
 
 def cmd_sweep(args) -> int:
@@ -380,6 +417,11 @@ def arg_model_id(v:str) -> str:
     if not _ID.match(str(v)): raise _bad(f"not a model id: {v!r}")
     return v
 
+def arg_name(v:str) -> str:
+    "A name for an experiment (letters, digits, '.', '_', '-'), e.g. lr-sweep."
+    if not _ID.match(str(v)): raise _bad(f"not a name (letters, digits, '.', '_', '-'): {v!r}")
+    return v
+
 def arg_run_id(v:str) -> str:
     "A run id, e.g. ba-20260101120000-1a2b3c."
     if not _ID.match(str(v)): raise _bad(f"not a run id: {v!r}")
@@ -425,6 +467,9 @@ def check_args(args) -> None:
         if args.source == 'alpaca' and not args.symbols: raise ArgError('--symbols', 'required with --source alpaca')
         if args.source == 'alpaca' and not args.start: raise ArgError('--start', 'required with --source alpaca')
     if c == 'models' and args.action == 'show' and not args.id: raise ArgError('ID', 'required: trader models show ID')
+    if c == 'experiment' and args.action in ('show', 'report') and not args.target: raise ArgError('NAME', f'required: trader experiment {args.action} NAME')
+    if c == 'experiment' and args.action == 'run' and args.target and not Path(args.target).is_file(): raise ArgError('SPEC', f'{args.target} is not a file')
+    if c == 'experiment' and args.ray and args.address: raise ArgError('--ray', 'give --ray (a local Ray instance) or --address (a cluster), not both')
     if c == 'resume' and not args.reason: raise ArgError('--reason', "say why trading may resume: trader resume --reason '...'")
     if c == 'paper' and args.live and args.broker != 'alpaca': raise ArgError('--live', 'only with --broker alpaca (the sim broker replays stored bars: --replay)')
     for k, flag in (('metrics_port', '--metrics-port'), ('port', '--port')):
@@ -535,6 +580,22 @@ def build_parser() -> argparse.ArgumentParser:
              epilog='the only way to read the holdout: prints how many looks there have been and the Sharpe deflated by that count\n'
                     'example:\n  trader holdout --model champion')
     sp.add_argument('--model', type=arg_model_id, default='champion', help="model id or 'champion'")
+
+    sp = add('experiment', cmd_experiment, 'walk-forward experiments: run, list, show, report',
+             epilog='examples:\n  trader experiment run                       AAPL+MSFT, the default configuration, 4 folds x 3 seeds\n'
+                    '  trader experiment run spec.toml --name lr-sweep --workers 2\n  trader experiment run spec.toml --ray      (a local Ray instance)\n'
+                    '  trader experiment show lr-sweep --json\n  trader experiment report lr-sweep\n'
+                    'a killed experiment continues when run again with the same name and spec; exit 2: a bad spec (nothing written)')
+    sp.add_argument('action', choices=['run', 'list', 'show', 'report'])
+    sp.add_argument('target', nargs='?', metavar='SPEC|NAME', help='run: a TOML spec (default: the default spec); show/report: the experiment name')
+    sp.add_argument('--name', type=arg_name, help="run: the experiment's name (default: the spec's, else 'default')")
+    sp.add_argument('--folds', type=arg_count, help='run: number of walk-forward folds (overrides the spec)')
+    sp.add_argument('--seeds', type=arg_count, help='run: number of seeds (overrides the spec)')
+    sp.add_argument('--steps', type=arg_count, help='run: training timesteps per trial (overrides the spec)')
+    sp.add_argument('--workers', type=arg_count, help='run: local worker processes (default: one per core)')
+    sp.add_argument('--ray', action='store_true', help='run: on a local Ray instance')
+    sp.add_argument('--address', type=arg_text, help='run: on an existing Ray cluster at this address')
+    sp.add_argument('--json', action='store_true', help='show: the summary as JSON (iqm, ci, dsr, n_trials, pbo, per-fold results)')
 
     sp = add('sweep', cmd_sweep, 'moving-average crossover parameter sweep (one vectorbt call)')
     sp.add_argument('kind', choices=['ma'])

@@ -190,6 +190,7 @@ class TradingEnv(gym.Env):
         k = self.engine                                               # the first bar: the book is flat, the day starts
         engine_advance_nb(k.s, k.shares, k.targets, k.opened, k.pending, self._t, self._open, self._close, self._day, self._P)
         self.peak = self.initial_cash
+        self._A = self._B = 0.0            # the differential Sharpe ratio's moving moments
         return self._obs(), {'t': self._t, 'ts': str(self.fs.ts[self._t].date())}
 
     def action_targets(self, action) -> tuple[float, ...]:
@@ -221,14 +222,21 @@ class TradingEnv(gym.Env):
         dd = 1.0 - equity/self.peak
         s = self.settings
         growth = equity/before if before > 0 else 0.0
-        reward = (math.log(growth) if growth > 0 else -10.0) - s.turnover_penalty*turnover - s.drawdown_penalty*max(0.0, dd - prev_dd)
+        if s.reward == 'dsr':        # the differential Sharpe ratio: this step's contribution to an exponentially weighted Sharpe
+            R, A, B = growth - 1.0, self._A, self._B
+            dA, dB = R - A, R*R - B
+            den = B - A*A
+            reward = (B*dA - 0.5*A*dB)/den**1.5 if den > 1e-12 else 0.0
+            self._A, self._B = A + s.dsr_eta*dA, B + s.dsr_eta*dB
+        else:
+            reward = ((math.log(growth) if growth > 0 else -10.0) - s.turnover_penalty*turnover - s.drawdown_penalty*max(0.0, dd - prev_dd))*s.reward_scale
         self._t += 1
         halted = bool(k.s[_HALT])
         terminated = equity <= 0 or halted
         truncated = self._t >= self._end
         info = {'equity': equity, 'turnover': turnover, 'drawdown': dd, 'weights': self._w,
                 'risk_cuts': cuts, 'risk_halted': halted, 'guardian_fired': fired}   # flat keys: SB3's DummyVecEnv deep-copies info
-        return (self._obs() if obs is None else obs), reward*s.reward_scale, terminated, truncated, info
+        return (self._obs() if obs is None else obs), reward, terminated, truncated, info
 
 # %% ../../nbs/06_env.ipynb #83dd807d
 class RiskCheckedEnv(gym.Wrapper):

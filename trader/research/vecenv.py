@@ -34,7 +34,7 @@ def _batch_reset_nb(idx, starts, S, SH, TG, OP, PD, T, END, PEAK, hi, episode_le
 
 @njit(cache=True)
 def _batch_step_nb(actions, S, SH, TG, OP, PD, W, T, END, PEAK, NEXT, codes, sizes, allow_short, open_, close, day, atr, corr, P, obs0, pos_idx,
-                   hi, episode_len, cash, turnover_penalty, drawdown_penalty, reward_scale,
+                   hi, episode_len, cash, turnover_penalty, drawdown_penalty, reward_scale, reward_kind, dsr_eta, RS,
                    obs, rew, term, trunc, done, last_obs, equity, turnover, drawdown, cuts, fired):
     "One step of every env: `_env_step_nb` (action -> targets -> engine step -> observation), the reward and termination of `TradingEnv`, auto-reset."
     N = S.shape[0]
@@ -48,8 +48,16 @@ def _batch_step_nb(actions, S, SH, TG, OP, PD, W, T, END, PEAK, NEXT, codes, siz
         if eq > PEAK[e]: PEAK[e] = eq
         dd = 1.0 - eq/PEAK[e]
         growth = eq/before if before > 0 else 0.0
-        r = (np.log(growth) if growth > 0 else -10.0) - turnover_penalty*to - drawdown_penalty*max(0.0, dd - prev_dd)
-        rew[e] = r*reward_scale
+        if reward_kind == 1:       # the differential Sharpe ratio (Moody & Saffell), as `TradingEnv._after`
+            R = growth - 1.0
+            A, B = RS[e, 0], RS[e, 1]
+            dA, dB = R - A, R*R - B
+            den = B - A*A
+            rew[e] = (B*dA - 0.5*A*dB)/den**1.5 if den > 1e-12 else 0.0
+            RS[e, 0] = A + dsr_eta*dA; RS[e, 1] = B + dsr_eta*dB
+        else:
+            r = (np.log(growth) if growth > 0 else -10.0) - turnover_penalty*to - drawdown_penalty*max(0.0, dd - prev_dd)
+            rew[e] = r*reward_scale
         T[e] = t + 1
         tm = eq <= 0 or S[e, _HALT] != 0
         tr = T[e] >= END[e]
@@ -58,6 +66,7 @@ def _batch_step_nb(actions, S, SH, TG, OP, PD, W, T, END, PEAK, NEXT, codes, siz
         if tm or tr:
             last_obs[e, :] = obs[e]
             _reset_one_nb(e, NEXT[e], S, SH, TG, OP, PD, T, END, PEAK, hi, episode_len, cash, open_, close, day, P, obs0, pos_idx, sizes, obs)
+            RS[e, 0] = 0.0; RS[e, 1] = 0.0
             ndone += 1
     return ndone
 
@@ -78,6 +87,7 @@ class BatchedTradingEnv(VecEnv):
         self._P = te._P.copy()
         s = te.settings
         self._allow_short, self._tp, self._dp, self._scale = bool(s.allow_short), float(s.turnover_penalty), float(s.drawdown_penalty), float(s.reward_scale)
+        self._reward_kind, self._eta, self._RS = (1 if s.reward == 'dsr' else 0), float(s.dsr_eta), np.zeros((n_envs, 2))
         self._arrays = (te._open, te._close, te._day)
         self._S, self._SH, self._TG = np.zeros((N, _NSTATE)), np.zeros((N, n)), np.zeros((N, n))
         self._OP, self._PD, self._W = -np.ones((N, n)), np.zeros((N, n)), np.zeros((N, n))
@@ -104,6 +114,7 @@ class BatchedTradingEnv(VecEnv):
         _batch_reset_nb(idx.astype(np.int64), starts.astype(np.int64), self._S, self._SH, self._TG, self._OP, self._PD, self._T, self._END, self._PEAK,
                         self.hi, self.episode_len, self.initial_cash, te._open, te._close, te._day, self._P, te._obs0, te._pos_arr, te._sizes, self._obs)
         self.starts[idx] = starts
+        self._RS[idx] = 0.0
 
     def reset(self, starts=None) -> np.ndarray:
         "Every env starts a new episode (at `starts`, or drawn from the seeded generator); returns the observations (N, obs_dim)."
@@ -122,7 +133,7 @@ class BatchedTradingEnv(VecEnv):
         te = self.template
         ndone = _batch_step_nb(self._actions, self._S, self._SH, self._TG, self._OP, self._PD, self._W, self._T, self._END, self._PEAK, self._next,
                                te._codes, te._sizes, self._allow_short, te._open, te._close, te._day, te._atr, te._corr_arr, self._P, te._obs0,
-                               te._pos_arr, self.hi, self.episode_len, self.initial_cash, self._tp, self._dp, self._scale,
+                               te._pos_arr, self.hi, self.episode_len, self.initial_cash, self._tp, self._dp, self._scale, self._reward_kind, self._eta, self._RS,
                                self._obs, self.rewards, self.terminated, self.truncated, self._done, self._last_obs,
                                self.equity, self.turnover, self.drawdown, self.risk_cuts, self.guardian_fired)
         infos = [{} for _ in range(self.num_envs)]
