@@ -141,7 +141,10 @@ class GateSettings(_Section):
 class DemoSettings(_Section):
     "What `make demo` / `trader demo` does (`trader.ops.demo`)."
     symbols: list[str] = Field(['AAPL', 'MSFT'], description="the dual-ticker pair of the plans")
-    train_steps: int = Field(60_000, ge=256, description="RecurrentPPO timesteps for the demo model (~100 s here; the plans' full run is 300,000)")
+    train_steps: int = Field(300_000, ge=256, description="RecurrentPPO timesteps for the demo model: the plans' full run (batched env, 64 envs)")
+    walkforward_steps: int = Field(20_000, ge=256, description="timesteps per trial of the demo's small walk-forward experiment")
+    walkforward_folds: int = Field(2, ge=1, description="walk-forward folds of the demo's experiment (test years 2010 and 2011)")
+    walkforward_seeds: int = Field(2, ge=1, description="seeds of the demo's experiment")
     seed: int = Field(0, description="training seed (same seed, same weights)")
     port: int = Field(8866, ge=1, le=65535, description="dashboard port (Voila's default)")
 

@@ -246,9 +246,9 @@ def cmd_gate(args) -> int:
     return g.exit_code
 
 def cmd_promote(args) -> int:
-    "Promote a challenger only if its Sharpe is higher and its max drawdown lower than the champion's."
-    from trader.ops.promote import promote
-    d = promote(args.challenger, args.window, args.dry_run)
+    "Promote a challenger only if its Sharpe is higher and its max drawdown lower than the champion's (on one window, or over an experiment's folds and seeds)."
+    from trader.ops.promote import promote, promote_from_experiment
+    d = promote_from_experiment(args.experiment, args.dry_run) if args.experiment else promote(args.challenger, args.window, args.dry_run)
     _say(d.render())
     return 0
 
@@ -470,6 +470,9 @@ def check_args(args) -> None:
     if c == 'experiment' and args.action in ('show', 'report') and not args.target: raise ArgError('NAME', f'required: trader experiment {args.action} NAME')
     if c == 'experiment' and args.action == 'run' and args.target and not Path(args.target).is_file(): raise ArgError('SPEC', f'{args.target} is not a file')
     if c == 'experiment' and args.ray and args.address: raise ArgError('--ray', 'give --ray (a local Ray instance) or --address (a cluster), not both')
+    if c == 'promote' and bool(args.challenger) == bool(args.experiment): raise ArgError('--challenger', 'give --challenger MODEL_ID or --experiment NAME (one of them)')
+    if c == 'promote' and args.experiment and args.window: raise ArgError('--window', 'an experiment decides over its own folds; --window is for --challenger')
+    if c == 'nightly' and g('experiment') and (g('challenger') or g('steps')): raise ArgError('--experiment', 'decides from the experiment: no --challenger or --steps with it')
     if c == 'resume' and not args.reason: raise ArgError('--reason', "say why trading may resume: trader resume --reason '...'")
     if c == 'paper' and args.live and args.broker != 'alpaca': raise ArgError('--live', 'only with --broker alpaca (the sim broker replays stored bars: --replay)')
     for k, flag in (('metrics_port', '--metrics-port'), ('port', '--port')):
@@ -621,7 +624,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument('--output-dir', type=arg_out_dir, help='default: reports/gates/')
 
     sp = add('promote', cmd_promote, 'promote a challenger if better on Sharpe AND max drawdown')
-    sp.add_argument('--challenger', type=arg_model_id, required=True, metavar='MODEL_ID')
+    sp.add_argument('--challenger', type=arg_model_id, metavar='MODEL_ID', help='a registered model, judged on one window')
+    sp.add_argument('--experiment', type=arg_name, metavar='NAME', help="decide from a walk-forward experiment: its best configuration against the champion's (IQM Sharpe up and IQM drawdown down)")
     sp.add_argument('--window', type=arg_window, metavar='A:B', help='default: the validation window (the holdout is refused)')
     sp.add_argument('--dry-run', action='store_true', help='decide and print; record nothing')
 
@@ -674,6 +678,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument('--window', type=arg_window, metavar='A:B', help='promotion window (default: the validation window; the holdout is refused)')
     sp.add_argument('--steps', type=arg_count, help='training steps for the challenger (default: TRADER_NIGHTLY_STEPS or 20,000)')
     sp.add_argument('--challenger', type=arg_model_id, metavar='MODEL_ID', help='evaluate this registered model instead of training one')
+    sp.add_argument('--experiment', type=arg_name, metavar='NAME', help="decide from a stored walk-forward experiment instead of training a challenger")
     sp.add_argument('--dry-run', action='store_true', help='decide and print; promote nothing')
 
     sp = add('demo', cmd_demo, 'run the main job on the embedded store')

@@ -104,7 +104,22 @@ def run_demo(serve:bool=True, # start the dashboard at the end
         elif reg.champion() != mid: st.what += f"; champion stays {reg.champion()}"
         else: st.what += '; champion'
     champ = reg.champion()
-    with _Stage(3, 'backtest') as st:
+    with _Stage(3, 'walk-forward') as st:
+        from trader.research.experiments import Experiment, parse_spec
+        spec = parse_spec({'name': 'demo-walkforward', 'symbols': syms, 'seeds': s.demo.walkforward_seeds, 'steps': s.demo.walkforward_steps,
+                           'folds': {'n': s.demo.walkforward_folds}}, s)
+        ex = Experiment(spec, s, store)
+        fresh = len(ex.done_keys()) < len(ex.trials())
+        summ = ex.run(workers=min(2, os.cpu_count() or 1), say=lambda *a: None)
+        wdir = s.reports_dir/'experiments'/spec.name
+        if fresh or not (wdir/'report.html').exists():
+            R.run_template('experiment', wdir, {'name': spec.name, 'output_dir': str(wdir), 'demo_if_empty': False})
+        st.done(f"{'' if fresh else 'reused: '}{len(ex.folds)} folds x {len(spec.seeds)} seeds x {spec.steps:,} steps: out-of-sample Sharpe IQM "
+                f"{summ['iqm']:.2f} [{summ['ci'][0]:.2f}, {summ['ci'][1]:.2f}] vs buy-and-hold {summ['buy_hold_sharpe_iqm']:.2f}, "
+                f"beats it in {summ['share_beating_buy_hold']:.0%} of (fold, seed); DSR {'-' if summ['dsr'] is None else format(summ['dsr'], '.2f')}, "
+                f"PBO {'-' if summ['pbo'] is None else format(summ['pbo'], '.0%')}")
+        paths['walk-forward report'] = wdir/'report.html'
+    with _Stage(4, 'backtest') as st:
         from trader.research.holdout import holdout, looks
         out_dir = R.backtest_report_dir(s, champ)
         prev = json.loads((out_dir/'metrics.json').read_text()) if (out_dir/'report.html').exists() and (out_dir/'metrics.json').exists() else {}
@@ -121,7 +136,7 @@ def run_demo(serve:bool=True, # start the dashboard at the end
                     f"model {m['strategy']['total_return']:+.2%} (Sharpe {f(m['strategy']['sharpe'])}, deflated Sharpe ratio {f(d['dsr'], '.3f')} "
                     f"for {d['n_trials']} look{'s' if d['n_trials'] != 1 else ''})" + (f", {base}" if base else ''))
         paths['backtest report'] = out_dir/'report.html'; paths['tear sheet'] = out_dir/'tearsheet.html'; paths['backtest notebook'] = out_dir/'backtest.ipynb'
-    with _Stage(4, 'paper') as st:
+    with _Stage(5, 'paper') as st:
         hold = s.train.holdout_window
         prev = None
         for r in runs.list('paper', 200).itertuples():
@@ -137,7 +152,7 @@ def run_demo(serve:bool=True, # start the dashboard at the end
             st.done(f"replay of {hold} (historical bars, simulated fills): {out['bars']} bars at {out['bars']/out['seconds']:,.0f} bars/s, "
                     f"equity {out['equity']:,.2f}, {'HALTED by the guardian: ' + sm.halt_reason if sm.halted else 'guardian on, not fired'}"
                     + (f"; recorded as holdout look {out['holdout_look']}" if out.get('holdout_look') else ''))
-    with _Stage(5, 'drill') as st:
+    with _Stage(6, 'drill') as st:
         # drills run in a sandbox store; production keeps one `drill` audit entry per drill: reuse the newest that passed
         prior = [(e.seq, e.ts, d) for e in reversed(list(Audit(store).entries(kinds='drill').itertuples()))
                  for d in [json.loads(e.payload)] if d.get('drill') == 'crash-day' and d.get('passed')]
@@ -148,12 +163,12 @@ def run_demo(serve:bool=True, # start the dashboard at the end
             d = crash_day_drill(s, store)
             st.done(f"crash-day drill {'PASSED' if d.passed else 'FAILED'}: " + '; '.join(f"{'ok' if ok else 'FAIL'} {what}" for what, ok, _ in d.checks[1:5]))
             if not d.passed: print(d.render(), flush=True); return 5
-    with _Stage(6, 'gate') as st:
+    with _Stage(7, 'gate') as st:
         from trader.ops.gate import run_gate          # the verdict from Python; the template renders the report
         g, gpaths = run_gate(store, paper_id, None, settings=s)
         st.done(f"{g.status} for {paper_id} on {g.date}" + (f": {'; '.join(g.reasons[:2])}" if g.reasons else ''))
         for ext in ('html', 'json', 'ipynb'): paths[f'gate {ext}'] = gpaths[ext]
-    with _Stage(7, 'audit') as st:
+    with _Stage(8, 'audit') as st:
         v = Audit(store).verify()
         st.done(f"chain verified: {v.n_checked} entries, last hash {v.last_hash[:16]}" if v.ok else f"chain BROKEN at seq {v.first_bad_seq}: {v.reason}")
         if not v.ok: return 4
@@ -161,7 +176,7 @@ def run_demo(serve:bool=True, # start the dashboard at the end
     for k, p in paths.items(): print(f"  {k:<18} {p}", flush=True)
     store.close()
     if serve:
-        print(f"[8] dashboard http://localhost:{s.demo.port}  (Ctrl-C to stop)", flush=True)
+        print(f"[9] dashboard http://localhost:{s.demo.port}  (Ctrl-C to stop)", flush=True)
         return serve_dashboard(s.demo.port)
     return 0
 

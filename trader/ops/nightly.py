@@ -107,6 +107,7 @@ def nightly(steps:int|None=None, # training timesteps (default: TRADER_NIGHTLY_S
             settings:Settings|None=None, store:Store|None=None,
             seed:int|None=None, # training seed (default: tonight's UTC date as YYYYMMDD)
             window:str|None=None, # promotion window 'A:B' (default: the validation window; a window touching the holdout is refused)
+            experiment:str|None=None, # decide from this stored walk-forward experiment instead of training and backtesting a challenger
            ) -> NightlyResult:
     "Train a challenger warm-started from the champion, promote it only if its Sharpe is higher and drawdown lower, run the gate; audit it all."
     from trader.research.holdout import refuse_holdout
@@ -115,14 +116,14 @@ def nightly(steps:int|None=None, # training timesteps (default: TRADER_NIGHTLY_S
     refuse_holdout(window, 'nightly evaluation window', s)      # HoldoutError (exit 2) before anything runs or is recorded
     own = store is None
     store = store or Store(settings=s)
-    try: return _cycle(store, s, steps, challenger, dry_run, seed, window)
+    try: return _cycle(store, s, steps, challenger, dry_run, seed, window, experiment)
     finally:
         if own: store.close()
 
-def _cycle(store:Store, s:Settings, steps, challenger, dry_run:bool, seed, window:str) -> NightlyResult:
+def _cycle(store:Store, s:Settings, steps, challenger, dry_run:bool, seed, window:str, experiment:str|None=None) -> NightlyResult:
     from trader.core.audit import Audit
     reg = Registry(store, s)
-    res = NightlyResult(dry_run=dry_run, challenger=challenger, trained=challenger is None)
+    res = NightlyResult(dry_run=dry_run, challenger=challenger, trained=challenger is None and experiment is None)
     audit = None if dry_run else Audit(store, s)
 
     def fail(name:str, e:BaseException) -> NightlyError:
@@ -147,11 +148,11 @@ def _cycle(store:Store, s:Settings, steps, challenger, dry_run:bool, seed, windo
 
     def start():
         res.champion_before = res.champion = reg.champion()
-        n = None if challenger else nightly_steps(steps)
-        sd = None if challenger else (nightly_seed() if seed is None else int(seed))
+        n = None if (challenger or experiment) else nightly_steps(steps)
+        sd = None if (challenger or experiment) else (nightly_seed() if seed is None else int(seed))
         if audit is not None:
             audit.append('nightly', {'event': 'start', 'started': res.started, 'champion': res.champion_before, 'challenger': challenger,
-                                     'train': challenger is None, 'steps': n, 'seed': sd,
+                                     'train': challenger is None and experiment is None, 'experiment': experiment, 'steps': n, 'seed': sd,
                                      'windows': {'train': s.train.train_window, 'valid': s.train.valid_window, 'evaluate': window,
                                                  'holdout': s.train.holdout_window}})
         return '', (n, sd)
@@ -173,11 +174,19 @@ def _cycle(store:Store, s:Settings, steps, challenger, dry_run:bool, seed, windo
         m = reg.get(challenger)
         return f"{m['id']} given ({','.join(m['symbols'])}, {int(m['steps']):,} steps, {m.get('kind', '?')}); training skipped", m['id']
 
-    res.challenger = stage('train', train_challenger) if challenger is None else stage('challenger', given_challenger)
+    def from_experiment():
+        from trader.research.experiments import load_experiment
+        ex = load_experiment(experiment, s, store)
+        return f"experiment {experiment}: {len(ex.folds)} folds x {len(ex.spec.seeds)} seeds, {len(ex.done_keys())} trials stored; training skipped", experiment
+
+    if experiment: stage('experiment', from_experiment)
+    else: res.challenger = stage('train', train_challenger) if challenger is None else stage('challenger', given_challenger)
 
     def decide():
-        from trader.ops.promote import promote
-        d = promote(res.challenger, window=window, dry_run=dry_run, settings=s, store=store)
+        from trader.ops.promote import promote, promote_from_experiment
+        d = (promote_from_experiment(experiment, dry_run=dry_run, settings=s, store=store) if experiment
+             else promote(res.challenger, window=window, dry_run=dry_run, settings=s, store=store))
+        res.challenger = d.challenger
         res.promoted, res.reason = d.promoted, d.reason
         return f"{d.render().splitlines()[0]} (validation {d.window})", d
     stage('promote', decide)
@@ -205,7 +214,7 @@ def cmd_nightly(args) -> int:
     "Train a challenger from the champion, promote it only if better on Sharpe and drawdown, run the daily gate. Exit 0: done (promoted or kept); 1: a stage failed; 2: the window touches the holdout."
     from trader.research.holdout import HoldoutError
     try: r = nightly(getattr(args, 'steps', None), getattr(args, 'challenger', None), bool(getattr(args, 'dry_run', False)),
-                     window=getattr(args, 'window', None))
+                     window=getattr(args, 'window', None), experiment=getattr(args, 'experiment', None))
     except HoldoutError as e:
         print(f"error: {e}; nothing ran", file=sys.stderr, flush=True)
         return e.exit_code

@@ -10,7 +10,7 @@ from ..core.registry import Registry
 from ..core.store import Store
 
 # %% auto #0
-__all__ = ['PromotionDecision', 'decide', 'promote']
+__all__ = ['PromotionDecision', 'decide', 'promote', 'promote_from_experiment']
 
 # %% ../../nbs/17_promote.ipynb #6b2c0a4c
 @dataclass
@@ -24,12 +24,19 @@ class PromotionDecision:
     challenger_metrics: dict
     champion_metrics: dict|None
     dry_run: bool = False
+    evidence: dict|None = None      # from an experiment: both configurations' walk-forward figures with their intervals
 
     def render(self) -> str:
         def fm(m): return f"Sharpe {_show(m)}, max drawdown {_dd(m):.2%}, return {m['total_return']:+.2%}" if m else '-'
         verdict = ('WOULD PROMOTE' if self.dry_run else 'PROMOTED') if self.promoted else ('WOULD KEEP' if self.dry_run else 'KEPT')
-        return (f"{verdict}: {self.reason}\n  window     {self.window}\n  challenger {self.challenger}: {fm(self.challenger_metrics)}\n"
-                f"  champion   {self.champion or '(none)'}: {fm(self.champion_metrics)}")
+        out = (f"{verdict}: {self.reason}\n  window     {self.window}\n  challenger {self.challenger}: {fm(self.challenger_metrics)}\n"
+               f"  champion   {self.champion or '(none)'}: {fm(self.champion_metrics)}")
+        if self.evidence:
+            for who in ('challenger', 'champion'):
+                e = self.evidence.get(who)
+                if e: out += (f"\n  {who} configuration {e['config'] or '(defaults)'}: Sharpe IQM {e['sharpe_iqm']:.3f} [{e['sharpe_ci'][0]:.2f}, {e['sharpe_ci'][1]:.2f}], "
+                              f"max drawdown IQM {e['mdd_iqm']:.2%} [{e['mdd_ci'][0]:.2%}, {e['mdd_ci'][1]:.2%}]")
+        return out
 
 def _sharpe(m:dict) -> float:
     "Sharpe for comparison; undefined (a flat strategy: no variation) counts as 0, no excess return."
@@ -84,4 +91,55 @@ def promote(challenger:str, # model id
                                 'run_id': k_res.run_id if champ else None}}
         if ok: reg.set_champion(ch, reason, 'promote', metrics)
         else: reg.record_decision(champ, f'kept {champ} over challenger {ch}: {reason}', 'keep', metrics)
+    return d
+
+# %% ../../nbs/17_promote.ipynb #041cb7cf
+def _evidence(c:dict) -> dict:
+    return {'config_id': c['config_id'], 'config': c['config'], 'sharpe_iqm': c['sharpe']['iqm'], 'sharpe_ci': c['sharpe']['ci'],
+            'mdd_iqm': c['max_drawdown']['iqm'], 'mdd_ci': c['max_drawdown']['ci'], 'share_beating_buy_hold': c['share_beating_buy_hold'],
+            'mean_fold_return': float(sum(f['total_return'] for f in c['per_fold'])/len(c['per_fold']))}
+
+def promote_from_experiment(experiment:str, # a stored experiment (`trader experiment run`)
+                            dry_run:bool=False, settings:Settings|None=None, store:Store|None=None) -> PromotionDecision:
+    "Promote the experiment's best configuration only if its walk-forward IQM Sharpe is higher and IQM max drawdown lower than the champion's configuration's."
+    from trader.research.experiments import ExperimentError, config_id, load_experiment
+    s = settings or load_settings()
+    store = store or Store(settings=s)
+    reg = Registry(store, s)
+    ex = load_experiment(experiment, s, store)
+    summ = ex.summary()
+    ranked = [c for c in summ.get('configs', []) if c['complete']]
+    if not ranked: raise ExperimentError(f"experiment {experiment!r} has no configuration with every (seed, fold) trial yet: run it to the end first")
+    best = max(ranked, key=lambda c: c['sharpe']['iqm'])
+    champ = reg.champion()
+    tags = (reg.get(champ).get('tags') or {}) if champ else {}
+    base = ex.base
+    def is_default(cfg:dict) -> bool:       # a configuration whose every value is the base settings' value
+        return all(getattr(getattr(base, k.split('.')[0]), k.split('.')[1]) == v for k, v in cfg.items())
+    champ_cfg = (tags.get('config') if tags.get('config') is not None else {}) if champ else None
+    k = None
+    if champ is not None:
+        k = next((c for c in ranked if c['config_id'] == config_id(champ_cfg)), None)
+        if k is None and is_default(champ_cfg): k = next((c for c in ranked if is_default(c['config'])), None)
+    if champ is not None and k is None:
+        raise ExperimentError(f"experiment {experiment!r} has no complete trials of the champion's configuration ({champ_cfg or 'the defaults'}); "
+                              "add it to the experiment's grid so both are judged on the same folds and seeds")
+    last = max(f.index for f in ex.folds)
+    rows = store.frame('SELECT seed, model_id, metrics FROM exp_trials WHERE experiment = ? AND config_id = ? AND fold = ?', (experiment, best['config_id'], last))
+    rows = rows.assign(sh=[(m['sharpe'] or 0.0) for m in rows.metrics]).sort_values(['sh', 'seed']).reset_index(drop=True)
+    model = rows.model_id.iloc[(len(rows) - 1)//2]
+    cm = {'sharpe': best['sharpe']['iqm'], 'max_drawdown': best['max_drawdown']['iqm'], 'total_return': _evidence(best)['mean_fold_return']}
+    km = None if k is None else {'sharpe': k['sharpe']['iqm'], 'max_drawdown': k['max_drawdown']['iqm'], 'total_return': _evidence(k)['mean_fold_return']}
+    evidence = {'experiment': experiment, 'folds': len(ex.folds), 'seeds': list(ex.spec.seeds), 'challenger': _evidence(best),
+                'champion': None if k is None else _evidence(k)}
+    window = f"walk-forward {experiment}: {len(ex.folds)} folds x {len(ex.spec.seeds)} seeds (IQM)"
+    if k is not None and k['config_id'] == best['config_id']:
+        d = PromotionDecision(model, champ, False, "the champion's configuration is already the best of the experiment", window, cm, km, dry_run, evidence)
+    else:
+        ok, reason = decide(cm, km)
+        d = PromotionDecision(model, champ, ok, reason, window, cm, km, dry_run, evidence)
+    if not dry_run:
+        metrics = {'window': window, 'evidence': evidence, 'challenger': {'id': model, **cm}, 'champion': {'id': champ, **(km or {})}}
+        if d.promoted: reg.set_champion(model, f"walk-forward evidence from {experiment}: {d.reason}", 'promote', metrics)
+        else: reg.record_decision(champ, f"kept {champ} over the configuration of {model} ({experiment}): {d.reason}", 'keep', metrics)
     return d
