@@ -210,7 +210,7 @@ def _record(self:TradingLoop, rec:BarRecord, step=None, events=()):
     for e in (list(step.events) if step is not None else []) + list(events):
         rec.events.append(e)
         rec.audit.append(('risk_event', {'kind': str(e.kind), 'level': int(e.level), **e.detail}))
-        log.warning('risk event %s (level %d): %s', e.kind, e.level, e.detail)
+        (log.warning if e.level >= EmergencyLevel.ALERT else log.info)('risk event %s (level %d): %s', e.kind, e.level, e.detail)
 
 def _var(self:TradingLoop, t:int, weights):
     "VaR of the weights held, from the history (reported)."
