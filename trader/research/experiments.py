@@ -4,7 +4,7 @@
 
 # %% ../../nbs/14b_experiments.ipynb #4025cad7
 from __future__ import annotations
-import hashlib, itertools, json, math, os, time, tomllib
+import hashlib, itertools, json, math, os, re, time, tomllib
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 import numpy as np, pandas as pd
@@ -95,7 +95,9 @@ def parse_spec(d:dict, base:Settings|None=None) -> Spec:
             _setting_path(k, base); _unknown(v, _DIST, f'[optuna.params] {k}')
         if int(opt.get('trials', 0)) < 1: raise ExperimentError("spec: [optuna] trials must be >= 1")
         if len(seeds) < 3: raise ExperimentError("spec: an Optuna search scores each configuration over at least 3 seeds")
-    return Spec(str(d.get('name', 'default')), parse_symbols(d.get('symbols', ['AAPL', 'MSFT'])), seeds, steps, fs,
+    name = str(d.get('name', 'default'))
+    if not re.match(r'^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$', name): raise ExperimentError(f"spec: name {name!r} must be letters, digits, '.', '_' or '-'")
+    return Spec(name, parse_symbols(d.get('symbols', ['AAPL', 'MSFT'])), seeds, steps, fs,
                 dict(d.get('settings', {})), grid, opt)
 
 def load_spec(path:str|Path|None=None, base:Settings|None=None, **overrides) -> Spec:
