@@ -14,7 +14,7 @@ from .env import apply_action, action_table, describe_action
 from ..core.config import RiskSettings
 from ..core.domain import Decision, RunKind
 from .book import Book
-from .engine import BarPrices, MarketArrays, SimExecution, TradingEngine
+from .engine import BarPrices, SimExecution, TradingEngine
 from .policy import Policy
 from ..core.registry import Registry
 from ..core.runs import Runs
@@ -61,7 +61,7 @@ def simulate(policy:Policy, fs, start, end, limits:RiskSettings, cash:float, fee
             ):
     "Walk `policy` over [start, end] on the engine; returns per-bar frames, fills, decisions and risk events."
     env = policy.make_env(fs, start, end)
-    market = MarketArrays(fs, policy.env_settings.corr_window)
+    market = env.market          # built once by the environment, with the policy's correlation window
     lo, hi = env.lo, env.hi
     n, syms = fs.n_assets, list(fs.symbols)
     table = action_table(n)

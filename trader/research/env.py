@@ -139,9 +139,9 @@ class TradingEnv(gym.Env):
             corr, beta = _rolling_corr_beta(fs.close, s.corr_window)
             self._corr, self._beta = corr.astype(np.float32).tolist(), beta.tolist()
         self._open, self._close = np.ascontiguousarray(fs.open, dtype=np.float64), np.ascontiguousarray(fs.close, dtype=np.float64)
-        self._day, self._atr, self._corr_arr = market_arrays(fs, s.corr_window)
-        self.initial_cash = initial_cash
         self.market = MarketArrays(fs, s.corr_window)
+        self._day, self._atr, self._corr_arr = market_arrays(fs, s.corr_window, self.market)
+        self.initial_cash = initial_cash
         self.risk_checks, self.guardian = False, False       # `RiskCheckedEnv` turns the engine's rules on
         self._t = self.lo; self._end = self.hi
         self._new_engine()

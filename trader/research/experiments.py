@@ -136,7 +136,7 @@ def make_folds(fs:FoldSpec, holdout:tuple, ts:pd.DatetimeIndex|None=None) -> lis
         if tr1 <= tr0: raise ExperimentError(f"fold {i}: no training window before its test window {t0:%Y-%m-%d} (start {start:%Y-%m-%d})")
         f = Fold(i, (tr0, tr1), (t0, e))
         for name, w in (('test', f.test), ('train', f.train)):
-            if w[0] <= holdout[1] and holdout[0] <= w[1]:
+            if check_holdout(w, holdout, f'fold {i} {name} window', allow=True):        # training's overlap rule, the one definition
                 raise ExperimentError(f"fold {i}: its {name} window {w[0]:%Y-%m-%d}:{w[1]:%Y-%m-%d} overlaps the holdout "
                                       f"{holdout[0]:%Y-%m-%d}:{holdout[1]:%Y-%m-%d}; end the folds before it")
         if ts is not None:
