@@ -50,7 +50,7 @@ class LoopState:
     "The loop's memory between bars: the engine's state plus what only a live session has (JSON in `loop_state`, flat)."
     model_id: str
     engine: EngineState
-    lstm: list|None = None             # the policy's LSTM state
+    lstm: str|list|None = None         # the policy's LSTM state (`Policy.state_dump`)
     halted_at: str|None = None         # wall-clock time the session halted
     last_ts: str|None = None
     feed_state: str = 'fresh'
@@ -94,6 +94,7 @@ class TradingLoop:
         self.model_arg = model
         self.registry = Registry(store, self.s)
         self.metrics = metrics or LoopMetrics()
+        self._position_gauges = [self.metrics.position.labels(symbol=s) for s in self.symbols]   # labelled children looked up once
         self.journal = Journal(store, run_id, self.symbols, self.registry)
         self.controls = Controls(store, self.registry, run_id, model)
         self.state = self._load_state()
@@ -104,7 +105,7 @@ class TradingLoop:
         self.policy = self._load_policy(self.state.model_id)
         if self.policy.env_settings.portfolio_features:
             raise LoopError(f"model {self.policy.id} uses portfolio features, which the trading loop does not compute yet")
-        self._lstm = self.policy.state_from_list(self.state.lstm) if self.state.lstm is not None else self.policy.initial_state()
+        self._lstm = self.policy.state_load(self.state.lstm) if self.state.lstm is not None else self.policy.initial_state()
         self.sizes = asset_sizes(len(self.symbols), self.policy.env_settings, self.s.risk)
         self.table = action_table(len(self.symbols))
 
@@ -169,7 +170,7 @@ def step(self:TradingLoop, b:BarSet) -> dict:
     st.feed_state = feed_state if not b.stale else 'stale'
     if problems: self._record(rec, events=[RiskEvent(RiskEventKind.BAD_BAR, EmergencyLevel.MONITORING, {'problems': problems})])
     equity = eng.value(bar.close)
-    st.lstm = Policy.state_to_list(self._lstm)
+    st.lstm = Policy.state_dump(self._lstm)
     row = self.journal.row(equity, eng.state.cash, eng.state.shares, eng.weights(bar.close), bar.close, bar.prev_close or bar.close, rec.fills)
     self.journal.commit(rec, row, st.to_json(), st.feed_state)
     self._update_metrics(equity, bar.close, b)
@@ -223,7 +224,7 @@ def _var(self:TradingLoop, t:int, weights):
 def _update_metrics(self:TradingLoop, equity, closes, b):
     m, st = self.metrics, self.state
     m.equity.set(equity); m.pnl.set(equity - st.initial_equity); m.drawdown.set(max(0.0, 1 - equity/st.peak) if st.peak else 0)
-    for s, w in zip(self.symbols, self.engine.weights(closes)): m.position.labels(symbol=s).set(w)
+    for g, w in zip(self._position_gauges, self.engine.weights(closes)): g.set(w)
     m.kill_switch.set(1 if st.halted else 0); m.level.set(st.level); m.bars.inc()
     m.quality.set(100.0*sum(st.quality)/len(st.quality) if st.quality else 100.0)
     m.feed_stale.set(1 if b.stale else 0); m.heartbeat.set(time.time())

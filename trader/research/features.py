@@ -25,48 +25,105 @@ LOOKBACK = 400 # bars in the trailing window each row is computed from
 # %% ../../nbs/04_features.ipynb #839c0a14
 from numba import njit
 from vectorbt.generic import nb as _gnb
-from vectorbt.indicators import nb as _inb
 
 @njit(cache=True)
-def _shift_nb(a, k):
-    out = np.full(a.shape, np.nan)
-    out[k:] = a[:-k]
-    return out
+def _ewm_step(avg, old_wt, nobs, cur, alpha):
+    "One step of vectorbt's `ewm_mean_1d_nb` (pandas' ewma, adjust=False) on scalars: the new (average, old weight, observations)."
+    new_wt = alpha
+    obs = cur == cur
+    nobs += obs
+    if avg == avg:
+        old_wt *= 1.0 - alpha
+        if obs:
+            if avg != cur: avg = ((old_wt*avg) + (new_wt*cur))/(old_wt + new_wt)
+            old_wt = 1.0
+    elif obs: avg = cur
+    return avg, old_wt, nobs
+
+@njit(cache=True)
+def _ewm_last(a, span):
+    "The last value of vectorbt's `ma_nb(a, span, ewm=True)` (`ewm_mean_1d_nb`, minp=span, adjust=False) without its array."
+    alpha = 1.0/(1.0 + (span - 1)/2.0)
+    avg, old_wt, nobs = a[0], 1.0, int(a[0] == a[0])
+    for i in range(1, len(a)): avg, old_wt, nobs = _ewm_step(avg, old_wt, nobs, a[i], alpha)
+    return avg if nobs >= span else np.nan
+
+@njit(cache=True)
+def _mean_last(a, window):
+    "The last value of `rolling_mean_1d_nb(a, window, minp=window)` (its cumulative-sum arithmetic)."
+    T = len(a)
+    cumsum, nancnt, lag_sum, lag_nan = 0.0, 0, 0.0, 0
+    for i in range(T):
+        if np.isnan(a[i]): nancnt += 1
+        else: cumsum = cumsum + a[i]
+        if i == T - 1 - window: lag_sum, lag_nan = cumsum, nancnt
+    if T - 1 < window: n, s = T - nancnt, cumsum
+    else: n, s = window - (nancnt - lag_nan), cumsum - lag_sum
+    return np.nan if n < window else s/n
+
+@njit(cache=True)
+def _std_last(a, window, ddof):
+    "The last value of `rolling_std_1d_nb(a, window, minp=window, ddof)` (pandas' compensated Welford, unstable steps recomputed)."
+    mean = m2 = nobs = cadd = crem = 0.0
+    unstable = False
+    for i in range(len(a)):
+        if i > 0:
+            if i >= window: nobs, mean, m2, crem, unstable = _gnb._remove_var_nb(a[i-window], nobs, mean, m2, crem, unstable)
+            nobs, mean, m2, cadd, unstable = _gnb._add_var_nb(a[i], nobs, mean, m2, cadd, unstable)
+        if i == 0 or unstable:
+            mean = m2 = nobs = cadd = crem = 0.0
+            for j in range(max(0, i - window + 1), i + 1): nobs, mean, m2, cadd, unstable = _gnb._add_var_nb(a[j], nobs, mean, m2, cadd, unstable)
+            unstable = False
+    return np.sqrt(m2/(nobs - ddof)) if nobs >= max(window, 1) and nobs > ddof else np.nan
 
 @njit(cache=True)
 def _last_row_nb(h, l, c, v):
-    "The 12 features of the last row of (T, N) arrays (T <= LOOKBACK), composed from vectorbt's numba kernels."
+    "The 12 features of the last row of (T, N) arrays (T <= LOOKBACK): vectorbt's indicator arithmetic in one pass per asset, no intermediate (T, N) arrays."
     T, N = c.shape
     out = np.full((N, 12), np.nan)
-    lc = np.log(c)
-    for n in range(N):
-        if T > 1: out[n, 0] = lc[T-1, n] - lc[T-2, n]
-        if T > 5: out[n, 1] = lc[T-1, n] - lc[T-6, n]
-        if T > 20: out[n, 2] = lc[T-1, n] - lc[T-21, n]
-    delta = c - _shift_nb(c, 1)
-    up = np.where(delta > 0, delta, 0.0); down = np.where(delta < 0, -delta, 0.0)
-    up[0, :] = np.nan; down[0, :] = np.nan
-    ru, rd = _inb.ma_nb(up, 14, True)[T-1], _inb.ma_nb(down, 14, True)[T-1]
-    e10, e50 = _inb.ma_nb(c, 10, True)[T-1], _inb.ma_nb(c, 50, True)[T-1]
-    macd = _inb.ma_nb(c, 12, True) - _inb.ma_nb(c, 26, True)
-    sig = _inb.ma_nb(macd, 9, True)[T-1]
-    mid, sd = _inb.ma_nb(c, 20, False)[T-1], _inb.mstd_nb(c, 20, False)[T-1]
-    lv = np.log1p(np.maximum(v, 0.0))
-    lm, ls = _inb.ma_nb(lv, 20, False)[T-1], _inb.mstd_nb(lv, 20, False)[T-1]
-    atr = _inb.ma_nb(_inb.true_range_nb(h, l, c), 14, True)[T-1]
-    ret1 = lc - _shift_nb(lc, 1)
-    vol = _gnb.rolling_std_nb(ret1, 20, 20, 1)[T-1]
+    lc = np.empty(T); up = np.empty(T); down = np.empty(T); tr = np.empty(T); lv = np.empty(T); r1 = np.empty(T)
     for n in range(N):
         x = c[T-1, n]
-        if not (np.isnan(ru[n]) or np.isnan(rd[n])):
-            out[n, 3] = 0.5 if rd[n] == 0 else (100 - 100/(1 + ru[n]/rd[n]))/100 - 0.5
-        out[n, 4] = x/e10[n] - 1
-        out[n, 5] = x/e50[n] - 1
-        out[n, 6] = (macd[T-1, n] - sig[n])/x
-        if not np.isnan(sd[n]): out[n, 7] = (x - (mid[n] - 2*sd[n]))/(4*sd[n]) if sd[n] > 0 else 0.5
-        out[n, 8] = atr[n]/x
-        if not np.isnan(ls[n]): out[n, 9] = (lv[T-1, n] - lm[n])/ls[n] if ls[n] > 0 else 0.0
-        out[n, 10] = vol[n]
+        lx = np.log(x)
+        if T > 1: out[n, 0] = lx - np.log(c[T-2, n])
+        if T > 5: out[n, 1] = lx - np.log(c[T-6, n])
+        if T > 20: out[n, 2] = lx - np.log(c[T-21, n])
+        for i in range(T): lc[i] = np.log(c[i, n])
+        up[0] = np.nan; down[0] = np.nan; r1[0] = np.nan; tr[0] = h[0, n] - l[0, n]
+        for i in range(1, T):
+            d = c[i, n] - c[i-1, n]
+            up[i] = d if d > 0 else 0.0
+            down[i] = -d if d < 0 else 0.0
+            r1[i] = lc[i] - lc[i-1]
+            tr[i] = max(h[i, n] - l[i, n], abs(h[i, n] - c[i-1, n]), abs(l[i, n] - c[i-1, n]))
+        for i in range(T): lv[i] = np.log1p(max(v[i, n], 0.0))
+        ru, rd = _ewm_last(up, 14), _ewm_last(down, 14)
+        e10, e50 = _ewm_last(c[:, n], 10), _ewm_last(c[:, n], 50)
+        # MACD and its signal in one pass: EMA12 - EMA26 of the closes, then EMA9 of that series
+        a12, a26, a9 = 2.0/13.0, 2.0/27.0, 2.0/10.0
+        s12 = (c[0, n], 1.0, int(c[0, n] == c[0, n])); s26 = s12
+        m0 = (s12[0] if s12[2] >= 12 else np.nan) - (s26[0] if s26[2] >= 26 else np.nan)
+        s9 = (m0, 1.0, int(m0 == m0))
+        for i in range(1, T):
+            s12 = _ewm_step(s12[0], s12[1], s12[2], c[i, n], a12)
+            s26 = _ewm_step(s26[0], s26[1], s26[2], c[i, n], a26)
+            m = (s12[0] if s12[2] >= 12 else np.nan) - (s26[0] if s26[2] >= 26 else np.nan)
+            s9 = _ewm_step(s9[0], s9[1], s9[2], m, a9)
+        macd = (s12[0] if s12[2] >= 12 else np.nan) - (s26[0] if s26[2] >= 26 else np.nan)
+        sig = s9[0] if s9[2] >= 9 else np.nan
+        mid, sd = _mean_last(c[:, n], 20), _std_last(c[:, n], 20, 0)
+        lm, ls = _mean_last(lv, 20), _std_last(lv, 20, 0)
+        atr = _ewm_last(tr, 14)
+        vol = _std_last(r1, 20, 1)
+        if not (np.isnan(ru) or np.isnan(rd)):
+            out[n, 3] = 0.5 if rd == 0 else (100 - 100/(1 + ru/rd))/100 - 0.5
+        out[n, 4] = x/e10 - 1
+        out[n, 5] = x/e50 - 1
+        out[n, 6] = (macd - sig)/x
+        if not np.isnan(sd): out[n, 7] = (x - (mid - 2*sd))/(4*sd) if sd > 0 else 0.5
+        out[n, 8] = atr/x
+        if not np.isnan(ls): out[n, 9] = (lv[T-1] - lm)/ls if ls > 0 else 0.0
+        out[n, 10] = vol
         if T >= 252: out[n, 11] = x/np.max(c[T-252:, n]) - 1
     return out
 
