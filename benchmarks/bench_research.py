@@ -117,13 +117,18 @@ def main():
     from trader.research.policy import Policy
     m = RecurrentPPO('MlpLstmPolicy', env, seed=0, device='cpu', policy_kwargs=dict(net_arch=dict(pi=t.net_arch, vf=t.net_arch), lstm_hidden_size=t.lstm_hidden))
     pol = Policy(m, {'id': 'bench', 'symbols': fs.symbols, 'normaliser': norm.to_dict(), 'env': es.model_dump(), 'risk': rs.model_dump()})
-    obs, _ = env.reset(seed=0); state = pol.initial_state(); lat = []
-    for i in range(5000):
-        t0 = time.perf_counter(); a, state, c = pol.decide(obs, state); lat.append(time.perf_counter() - t0)
-        obs, _, term, trunc, _ = env.step(a)
-        if term or trunc: obs, _ = env.reset(); state = pol.initial_state()
-    lat = np.array(lat[200:])*1e6
+    import copy
+    ref = copy.copy(pol); ref._arrays = None      # the same actor through torch's modules (the reference decide is tested against)
+    def latency(p):
+        obs, _ = env.reset(seed=0); state = p.initial_state(); lat = []
+        for i in range(5000):
+            t0 = time.perf_counter(); a, state, c = p.decide(obs, state); lat.append(time.perf_counter() - t0)
+            obs, _, term, trunc, _ = env.step(a)
+            if term or trunc: obs, _ = env.reset(); state = p.initial_state()
+        return np.array(lat[200:])*1e6
+    lat, lat_ref = latency(pol), latency(ref)
     print(f"decide       latency p50 {np.percentile(lat, 50):,.0f} us, p99 {np.percentile(lat, 99):,.0f} us   target p99 < 1,000 us")
+    print(f"decide       through torch's modules, same run: p50 {np.percentile(lat_ref, 50):,.0f} us, p99 {np.percentile(lat_ref, 99):,.0f} us")
 
 if __name__ == '__main__':
     main()
