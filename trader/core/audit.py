@@ -303,7 +303,7 @@ def load_signing_key(settings:Settings|None=None,
         mode = stat.S_IMODE(p.stat().st_mode)
         if mode & 0o077: raise AuditError(f"audit key file {p} has permissions {mode:04o}; it must be 0600 (run: chmod 600 {p})")
         key = SigningKey(_parse_private(p.read_text(encoding='ascii', errors='replace'), f"audit key file {p}"), str(p))
-    _publish(s, key.public)
+    if create: _publish(s, key.public)      # when about to sign; a read-only caller (`verify`, `head`) writes nothing
     return key
 
 def _publish(s:Settings, pub:VerifyKey):

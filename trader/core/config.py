@@ -153,7 +153,7 @@ class AuditSettings(_Section):
     "Signed checkpoints of the audit chain (`trader.core.audit`); the signing key comes from TRADER_AUDIT_KEY or `key_file`, never from here."
     checkpoint_every: int = Field(500, ge=0, description="sign the chain's head after this many new entries (0: not by count); 0.4-1.4 ms per checkpoint, measured")
     checkpoint_seconds: float = Field(60.0, ge=0, description="... or when the newest checkpoint written by this process is older than this (0: not by time)")
-    checkpoint_kinds: list[str] = Field(['session', 'gate', 'promotion', 'rollback', 'kill_switch', 'resume', 'nightly'],
+    checkpoint_kinds: list[str] = Field(['session', 'gate', 'promotion', 'rollback', 'kill_switch', 'resume', 'nightly', 'holdout_look', 'drill'],
                                         description="entries of these kinds are signed as soon as they commit (session start/end, gate runs, ...)")
     key_file: Path|None = Field(None, description="the Ed25519 signing key (PKCS#8 PEM, mode 0600; created on first use); default TRADER_HOME/secrets/audit_ed25519.pem")
     checkpoint_file: Path|None = Field(None, description="the append-only checkpoint file; default TRADER_HOME/audit/checkpoints.jsonl")
