@@ -151,7 +151,7 @@ class DemoSettings(_Section):
 # %% ../../nbs/00_config.ipynb #f19097e2
 class AuditSettings(_Section):
     "Signed checkpoints of the audit chain (`trader.core.audit`); the signing key comes from TRADER_AUDIT_KEY or `key_file`, never from here."
-    checkpoint_every: int = Field(500, ge=0, description="sign the chain's head after this many new entries (0: not by count); 0.4-1.4 ms per checkpoint, measured")
+    checkpoint_every: int = Field(500, ge=0, description="sign the chain's head after this many new entries (0: not by count); 0.2-1.4 ms per checkpoint, measured")
     checkpoint_seconds: float = Field(60.0, ge=0, description="... or when the newest checkpoint written by this process is older than this (0: not by time)")
     checkpoint_kinds: list[str] = Field(['session', 'gate', 'promotion', 'rollback', 'kill_switch', 'resume', 'nightly', 'holdout_look', 'drill'],
                                         description="entries of these kinds are signed as soon as they commit (session start/end, gate runs, ...)")
