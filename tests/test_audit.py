@@ -1,6 +1,8 @@
-"""`trader.core.audit`: the hash chain on both engines, tamper detection (modified, deleted, inserted rows), concurrent
-appends from two processes, entries that commit and roll back with the caller's transaction, the compliance pack
-and `verify_pack`, refusal of credentials, and the exit codes of `cmd_audit_verify`.
+"""`trader.core.audit`: the hash chain on both engines, tamper detection (the five attacks: modified, deleted and
+inserted rows, a truncated tail and a chain rewritten by the published rule, each named with its seq), signed
+checkpoints (periodic after commit, never for a rolled-back bar), concurrent appends from two processes, entries that
+commit and roll back with the caller's transaction, the signed compliance pack and `verify_pack` with the public key
+only, refusal of credentials, the signing key never leaking, and the exit codes of `cmd_audit_verify`.
 
 Tests taking `store` or `db_url` run once on SQLite and once on PostgreSQL (see conftest.py).
 """
@@ -10,8 +12,12 @@ from pathlib import Path
 import numpy as np, pandas as pd
 import pytest
 from fastcore.test import test_eq as _test_eq, test_fail as _test_fail
-from trader.core.audit import (EXIT_CHAIN_BROKEN, GENESIS, Audit, AuditError, canonical_json, cmd_audit_export, cmd_audit_verify,
-                          entry_hash, verify_pack)
+from trader.core.audit import (EXIT_CHAIN_BROKEN, GENESIS, Attack, Audit, AuditError, Checkpoint, SigningKey, VerifyKey, canonical_json,
+                               checkpoint_file, cmd_audit_export, cmd_audit_verify, entry_hash, key_file, keys_dir, load_signing_key,
+                               public_keys, read_checkpoints, verify_pack)
+from trader.core.config import load_settings
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from trader.core.store import Store
 
 COLS = 'seq, ts, kind, payload, prev_hash, hash'
@@ -48,7 +54,7 @@ def test_entries_chain_and_verify(store):
     _test_eq(hashlib.sha256('\n'.join([str(r[0]), r[1], r[2], r[3], r[4]]).encode('utf-8')).hexdigest(), r[5])
     res = a.verify()
     _test_eq((res.ok, res.n_checked, res.first_bad_seq, res.last_seq, res.last_hash), (True, 13, None, 13, rs[-1][5]))
-    assert bool(res) and res.render().startswith('audit chain verified: 13 entries, last hash ' + rs[-1][5])
+    assert bool(res) and res.render().startswith(f'audit chain verified: 13 entries, last hash {rs[-1][5]} (seq 13)')
     _test_eq((a.verify(from_seq=5).ok, a.verify(from_seq=5).n_checked), (True, 9))
     _test_eq(a.verify(from_seq=99).n_checked, 0)
     _test_eq(a.last().seq, 13); _test_eq(a.last().hash, rs[-1][5])
@@ -184,7 +190,7 @@ def tamper(store, how:str):
         ts, kind, p, ph = store.query('SELECT ts, kind, payload, prev_hash FROM audit_log WHERE seq = 6')[0]
         p = p.replace('"qty":10,', '"qty":100,')
         x('UPDATE audit_log SET payload = ?, hash = ? WHERE seq = 6', (p, entry_hash(6, ts, kind, p, ph)))
-        return 7, 'does not match the hash of seq 6'
+        return 6, 'seq 6 was modified and its hash recomputed'
     if how == 'delete':
         x('DELETE FROM audit_log WHERE seq = 6'); return 6, 'missing'
     if how == 'delete_two':
@@ -193,7 +199,7 @@ def tamper(store, how:str):
         x('DELETE FROM audit_log WHERE seq = 1'); return 1, 'missing'
     if how == 'delete_and_renumber':
         x('DELETE FROM audit_log WHERE seq = 6'); x('UPDATE audit_log SET seq = -seq WHERE seq > 6'); x('UPDATE audit_log SET seq = -seq - 1 WHERE seq < 0')
-        return 6, 'does not match the hash of seq 5'
+        return 6, 'seq 6 was deleted and the later rows renumbered'
     if how == 'insert':
         forged = _forged(store, 6)
         x('UPDATE audit_log SET seq = -seq WHERE seq >= 6'); x('UPDATE audit_log SET seq = 1 - seq WHERE seq < 0')
@@ -290,9 +296,9 @@ PACK_TAMPERS = {
     'delete':   (lambda ls: ls[:5] + ls[6:], 6, 'seq 6 is missing'),
     'duplicate':(lambda ls: ls[:5] + [ls[4]] + ls[5:], 5, 'a duplicate'),
     'swap':     (lambda ls: ls[:5] + [ls[6], ls[5]] + ls[7:], 6, 'missing'),
-    'cut_end':  (lambda ls: ls[:-2], 12, 'removed from the end'),
+    'cut_end':  (lambda ls: ls[:-2], 12, 'seqs 12..13 were cut from the end'),
     'extend':   (lambda ls: ls + [_next_line(ls[-1])], 14, 'added at the end'),
-    'rechain':  (lambda ls: _rehashed(ls, 5, lambda p: p.replace('"qty":10,', '"qty":100,')), 13, 'chain was rebuilt'),
+    'rechain':  (lambda ls: _rehashed(ls, 5, lambda p: p.replace('"qty":10,', '"qty":100,')), 2, 'somewhere in seq 2..13'),
     'garbage':  (lambda ls: ls[:3] + ['not json\n'] + ls[3:], 4, 'line 4 of audit.jsonl'),
     'spaces':   (lambda ls: [json.dumps(json.loads(l)) + '\n' for l in ls], None, 'the file was changed'),
 }
@@ -355,7 +361,7 @@ def test_cmd_audit_verify_exit_codes(store, monkeypatch, capsys):
     assert 'audit chain verified: 0 entries' in capsys.readouterr().out
     a = filled(store)
     _test_eq(cmd_audit_verify(Namespace(from_seq=None)), 0)
-    _test_eq(capsys.readouterr().out.strip(), f'audit chain verified: 13 entries, last hash {a.last().hash} (seq 13)')
+    assert capsys.readouterr().out.strip().startswith(f'audit chain verified: 13 entries, last hash {a.last().hash} (seq 13); ')
     tamper(store, 'modify')
     _test_eq(cmd_audit_verify(Namespace()), EXIT_CHAIN_BROKEN)
     _test_eq(EXIT_CHAIN_BROKEN, 4)
@@ -400,3 +406,320 @@ def test_audit_payload_stays_the_stored_text(store):
     got = store.query('SELECT payload FROM audit_log WHERE seq = ?', (e.seq,))[0][0]
     _test_eq(got, '{"a":[1,null],"b":1.5}'); _test_eq(got, e.payload)
     _test_eq(Audit(store).verify().ok, True)
+
+# -- signed checkpoints: the five attacks ------------------------------------------------------------------------
+
+def signed(store) -> Audit:
+    "filled(store, 4) with signed checkpoints at seq 1 (the session start, signed as it commits), 4 (after the first bar) and 13 (the head)."
+    a = Audit(store)
+    a.append('session', {'run_id': 'pa-test', 'state': 'start'})
+    for i in range(4):
+        with store.transaction(): a.append_many(bar(i))
+        if i == 0: a.checkpoint()
+    a.checkpoint()
+    _test_eq(sorted(cp.seq for cp in a.checkpoints()), [1, 4, 13])
+    return a
+
+def rechain_from(store, at:int, change=lambda p: p.replace('"qty":10,', '"qty":100,')):
+    "A forger with database access: change the payload at seq `at` and recompute every later hash by the published rule."
+    rs = rows(store)
+    prev = rs[at - 2][5] if at > 1 else GENESIS
+    for s, ts, kind, p, _, _ in rs[at - 1:]:
+        s = int(s); p = change(p) if s == at else p
+        h = entry_hash(s, ts, kind, p, prev)
+        store.execute('UPDATE audit_log SET payload = ?, prev_hash = ?, hash = ? WHERE seq = ?', (p, prev, h, s))
+        prev = h
+
+def verify_cli(store, monkeypatch, capsys) -> tuple[int, str]:
+    "`trader audit verify` on this store: (exit code, its one line)."
+    monkeypatch.setenv('TRADER_DB_URL', store.url)
+    from trader.ops.cli import main
+    code = main(['audit', 'verify'])
+    out = capsys.readouterr().out.strip()
+    assert len(out.splitlines()) == 1, out
+    return code, out
+
+def check_attack(store, monkeypatch, capsys, attack:Attack, at:int, words:str):
+    r = Audit(store).verify()
+    assert not r.ok and (r.attack, r.first_bad_seq) == (attack, at) and words in r.reason, r
+    code, out = verify_cli(store, monkeypatch, capsys)
+    _test_eq(code, EXIT_CHAIN_BROKEN)
+    assert out.startswith(f'audit chain BROKEN at seq {at} [{attack.value}]: ') and words in out, out
+
+def test_attack_modification(store, monkeypatch, capsys):
+    signed(store)
+    store.execute("""UPDATE audit_log SET payload = replace(payload, '"qty":10,', '"qty":100,') WHERE seq = 9""")
+    check_attack(store, monkeypatch, capsys, Attack.MODIFIED, 9, 'the row was modified')
+
+def test_attack_modification_with_the_rows_own_hash_recomputed(store, monkeypatch, capsys):
+    signed(store)
+    tamper(store, 'modify_and_rehash')
+    check_attack(store, monkeypatch, capsys, Attack.MODIFIED, 6, 'its hash recomputed')
+
+def test_attack_deletion(store, monkeypatch, capsys):
+    signed(store)
+    store.execute('DELETE FROM audit_log WHERE seq IN (7, 8)')
+    check_attack(store, monkeypatch, capsys, Attack.DELETED, 7, 'seqs 7..8 are missing')
+
+def test_attack_insertion(store, monkeypatch, capsys):
+    signed(store)
+    tamper(store, 'insert')
+    check_attack(store, monkeypatch, capsys, Attack.INSERTED, 6, 'row 6 was inserted')
+
+def test_attack_truncation_of_the_newest_entries(store, monkeypatch, capsys):
+    a = signed(store)
+    store.execute('DELETE FROM audit_log WHERE seq >= 11')
+    assert Audit(store).verify(public_key=VerifyKey(Ed25519PrivateKey.generate().public_key())).attack == Attack.SIGNATURE
+    r_chain_only = Audit(store)._rows()                         # the chain alone is consistent: only the checkpoint at 13 catches it
+    from trader.core.audit import _check_chain
+    assert _check_chain(r_chain_only, 1, GENESIS).ok
+    check_attack(store, monkeypatch, capsys, Attack.TRUNCATED, 11, 'seqs 11..13 were cut from the end')
+    store.execute('DELETE FROM audit_log')                       # everything gone
+    check_attack(store, monkeypatch, capsys, Attack.TRUNCATED, 1, 'the log ends at seq 0 (empty)')
+
+def test_the_unsigned_tail_is_the_window_a_truncation_can_hide_in(store):
+    "The documented limit: entries after the newest checkpoint can be cut without a trace; the head then is the signed one again."
+    a = signed(store)
+    a.append_many(bar(9))                      # seq 14..16, not signed (fewer than checkpoint_every, not a signed-at-once kind)
+    r = a.verify()
+    _test_eq((r.ok, r.signed_head, r.checkpoint_seq, r.last_seq), (True, False, 13, 16))
+    assert '3 newer entries not signed yet' in r.render()
+    store.execute('DELETE FROM audit_log WHERE seq > 13')
+    r = a.verify()
+    _test_eq((r.ok, r.signed_head), (True, True))
+
+def test_attack_full_rewrite_by_the_published_rule(store, monkeypatch, capsys):
+    from trader.core.audit import _check_chain
+    signed(store)
+    rechain_from(store, 6)
+    assert _check_chain(Audit(store)._rows(), 1, GENESIS).ok      # consistent by the published rule
+    check_attack(store, monkeypatch, capsys, Attack.REWRITTEN, 5, 'somewhere in seq 5..13 (the checkpoint at seq 4 still matches)')
+
+def test_attack_rewrite_then_extend(store, monkeypatch, capsys):
+    "Cut the tail, then write a different tail with correct hashes past the signed seq: the hash at the signed seq differs."
+    a = signed(store)
+    store.execute('DELETE FROM audit_log WHERE seq >= 11')
+    a.append_many([('order', {'client_order_id': 'forged', 'qty': 1})]*5)
+    check_attack(store, monkeypatch, capsys, Attack.REWRITTEN, 5, 'somewhere in seq 5..13')
+
+def test_attack_rewrite_from_the_first_entry(store, monkeypatch, capsys):
+    signed(store)
+    rechain_from(store, 1, lambda p: p.replace('start', 'stop'))
+    check_attack(store, monkeypatch, capsys, Attack.REWRITTEN, 1, 'somewhere in seq 1..1')
+
+def test_forged_or_edited_checkpoints_are_refused(store, monkeypatch, capsys):
+    a = signed(store)
+    path = a.checkpoint_path
+    good = path.read_text()
+    rechain_from(store, 6)
+    # the forger signs the rewritten head with a key of their own
+    mine = SigningKey(Ed25519PrivateKey.generate(), 'forger')
+    with open(path, 'a') as f: f.write(Checkpoint.sign(mine, a.store_id, 13, a.last().hash).line())
+    check_attack_sig = Audit(store).verify()
+    assert (check_attack_sig.ok, check_attack_sig.attack) == (False, Attack.SIGNATURE) and mine.id in check_attack_sig.reason
+    # ... or edits the signed hash in place
+    lines = good.splitlines(keepends=True)
+    e = json.loads(lines[-1]); e['hash'] = a.last().hash
+    path.write_text(''.join(lines[:-1]) + json.dumps(e) + '\n')
+    r = Audit(store).verify()
+    assert (r.ok, r.attack) == (False, Attack.SIGNATURE) and 'invalid signature' in r.reason, r
+    path.write_text(good + 'not a checkpoint\n')
+    r = Audit(store).verify()
+    assert (r.ok, r.attack) == (False, Attack.SIGNATURE) and 'is not a checkpoint' in r.reason, r
+    code, out = verify_cli(store, monkeypatch, capsys)
+    _test_eq(code, EXIT_CHAIN_BROKEN); assert '[signature]' in out
+
+def test_verify_with_a_pinned_public_key(store):
+    a = signed(store)
+    sk = load_signing_key(store.settings, create=False)
+    r = a.verify(public_key=sk.public)
+    _test_eq((r.ok, r.signed_head, r.n_checkpoints, r.key_id), (True, True, 3, sk.id))
+    other = VerifyKey(Ed25519PrivateKey.generate().public_key())
+    r = a.verify(public_key=other)
+    assert (r.ok, r.attack) == (False, Attack.SIGNATURE) and other.id in r.reason
+
+# -- when checkpoints are written ----------------------------------------------------------------------------------
+
+def test_checkpoints_follow_commits_only(store):
+    s = load_settings(audit={'checkpoint_every': 5, 'checkpoint_seconds': 0, 'checkpoint_kinds': []})
+    a = Audit(store, s)
+    with store.transaction():
+        a.append_many(bar(0) + bar(1))                      # 6 entries: due, but not signed before the commit
+        _test_eq(a.checkpoints(), [])
+        _test_fail(lambda: a.checkpoint(), contains='inside an open transaction')
+    _test_eq([(c.seq, c.hash) for c in a.checkpoints()], [(6, a.last().hash)])
+    with pytest.raises(RuntimeError):
+        with store.transaction():
+            a.append_many(bar(2) + bar(3))                  # due again, then rolled back: nothing may vouch for these
+            raise RuntimeError('the bar failed')
+    _test_eq(len(a.checkpoints()), 1)
+    a.append_many(bar(4) + bar(5))                          # the same seqs again, different content: no false alarm
+    _test_eq([c.seq for c in a.checkpoints()], [6, 12])
+    r = a.verify(); _test_eq((r.ok, r.signed_head, r.n_checkpoints), (True, True, 2))
+    a.append('decision', {'x': 1}); _test_eq(len(a.checkpoints()), 2)   # 1 < 5: not due
+    # kinds signed at once, whatever the count
+    b = Audit(store, load_settings(audit={'checkpoint_every': 0, 'checkpoint_seconds': 0, 'checkpoint_kinds': ['session']}))
+    b.append('session', {'event': 'finished'})
+    _test_eq(b.checkpoints()[-1].seq, 14)
+    # and by time
+    c = Audit(store, load_settings(audit={'checkpoint_every': 0, 'checkpoint_seconds': 0.2, 'checkpoint_kinds': []}))
+    c.append('decision', {'x': 2}); _test_eq(c.checkpoints()[-1].seq, 14)
+    time.sleep(0.25)
+    c.append('decision', {'x': 3}); _test_eq(c.checkpoints()[-1].seq, 16)
+
+def test_a_failing_checkpoint_never_fails_the_bar(sqlite_store, tmp_path, caplog):
+    s = load_settings(audit={'checkpoint_file': str(tmp_path), 'checkpoint_kinds': ['session']})   # a folder: the write fails
+    a = Audit(sqlite_store, s)
+    with caplog.at_level('WARNING', logger='trader'):
+        e = a.append('session', {'state': 'start'})
+    _test_eq((e.seq, a.last().seq), (1, 1))
+    assert 'audit checkpoint not written' in caplog.text, caplog.text
+
+def test_checkpoints_of_other_stores_are_ignored(tmp_path):
+    s1, s2 = Store(f'sqlite:///{tmp_path}/one.db'), Store(f'sqlite:///{tmp_path}/two.db')
+    try:
+        a1, a2 = filled(s1, 1), filled(s2, 2)
+        a1.checkpoint(); a2.checkpoint()
+        _test_eq(checkpoint_file(s1.settings), checkpoint_file(s2.settings))       # one file, two chains
+        _test_eq(len(read_checkpoints(checkpoint_file(s1.settings))[0]), 4)
+        for a, n in ((a1, 4), (a2, 7)):
+            r = a.verify(); _test_eq((r.ok, r.last_seq, r.checkpoint_seq, r.n_checkpoints), (True, n, n, 2))
+    finally: s1.close(); s2.close()
+
+def test_head(store):
+    a = filled(store, 1)                                   # the session start is signed (seq 1), the bar is not
+    h = a.head()
+    _test_eq((h.seq, h.signed, h.checkpoint_seq), (4, False, 1)); assert 'NOT signed' in h.render()
+    cp = a.checkpoint()
+    h = a.head()
+    _test_eq((h.seq, h.hash, h.signed, h.checkpoint_seq, h.key_id), (4, a.last().hash, True, 4, cp.key_id))
+    _test_eq(a.checkpoint(), cp)                           # an unchanged head is not signed twice
+
+# -- keys ----------------------------------------------------------------------------------------------------------
+
+def test_the_key_file_is_made_0600_and_refused_when_others_can_read_it(tmp_path):
+    s = load_settings({'TRADER_HOME': str(tmp_path)})
+    _test_eq(load_signing_key(s, create=False), None)
+    k = load_signing_key(s)
+    p = key_file(s)
+    _test_eq((p, oct(p.stat().st_mode & 0o777)), (tmp_path/'secrets'/'audit_ed25519.pem', '0o600'))
+    _test_eq((keys_dir(s)/f'{k.id}.pem').read_text(), k.public.pem())
+    _test_eq(public_keys(s), {k.id: k.public})
+    p.chmod(0o640)
+    _test_fail(lambda: load_signing_key(s), contains='must be 0600')
+
+def test_the_key_from_the_environment(tmp_path):
+    seed = bytes(range(32))
+    k = load_signing_key(load_settings({'TRADER_HOME': str(tmp_path), 'TRADER_AUDIT_KEY': seed.hex()}))
+    _test_eq((k.id, k.source), (VerifyKey(Ed25519PrivateKey.from_private_bytes(seed).public_key()).id, 'TRADER_AUDIT_KEY'))
+    assert not key_file(load_settings({'TRADER_HOME': str(tmp_path)})).exists()        # no key file when the environment has the key
+    with pytest.raises(AuditError) as e: load_signing_key(load_settings({'TRADER_HOME': str(tmp_path), 'TRADER_AUDIT_KEY': 'zz' + seed.hex()[2:]}))
+    assert seed.hex()[2:] not in str(e.value) and 'not shown' in str(e.value)
+
+# -- the pack with the public part only ----------------------------------------------------------------------------
+
+def test_pack_verifies_with_the_public_key_only_in_a_fresh_home(store, tmp_path, monkeypatch, capsys):
+    import trader.core.audit as A
+    from trader.ops.cli import main
+    a = signed(store)
+    d = a.export(tmp_path/'pack')
+    kid = load_signing_key(store.settings, create=False).id
+    pub = tmp_path/'published.pem'; pub.write_text((keys_dir(store.settings)/f'{kid}.pem').read_text())
+    m = json.loads((d/'manifest.json').read_text())
+    _test_eq((m['format'], m['signing_key_id'], m['head']['seq'], m['head']['signed'], m['checkpoints']), ('trader-audit-pack/2', kid, 13, True, 3))
+    # elsewhere: a fresh TRADER_HOME, no TRADER_AUDIT_KEY, no store, and loading a private key would be an error
+    fresh = tmp_path/'auditor'; fresh.mkdir()
+    monkeypatch.setenv('TRADER_HOME', str(fresh)); monkeypatch.delenv('TRADER_AUDIT_KEY', raising=False)
+    monkeypatch.setenv('TRADER_DB_URL', 'postgresql://nobody@127.0.0.1:1/none')
+    monkeypatch.setattr(A, 'load_signing_key', lambda *a, **k: (_ for _ in ()).throw(AssertionError('the private key was asked for')))
+    r = verify_pack(d, public_key=pub)
+    _test_eq((r.ok, r.n_checked, r.signed_head, r.n_checkpoints, r.key_id), (True, 13, True, 3, kid))
+    _test_eq(main(['audit', 'verify', '--pack', str(d), '--public-key', str(pub)]), 0)
+    assert f'audit pack {d} verified: 13 entries' in capsys.readouterr().out
+    _test_eq(list(fresh.iterdir()), [])                                      # nothing written, no key made
+    # tampered: a payload, the checkpoints, the manifest
+    t1 = _edit_pack(d, tmp_path/'t1', lambda ls: [l.replace('\\"qty\\":10,', '\\"qty\\":100,', 1) if i == 5 else l for i, l in enumerate(ls)])
+    _test_eq(main(['audit', 'verify', '--pack', str(t1), '--public-key', str(pub)]), EXIT_CHAIN_BROKEN)
+    assert 'BROKEN at seq 6 [modified]' in capsys.readouterr().out
+    t2 = tmp_path/'t2'; shutil.copytree(d, t2)
+    (t2/'checkpoints.jsonl').write_text(''.join((t2/'checkpoints.jsonl').read_text().splitlines(keepends=True)[:-1]))
+    r = verify_pack(t2, public_key=pub); assert (r.ok, r.attack) == (False, Attack.SIGNATURE) and 'checkpoints.jsonl' in r.reason
+    t3 = tmp_path/'t3'; shutil.copytree(d, t3)
+    (t3/'manifest.json').write_text((t3/'manifest.json').read_text().replace('"count": 13', '"count": 12'))
+    r = verify_pack(t3, public_key=pub); assert (r.ok, r.attack) == (False, Attack.SIGNATURE) and 'manifest was edited' in r.reason
+    # a forger rewrites the pack, its checkpoints and its manifest, and signs it all with a key of their own
+    t4 = _edit_pack(d, tmp_path/'t4', lambda ls: _rehashed(ls, 5, lambda p: p.replace('"qty":10,', '"qty":100,')))
+    mine = SigningKey(Ed25519PrivateKey.generate(), 'forger')
+    es = [json.loads(l) for l in (t4/'audit.jsonl').read_text().splitlines()]
+    cps = [Checkpoint.sign(mine, m['store_id'], es[-1]['seq'], es[-1]['hash'])]
+    (t4/'checkpoints.jsonl').write_text(''.join(c.line() for c in cps))
+    shutil.rmtree(t4/'keys'); (t4/'keys').mkdir(); (t4/'keys'/f'{mine.id}.pem').write_text(mine.public.pem())
+    m4 = {**m, 'last_hash': es[-1]['hash'], 'audit_jsonl_sha256': hashlib.sha256((t4/'audit.jsonl').read_bytes()).hexdigest(),
+          'checkpoints': 1, 'checkpoints_jsonl_sha256': hashlib.sha256((t4/'checkpoints.jsonl').read_bytes()).hexdigest(),
+          'signing_key_id': mine.id, 'keys': {mine.id: hashlib.sha256((t4/'keys'/f'{mine.id}.pem').read_bytes()).hexdigest()}}
+    body = (json.dumps(m4, indent=1) + '\n').encode(); (t4/'manifest.json').write_bytes(body)
+    (t4/'manifest.sig').write_text(json.dumps({'alg': 'ed25519', 'key_id': mine.id, 'signature': mine.sign(body)}))
+    r = verify_pack(t4, public_key=pub)                                      # pinned to the published key: refused
+    assert (r.ok, r.attack) == (False, Attack.SIGNATURE) and f'signed by key {mine.id}, not by the given public key {kid}' in r.reason
+    r = verify_pack(t4)                                                      # unpinned, it is consistent, but says whose key signed it
+    _test_eq((r.ok, r.key_id), (True, mine.id))
+
+# -- the signing key never leaks -----------------------------------------------------------------------------------
+
+def _forms(seed:bytes) -> list[str]:
+    "Every spelling of a private key worth looking for."
+    import base64
+    pem = Ed25519PrivateKey.from_private_bytes(seed).private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                                   serialization.NoEncryption()).decode()
+    return [seed.hex(), seed.hex().upper(), base64.b64encode(seed).decode().rstrip('='), base64.urlsafe_b64encode(seed).decode().rstrip('='),
+            pem.splitlines()[1], repr(seed)[2:-1]]
+
+def _scan(text:str, forms:list[str], where:str):
+    for f in forms: assert f not in text, f"the signing key appears in {where}"
+
+@pytest.mark.parametrize('source', ['env', 'file'])
+def test_the_signing_key_never_leaks(sqlite_store, tmp_path, monkeypatch, caplog, capsys, source):
+    from trader.ops.cli import main
+    from trader.ops.gate import run_gate
+    from trader.core.runs import Runs
+    home = Path(sqlite_store.settings.home)
+    if source == 'env':
+        seed = bytes(range(100, 132)); monkeypatch.setenv('TRADER_AUDIT_KEY', seed.hex())
+    else:
+        load_signing_key(sqlite_store.settings)
+        k = serialization.load_pem_private_key(key_file(sqlite_store.settings).read_bytes(), None)
+        seed = k.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
+    forms = _forms(seed)
+    monkeypatch.setenv('TRADER_DB_URL', sqlite_store.url)
+    with caplog.at_level('DEBUG'):
+        store = Store(sqlite_store.url)
+        a = filled(store, 2)
+        a.checkpoint()
+        for argv in (['audit', 'checkpoint'], ['audit', 'verify', '-v'], ['audit', 'key'], ['audit', 'export', '--dir', str(tmp_path/'pack')],
+                     ['audit', 'verify', '--pack', str(tmp_path/'pack')]):
+            _test_eq(main(argv), 0)
+        # a gate run: its audit entry, its checkpoint, its JSON and its rendered report
+        runs = Runs(store)
+        idx = pd.bdate_range('2024-01-01', periods=30, tz='UTC')
+        rid = runs.create('backtest', ['AAPL'], 'm-x', idx[0], idx[-1])
+        runs.save_series(rid, pd.DataFrame({'equity': 100_000*np.cumprod(np.full(30, 1.001))}, index=idx)); runs.finish(rid, {})
+        store.ingest(__import__('trader.core.quality', fromlist=['x']).DataQualityGate(store.settings.quality).check(
+            __import__('trader.core.data', fromlist=['x']).load_sample(['AAPL'], start='2012-01-01'), source='sample'))
+        g, paths = run_gate(store, rid, output_dir=tmp_path/'gates', render=True)
+        # the failing-checkpoint warning path too
+        Audit(store, load_settings(audit={'checkpoint_file': str(tmp_path), 'checkpoint_kinds': ['session']})).append('session', {'x': 1})
+    out, err = capsys.readouterr()
+    _test_eq((g.audit_head['seq'], g.audit_head['signed']), (Audit(store).last().seq - 1, True))
+    html = paths['html'].read_text()
+    assert 'audit head: seq' in html and g.audit_head['hash'] in html and 'matches the signed checkpoint' in html
+    _scan(out + err, forms, 'the command output'); _scan(caplog.text, forms, 'the logs')
+    assert 'audit checkpoint not written' in caplog.text
+    for p in [*home.rglob('*'), *(tmp_path/'pack').rglob('*'), *(tmp_path/'gates').rglob('*')]:
+        if p.is_file() and p != key_file(store.settings):
+            _scan(p.read_bytes().decode('latin-1'), forms, str(p)); assert seed not in p.read_bytes(), p
+    _scan('\n'.join(str(r) for r in rows(store)), forms, 'the audit trail')
+    k = load_signing_key(store.settings)
+    for o in (a, k, k.public, store.settings, store.settings.safe_dict(), a.verify(), a.head(), a.checkpoints()[0], store):
+        _scan(repr(o) + str(o), forms, f'the repr of a {type(o).__name__}')
+    _test_fail(lambda: __import__('pickle').dumps(k), contains='cannot be pickled')
+    store.close()

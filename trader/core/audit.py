@@ -4,26 +4,44 @@
 
 # %% ../../nbs/18_audit.ipynb #56f580d0
 from __future__ import annotations
-import hashlib, json, math, re, uuid
+import base64, binascii, hashlib, json, logging, math, os, re, stat, sys, time, uuid
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 from enum import Enum
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 import numpy as np, pandas as pd
-from .config import Settings, TraderError
+from fastcore.basics import patch
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from .config import Settings, TraderError, load_settings
 from .store import Store, register_schema
 
+_log = logging.getLogger(__name__)
+
 # %% auto #0
-__all__ = ['EXIT_CHAIN_BROKEN', 'GENESIS', 'KINDS', 'AuditError', 'entry_hash', 'canonical_json', 'AuditEntry', 'VerifyResult',
-           'Audit', 'verify_pack', 'cmd_audit_verify', 'cmd_audit_export']
+__all__ = ['EXIT_CHAIN_BROKEN', 'GENESIS', 'KINDS', 'CHECKPOINT_FORMAT', 'PACK_FORMAT', 'AuditError', 'Attack', 'entry_hash',
+           'canonical_json', 'AuditEntry', 'VerifyResult', 'VerifyKey', 'SigningKey', 'key_file', 'keys_dir',
+           'checkpoint_file', 'load_signing_key', 'public_keys', 'Checkpoint', 'append_checkpoint', 'read_checkpoints',
+           'store_id', 'AuditHead', 'Audit', 'verify_pack', 'cmd_audit_verify', 'cmd_audit_export',
+           'cmd_audit_checkpoint', 'cmd_audit_key']
 
 # %% ../../nbs/18_audit.ipynb #f5a10fd8
 class AuditError(TraderError):
-    "An audit entry was refused (a credential in its payload, a type that is not JSON, a bad kind) or a pack could not be written."
+    "An audit entry was refused (a credential in its payload, a type that is not JSON, a bad kind), a key could not be read, or a pack could not be written."
     exit_code = 2
+
+class Attack(str, Enum):
+    "What a broken chain looks like from the outside: the class of change that explains it."
+    MODIFIED = 'modified'     # a row's content changed (its own hash no longer matches, or it was re-hashed and the next row no longer links)
+    DELETED = 'deleted'       # rows are missing from the middle (a seq gap, or later rows renumbered)
+    INSERTED = 'inserted'     # rows were slipped in (duplicate seqs, or a row links past its predecessor)
+    TRUNCATED = 'truncated'   # the newest entries are gone: the log ends before a signed checkpoint
+    REWRITTEN = 'rewritten'   # the chain is consistent but no longer reaches a signed hash: rebuilt by the published rule
+    SIGNATURE = 'signature'   # a checkpoint or a pack's manifest does not verify with the public key: that file was edited
 
 EXIT_CHAIN_BROKEN = 4   # exit code of `trader audit verify` when the chain is broken (0: verified)
 GENESIS = '0'*64        # the prev_hash of seq 1
@@ -108,52 +126,258 @@ class AuditEntry:
 
 @dataclass
 class VerifyResult:
-    "Whether a chain is intact; if not, the first seq where it breaks and why."
+    "Whether a chain is intact; if not, the first seq where it breaks, the class of change (`Attack`) and why."
     ok: bool
     n_checked: int                   # entries found intact (before the break, when there is one)
     first_bad_seq: int|None = None   # the first broken seq (for a deletion: the first missing seq)
     reason: str = ''
     last_seq: int|None = None        # the last intact entry
     last_hash: str|None = None
+    attack: Attack|None = None       # the class of change, when broken
+    checkpoint_seq: int|None = None  # the newest signed checkpoint that the chain matches
+    checkpoint_ts: str|None = None
+    n_checkpoints: int = 0           # signed checkpoints that the chain matches
+    key_id: str|None = None          # the key that signed the newest matching checkpoint (a pack: its manifest)
     def __bool__(self) -> bool: return self.ok
+    @property
+    def signed_head(self) -> bool:
+        "The last entry is exactly the one a signed checkpoint vouches for."
+        return self.ok and self.checkpoint_seq is not None and self.checkpoint_seq == self.last_seq
+    def _anchor(self) -> str:
+        if self.signed_head: return f"the head is signed (checkpoint of {self.checkpoint_ts}, key {self.key_id})"
+        if self.checkpoint_seq is not None:
+            return f"newest signed checkpoint at seq {self.checkpoint_seq} ({self.last_seq - self.checkpoint_seq} newer entries not signed yet)"
+        return "no signed checkpoint yet (a truncated tail or a rewritten chain would not be seen: run `trader audit checkpoint`)"
     def render(self) -> str:
         if self.ok:
             if not self.n_checked: return f"audit chain verified: 0 entries ({self.reason or 'the log is empty'})"
-            return f"audit chain verified: {self.n_checked} entries, last hash {self.last_hash} (seq {self.last_seq})"
+            return f"audit chain verified: {self.n_checked} entries, last hash {self.last_hash} (seq {self.last_seq}); {self._anchor()}"
         at = f" at seq {self.first_bad_seq}" if self.first_bad_seq is not None else ''
-        return f"audit chain BROKEN{at}: {self.reason} ({self.n_checked} entries verified before the break)"
+        cls = f" [{self.attack.value}]" if self.attack is not None else ''
+        return f"audit chain BROKEN{at}{cls}: {self.reason} ({self.n_checked} entries verified before the break)"
+
+def _renumbered(s:int, ts:str, kind:str, payload:str, ph:str, h:str, reach:int=64) -> int|None:
+    "The seq this row was hashed with, if it is `s + k` for some 1 <= k <= reach: the row was moved down by k."
+    return next((s + k for k in range(1, reach + 1) if entry_hash(s + k, ts, kind, payload, ph) == h), None)
 
 def _check_chain(rows:Iterable[Sequence], # (seq, ts, kind, payload, prev_hash, hash) in stored order
                  seq:int|None, # the seq the first row must have (None: not checked)
                  prev_hash:str|None, # the hash the first row must link to (None: not checked)
+                 marks:dict|None=None, # {seq: None} to fill in with the hashes found at those seqs (for the checkpoints)
                 ) -> VerifyResult:
     n, last_seq, last_hash = 0, None, None
     recent = deque(maxlen=4096)    # (seq, hash) of the last rows, to tell an insertion from a rewrite
-    def bad(at, why): return VerifyResult(False, n, at, why, last_seq, last_hash)
+    def bad(at, why, attack): return VerifyResult(False, n, at, why, last_seq, last_hash, attack)
     for s, ts, kind, payload, ph, h in rows:
         try: s = int(s)
-        except (TypeError, ValueError): return bad(None if last_seq is None else last_seq + 1, f"seq {s!r} after seq {last_seq} is not an integer")
+        except (TypeError, ValueError): return bad(None if last_seq is None else last_seq + 1, f"seq {s!r} after seq {last_seq} is not an integer", Attack.MODIFIED)
         if seq is not None and s != seq:
             if last_seq is not None and s <= last_seq:
-                return bad(s, f"seq {s} comes after seq {last_seq}: {'a duplicate' if s == last_seq else 'out of order'}, a row was inserted")
-            if s < seq: return bad(s, f"the chain should start at seq {seq} but starts at seq {s}: a row was inserted")
+                return bad(s, f"seq {s} comes after seq {last_seq}: {'a duplicate' if s == last_seq else 'out of order'}, a row was inserted", Attack.INSERTED)
+            if s < seq: return bad(s, f"the chain should start at seq {seq} but starts at seq {s}: a row was inserted", Attack.INSERTED)
             gap = f"seq {seq} is" if s == seq + 1 else f"seqs {seq}..{s-1} are"
-            return bad(seq, f"{gap} missing (the next row is seq {s}): deleted")
+            return bad(seq, f"{gap} missing (the next row is seq {s}): deleted", Attack.DELETED)
         if prev_hash is not None and ph != prev_hash:
             j = next((js for js, jh in reversed(recent) if jh == ph), None)
             if j is not None and last_seq is not None and j < last_seq:
                 k = last_seq - j           # rows j+1 .. last_seq were slipped in between j and s
                 n -= k; last_seq, last_hash = j, ph
                 what = f"row {j+1} was" if k == 1 else f"rows {j+1}..{j+k} were"
-                return bad(j + 1, f"seq {s} links to seq {j} (its prev_hash is the hash of seq {j}): {what} inserted, or seq {s} forged")
-            to = 'the genesis hash (64 zeros)' if ph is not None and prev_hash == GENESIS and last_seq is None else \
+                return bad(j + 1, f"seq {s} links to seq {j} (its prev_hash is the hash of seq {j}): {what} inserted, or seq {s} forged", Attack.INSERTED)
+            moved = _renumbered(s, ts, kind, payload, ph, h)
+            if moved is not None:
+                gap = f"seq {s} was" if moved == s + 1 else f"seqs {s}..{moved-1} were"
+                return bad(s, f"seq {s} was hashed as seq {moved} and does not link to the entry before it: {gap} deleted and the later rows renumbered", Attack.DELETED)
+            if entry_hash(s, ts, kind, payload, ph) == h and s > 1:
+                # the row itself is consistent: the row before it changed and was re-hashed (or this row's link was re-pointed)
+                if last_seq is not None:
+                    n -= 1; recent.pop()
+                    last_seq, last_hash = recent[-1] if recent else (None, None)
+                return bad(s - 1, f"seq {s} links to a hash that seq {s-1} no longer has: seq {s-1} was modified and its hash recomputed", Attack.MODIFIED)
+            to = 'the genesis hash (64 zeros)' if prev_hash == GENESIS and last_seq is None else \
                  f"the hash of seq {last_seq}" if last_seq is not None else 'the hash of the entry before it'
-            return bad(s, f"prev_hash of seq {s} does not match {to}: a row before it was rewritten, deleted or inserted")
+            return bad(s, f"prev_hash of seq {s} does not match {to}: the row was modified", Attack.MODIFIED)
         if entry_hash(s, ts, kind, payload, ph) != h:
-            return bad(s, f"hash mismatch at seq {s}: its contents do not hash to its stored hash, the row was modified")
+            return bad(s, f"hash mismatch at seq {s}: its contents do not hash to its stored hash, the row was modified", Attack.MODIFIED)
         n += 1; last_seq, last_hash = s, h; seq, prev_hash = s + 1, h
         recent.append((s, h))
+        if marks is not None and s in marks: marks[s] = h
     return VerifyResult(True, n, None, 'ok' if n else 'no entries', last_seq, last_hash)
+
+# %% ../../nbs/18_audit.ipynb #fe448262
+CHECKPOINT_FORMAT = 'trader-audit-checkpoint/1'
+
+def _b64(b:bytes) -> str: return base64.b64encode(b).decode('ascii')
+
+def _raw_public(pub:Ed25519PublicKey) -> bytes:
+    return pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+class VerifyKey:
+    "The public half of the audit signing key: checks checkpoints and packs. Safe to publish."
+    def __init__(self, pub:Ed25519PublicKey):
+        self._pub = pub
+        self.id = hashlib.sha256(_raw_public(pub)).hexdigest()[:16]   # the key id: first 16 hex digits of the sha256 of the raw 32-byte key
+    @classmethod
+    def from_pem(cls, pem:str|bytes) -> VerifyKey:
+        "A public key from its PEM text (SubjectPublicKeyInfo, as `pem()` writes it)."
+        try: pub = serialization.load_pem_public_key(pem.encode('ascii') if isinstance(pem, str) else pem)
+        except (ValueError, TypeError, UnicodeEncodeError) as e: raise AuditError(f"not a PEM public key ({type(e).__name__})") from None
+        if not isinstance(pub, Ed25519PublicKey): raise AuditError(f"the public key is a {type(pub).__name__}, not Ed25519")
+        return cls(pub)
+    @classmethod
+    def from_file(cls, path:str|Path) -> VerifyKey:
+        p = Path(path)
+        if not p.is_file(): raise AuditError(f"public key file {p} does not exist")
+        try: return cls.from_pem(p.read_bytes())
+        except AuditError as e: raise AuditError(f"{p}: {e}") from None
+    def pem(self) -> str:
+        return self._pub.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode('ascii')
+    def verify(self, signature:str, # base64
+               message:bytes) -> bool:
+        "Whether `signature` is this key's signature of `message`."
+        try: self._pub.verify(base64.b64decode(signature, validate=True), message); return True
+        except (InvalidSignature, binascii.Error, ValueError, TypeError): return False
+    def __eq__(self, other): return isinstance(other, VerifyKey) and other.id == self.id
+    def __hash__(self): return hash(self.id)
+    def __repr__(self): return f"VerifyKey(id={self.id!r})"
+
+class SigningKey:
+    "The private audit signing key. Its `repr` names the key id and where it came from, never the key; it cannot be pickled or copied into JSON."
+    __slots__ = ('_sk', 'public', 'source')
+    def __init__(self, sk:Ed25519PrivateKey, source:str):
+        self._sk, self.source, self.public = sk, source, VerifyKey(sk.public_key())
+    @property
+    def id(self) -> str: return self.public.id
+    def sign(self, message:bytes) -> str:
+        "The base64 Ed25519 signature of `message`."
+        return _b64(self._sk.sign(message))
+    def __repr__(self): return f"SigningKey(id={self.id!r}, source={self.source!r})"
+    __str__ = __repr__
+    def __reduce__(self): raise TypeError("a SigningKey cannot be pickled: the private key stays in its file or TRADER_AUDIT_KEY")
+
+def _parse_private(text:str, where:str) -> Ed25519PrivateKey:
+    "An Ed25519 private key from 64 hex digits, base64 of 32 bytes, or PKCS#8 PEM. Errors never repeat the text."
+    t = text.strip()
+    try:
+        if t.startswith('-----BEGIN'):
+            k = serialization.load_pem_private_key(t.encode('ascii'), password=None)
+            if not isinstance(k, Ed25519PrivateKey): raise ValueError('not Ed25519')
+            return k
+        raw = bytes.fromhex(t) if re.fullmatch(r'[0-9a-fA-F]{64}', t) else base64.b64decode(t, validate=True)
+        if len(raw) != 32: raise ValueError('not 32 bytes')
+        return Ed25519PrivateKey.from_private_bytes(raw)
+    except (ValueError, TypeError, binascii.Error, UnicodeEncodeError):
+        raise AuditError(f"{where} is not an Ed25519 private key: expected 64 hex digits, base64 of 32 bytes, or a PKCS#8 PEM "
+                         "(the value is not shown)") from None
+
+def key_file(settings:Settings) -> Path:
+    "Where the signing key lives when TRADER_AUDIT_KEY is not set."
+    return Path(settings.audit.key_file or settings.home/'secrets'/'audit_ed25519.pem')
+
+def keys_dir(settings:Settings) -> Path:
+    "Where the public keys are published, one `<key id>.pem` per key that ever signed a checkpoint."
+    return settings.home/'audit'/'keys'
+
+def checkpoint_file(settings:Settings) -> Path:
+    "The append-only file of signed checkpoints."
+    return Path(settings.audit.checkpoint_file or settings.home/'audit'/'checkpoints.jsonl')
+
+def load_signing_key(settings:Settings|None=None,
+                     create:bool=True, # make a new key file (mode 0600) when there is no key yet
+                    ) -> SigningKey|None:
+    "The signing key: TRADER_AUDIT_KEY, else the key file (refused unless 0600), else a new key file when `create`; None when there is none and `create` is False."
+    s = settings or load_settings()
+    if s.audit_key is not None and s.audit_key.get_secret_value().strip():
+        key = SigningKey(_parse_private(s.audit_key.get_secret_value(), 'TRADER_AUDIT_KEY'), 'TRADER_AUDIT_KEY')
+    else:
+        p = key_file(s)
+        if not p.exists():
+            if not create: return None
+            p.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            pem = Ed25519PrivateKey.generate().private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+            try:
+                fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)   # 0600 from the first byte; O_EXCL: two processes never both create it
+                try: os.write(fd, pem)
+                finally: os.close(fd)
+            except FileExistsError: pass                                    # another process made it first: use theirs
+        mode = stat.S_IMODE(p.stat().st_mode)
+        if mode & 0o077: raise AuditError(f"audit key file {p} has permissions {mode:04o}; it must be 0600 (run: chmod 600 {p})")
+        key = SigningKey(_parse_private(p.read_text(encoding='ascii', errors='replace'), f"audit key file {p}"), str(p))
+    if create: _publish(s, key.public)      # when about to sign; a read-only caller (`verify`, `head`) writes nothing
+    return key
+
+def _publish(s:Settings, pub:VerifyKey):
+    "Write the public key to TRADER_HOME/audit/keys/<key id>.pem (once)."
+    d = keys_dir(s); p = d/f'{pub.id}.pem'
+    if p.exists(): return
+    d.mkdir(parents=True, exist_ok=True)
+    tmp = d/f'.{pub.id}.{os.getpid()}.tmp'
+    tmp.write_text(pub.pem(), encoding='ascii'); tmp.replace(p)
+
+def public_keys(settings:Settings|None=None) -> dict[str, VerifyKey]:
+    "The published public keys by key id (a file whose name is not its key's id is ignored), plus the signing key's own when it is at hand."
+    s = settings or load_settings()
+    out = {}
+    for p in sorted(keys_dir(s).glob('*.pem')) if keys_dir(s).is_dir() else []:
+        try: k = VerifyKey.from_file(p)
+        except AuditError: continue
+        if k.id == p.stem: out[k.id] = k
+    try: sk = load_signing_key(s, create=False)
+    except AuditError: sk = None
+    if sk is not None: out[sk.id] = sk.public
+    return out
+
+@dataclass(frozen=True)
+class Checkpoint:
+    "A signed statement: in store `store`, the entry at `seq` had hash `hash`, at time `ts`. One line of the checkpoint file."
+    store: str     # which chain: the store's URL (SQLite: the absolute path; PostgreSQL: host and database, password masked)
+    seq: int
+    hash: str
+    ts: str        # when it was signed, ISO-8601 UTC
+    key_id: str
+    sig: str       # base64 Ed25519 signature of `message()`
+    def message(self) -> bytes:
+        "The signed bytes: the format name and the five fields, joined by line feeds."
+        return f"{CHECKPOINT_FORMAT}\n{self.store}\n{self.seq}\n{self.hash}\n{self.ts}\n{self.key_id}".encode('utf-8')
+    def line(self) -> str: return json.dumps(asdict(self), sort_keys=True, separators=(',', ':'), ensure_ascii=False) + '\n'
+    @classmethod
+    def sign(cls, key:SigningKey, store:str, seq:int, hash:str, ts:str|None=None) -> Checkpoint:
+        c = cls(store, int(seq), hash, ts or _utc_iso(), key.id, '')
+        return cls(c.store, c.seq, c.hash, c.ts, c.key_id, key.sign(c.message()))
+    @classmethod
+    def parse(cls, line:str) -> Checkpoint:
+        d = json.loads(line)
+        if not isinstance(d, dict) or set(d) != {'store', 'seq', 'hash', 'ts', 'key_id', 'sig'} or not isinstance(d['seq'], int):
+            raise ValueError('not a checkpoint')
+        return cls(**d)
+    def valid(self, keys:dict[str, VerifyKey]) -> bool|None:
+        "True: the signature verifies; False: it does not; None: the key is unknown."
+        k = keys.get(self.key_id)
+        return None if k is None else k.verify(self.sig, self.message())
+
+def append_checkpoint(path:Path, cp:Checkpoint, sync:bool=True):
+    "Append one line to the checkpoint file: one `write` on an O_APPEND descriptor, so writers in several processes never interleave; fsync'd when `sync`."
+    try: fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, cp.line().encode('utf-8'))
+        if sync: os.fsync(fd)
+    finally: os.close(fd)
+
+def read_checkpoints(path:Path, store:str|None=None, # only this store's checkpoints (None: all)
+                    ) -> tuple[list[tuple[int, Checkpoint]], list[str]]:
+    "(line number, checkpoint) pairs from the file, and a description of each line that is not a checkpoint."
+    if not Path(path).is_file(): return [], []
+    out, bad = [], []
+    with open(path, encoding='utf-8', errors='replace') as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip(): continue
+            try: cp = Checkpoint.parse(line)
+            except (ValueError, TypeError): bad.append(f"line {i} of {path} is not a checkpoint"); continue
+            if store is None or cp.store == store: out.append((i, cp))
+    return out, bad
 
 # %% ../../nbs/18_audit.ipynb #59bc5985
 def _bound(x, end:bool=False) -> tuple[str, str]|None:
@@ -174,15 +398,41 @@ def _jsonl_line(r:Sequence) -> str:
     return json.dumps({'seq': int(seq), 'ts': ts, 'kind': kind, 'payload': payload, 'prev_hash': ph, 'hash': h},
                       ensure_ascii=False, separators=(',', ':')) + '\n'
 
+def store_id(store:Store) -> str:
+    "The name checkpoints give a store's chain: its URL, with a SQLite path made absolute and a PostgreSQL password masked."
+    if store.engine == 'sqlite': return 'sqlite:///' + str(Path(store.url[len('sqlite:///'):]).expanduser().resolve())
+    return store.display_url
+
+@dataclass
+class AuditHead:
+    "The newest entry of the chain and whether a signed checkpoint vouches for exactly it."
+    seq: int|None
+    hash: str|None
+    signed: bool                     # a checkpoint with a valid signature has this seq and this hash
+    checkpoint_seq: int|None = None  # the newest validly signed checkpoint of this store (any seq)
+    checkpoint_ts: str|None = None
+    key_id: str|None = None
+    def to_dict(self) -> dict: return asdict(self)
+    def render(self) -> str:
+        if self.seq is None: return "audit head: no entries"
+        cp = (f"matches the signed checkpoint of {self.checkpoint_ts} (key {self.key_id})" if self.signed else
+              f"NOT signed: the newest signed checkpoint is at seq {self.checkpoint_seq} ({self.checkpoint_ts})" if self.checkpoint_seq is not None else
+              "NOT signed: no checkpoint yet")
+        return f"audit head: seq {self.seq}, hash {self.hash}; {cp}"
+
 class Audit:
-    "The append-only, hash-chained audit log in a `Store`."
+    "The append-only, hash-chained audit log in a `Store`, with its head signed into a checkpoint file outside the store."
     def __init__(self, store:Store,
-                 settings:Settings|None=None, # whose Alpaca credentials are refused in payloads (default: the store's)
+                 settings:Settings|None=None, # whose Alpaca credentials are refused in payloads, and where the key and checkpoints live (default: the store's)
                 ):
         self.store = store
-        s = settings or store.settings
+        s = self.settings = settings or store.settings
         self._secrets = tuple(v.get_secret_value() for v in (s.alpaca_key_id, s.alpaca_secret_key)
                               if v is not None and v.get_secret_value())
+        self._key: SigningKey|None = None        # loaded on the first checkpoint
+        self._since, self._last_cp, self._signed = 0, time.monotonic(), None
+        self.store_id = store_id(store)                    # the chain's name in the checkpoint file
+        self.checkpoint_path = checkpoint_file(s)
         store.ensure_schema('core.audit')
 
     def __repr__(self): return f"Audit({self.store!r})"
@@ -203,7 +453,7 @@ class Audit:
     def append_many(self, items:Iterable[tuple[str, dict]], # (kind, payload) pairs, in order
                     ts=None, # time of all the entries (default: now, UTC)
                    ) -> list[AuditEntry]:
-        "Append a bar's worth of entries in one go: one read of the tail, one `executemany`. Returns them."
+        "Append a bar's worth of entries in one go: one read of the tail, one `executemany`. Returns them; a checkpoint follows the commit when one is due."
         prepared = [self._prepare(k, p) for k, p in items]   # refused payloads fail here, before any lock is taken
         if not prepared: return []
         stamp = None if ts is None else _utc_iso(ts)
@@ -220,7 +470,54 @@ class Audit:
                 rows.append((seq, now, kind, payload, prev, h))
                 prev = h
             st.executemany(f'INSERT INTO audit_log ({_COLS}) VALUES (?,?,?,?,?,?)', rows)
+            self._since += len(rows)
+            a = self.settings.audit
+            urgent = any(k in a.checkpoint_kinds for k, _ in prepared)
+            if urgent or (a.checkpoint_every and self._since >= a.checkpoint_every) or \
+               (a.checkpoint_seconds and time.monotonic() - self._last_cp >= a.checkpoint_seconds):
+                st.after_commit(lambda: self._auto_checkpoint(urgent))   # never sign what may still roll back
         return [AuditEntry(*r) for r in rows]
+
+    # -- signed checkpoints -------------------------------------------------------------------------
+    def _auto_checkpoint(self, sync:bool):
+        "The periodic checkpoint, after a commit: a failure is logged (without any key material) and retried at the next due append."
+        try: self.checkpoint(sync=sync)
+        except Exception as e: _log.warning("audit checkpoint not written (will retry): %s", e if isinstance(e, TraderError) else type(e).__name__)
+
+    def checkpoint(self, sync:bool=True, # fsync the checkpoint file (the periodic ones skip it; measured below)
+                  ) -> Checkpoint|None:
+        "Sign the committed head of the chain and append it to the checkpoint file; None when the log is empty. Not inside a transaction."
+        if getattr(self.store, '_depth', 0):
+            raise AuditError("a checkpoint inside an open transaction could sign entries that then roll back; call checkpoint() after the commit")
+        head = self.store.query('SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1')
+        self._since, self._last_cp = 0, time.monotonic()
+        if not head: return None
+        seq, h = int(head[0][0]), head[0][1]
+        if self._signed is not None and (self._signed.seq, self._signed.hash) == (seq, h): return self._signed   # already signed by us
+        if self._key is None: self._key = load_signing_key(self.settings)
+        cp = Checkpoint.sign(self._key, self.store_id, seq, h)
+        append_checkpoint(self.checkpoint_path, cp, sync=sync)
+        self._signed = cp
+        return cp
+
+    def checkpoints(self) -> list[Checkpoint]:
+        "This store's checkpoints in the checkpoint file, in file order (signatures not checked: see `verify`)."
+        return [cp for _, cp in read_checkpoints(self.checkpoint_path, self.store_id)[0]]
+
+    def _trusted(self, public_key:VerifyKey|None) -> dict[str, VerifyKey]:
+        return {public_key.id: public_key} if public_key is not None else public_keys(self.settings)
+
+    def head(self, public_key:VerifyKey|None=None, # check signatures with this key only (default: the published keys and the signing key)
+            ) -> AuditHead:
+        "The newest entry and whether a validly signed checkpoint vouches for exactly it (cheap: the chain itself is not walked; `verify` does that)."
+        e = self.last()
+        keys = self._trusted(public_key)
+        ok = [cp for _, cp in read_checkpoints(self.checkpoint_path, self.store_id)[0] if cp.valid(keys)]
+        newest = max(ok, key=lambda c: (c.seq, c.ts), default=None)
+        at_head = next((c for c in reversed(ok) if e is not None and (c.seq, c.hash) == (e.seq, e.hash)), None)
+        cp = at_head or newest
+        return AuditHead(None if e is None else e.seq, None if e is None else e.hash, at_head is not None,
+                         None if cp is None else cp.seq, None if cp is None else cp.ts, None if cp is None else cp.key_id)
 
     # -- reading ------------------------------------------------------------------------------------
     def _frame(self, q:str, p:Sequence=()) -> pd.DataFrame:
@@ -233,7 +530,7 @@ class Audit:
         return self._frame(f'SELECT {_COLS} FROM audit_log ORDER BY seq DESC LIMIT ?', (int(n),)).iloc[::-1].reset_index(drop=True)
 
     def last(self) -> AuditEntry|None:
-        "The newest entry (its hash is the one to keep as an anchor)."
+        "The newest entry (its hash is the one a checkpoint signs)."
         r = self.store.query(f'SELECT {_COLS} FROM audit_log ORDER BY seq DESC LIMIT 1')
         return AuditEntry(int(r[0][0]), *r[0][1:]) if r else None
 
@@ -268,76 +565,196 @@ class Audit:
 
     # -- checking -----------------------------------------------------------------------------------
     def verify(self, from_seq:int|None=None, # start here, checking its link to the entry before; None: the whole chain from seq 1
+               public_key:VerifyKey|None=None, # check checkpoints with this key only (default: the published keys and the signing key)
               ) -> VerifyResult:
-        "Check the chain; names the first entry where it breaks (modified, deleted or inserted rows) and why."
-        if from_seq is None or int(from_seq) <= 1:
-            return _check_chain(self._rows(None if from_seq is None else int(from_seq)), 1, GENESIS)
-        start = int(from_seq)
-        before = self.store.query('SELECT hash FROM audit_log WHERE seq = ?', (start - 1,))
-        if not before:
-            if self.store.query('SELECT 1 FROM audit_log WHERE seq >= ? LIMIT 1', (start,)):
-                return VerifyResult(False, 0, start - 1, f"seq {start-1} is missing (the entry before seq {start}): deleted")
-            return VerifyResult(True, 0, None, f"no entries from seq {start}")
-        return _check_chain(self._rows(start), start, before[0][0])
+        "Check the chain, then the signed checkpoints against it; names the first broken seq, the class of change (`Attack`) and why."
+        keys = self._trusted(public_key)
+        lines, damaged = read_checkpoints(self.checkpoint_path, self.store_id)
+        start = 1 if from_seq is None else max(int(from_seq), 1)
+        marks = {cp.seq: None for _, cp in lines if cp.seq >= start}
+        if start == 1: r = _check_chain(self._rows(None if from_seq is None else start), 1, GENESIS, marks)
+        else:
+            before = self.store.query('SELECT hash FROM audit_log WHERE seq = ?', (start - 1,))
+            if not before:
+                if self.store.query('SELECT 1 FROM audit_log WHERE seq >= ? LIMIT 1', (start,)):
+                    r = VerifyResult(False, 0, start - 1, f"seq {start-1} is missing (the entry before seq {start}): deleted", attack=Attack.DELETED)
+                else: r = VerifyResult(True, 0, None, f"no entries from seq {start}")
+            else: r = _check_chain(self._rows(start), start, before[0][0], marks)
+        return _against_checkpoints(r, [(i, cp) for i, cp in lines if cp.seq >= start], damaged, keys, marks, start,
+                                    f"the checkpoint file {self.checkpoint_path}")
 
-    # -- compliance pack ----------------------------------------------------------------------------
-    def export(self, dir:str|Path, # a new or empty directory for the pack
-               from_ts=None, # first time (inclusive; None: from the first entry)
-               to_ts=None, # last time (inclusive; a date alone covers that day; None: to the last entry)
-              ) -> Path:
-        "Write a compliance pack, `audit.jsonl` and `manifest.json`, covering every seq from the first to the last entry in the window. Returns the directory."
-        d = Path(dir)
-        if (d/'audit.jsonl').exists() or (d/'manifest.json').exists():
-            raise AuditError(f"{d} already holds an audit pack; export into a new directory")
-        q, p = self._where(from_ts, to_ts)
-        lo, hi = self.store.query(f'SELECT MIN(seq), MAX(seq) FROM audit_log{q}', p)[0]
-        if lo is None: raise AuditError(f"no audit entries between {from_ts or 'the start'} and {to_ts or 'the end'}")
-        lo, hi = int(lo), int(hi)
-        before = GENESIS if lo == 1 else next(iter(r[0] for r in self.store.query('SELECT hash FROM audit_log WHERE seq = ?', (lo - 1,))), None)
-        d.mkdir(parents=True, exist_ok=True)
-        part, ends = d/'audit.jsonl.part', []
-        with open(part, 'w', encoding='utf-8', newline='\n') as f:
-            def written(rows):
-                for r in rows:
-                    if not ends: ends.append(r)
-                    f.write(_jsonl_line(r)); yield r
-                if ends: ends.append(r)
-            res = _check_chain(written(self._rows(lo, hi)), lo, before)
-        if not res.ok:
-            part.unlink()
-            raise AuditError(f"not exporting a broken chain: seq {res.first_bad_seq}: {res.reason} (see `trader audit verify`)")
-        part.replace(d/'audit.jsonl')
-        manifest = {
-            'format': 'trader-audit-pack/1', 'created': _utc_iso(), 'source': self.store.display_url,
-            'from_ts': from_ts if from_ts is None else str(from_ts), 'to_ts': to_ts if to_ts is None else str(to_ts),
-            'first_seq': lo, 'last_seq': res.last_seq, 'count': res.n_checked,
-            'first_ts': ends[0][1], 'last_ts': ends[-1][1], 'first_prev_hash': ends[0][4], 'last_hash': res.last_hash,
-            'audit_jsonl_sha256': _file_sha256(d/'audit.jsonl'), 'audit_jsonl_bytes': (d/'audit.jsonl').stat().st_size,
-            'hash_definition': 'hash = hex sha256 of the UTF-8 bytes of f"{seq}\\n{ts}\\n{kind}\\n{payload}\\n{prev_hash}" '
-                               '(payload: the canonical JSON text as stored; the prev_hash of seq 1 is 64 zeros)',
-            'how_to_verify': '1. sha256 of audit.jsonl equals audit_jsonl_sha256. 2. Each line of audit.jsonl is one entry '
-                             '(seq, ts, kind, payload, prev_hash, hash): seqs run from first_seq to last_seq without gaps or repeats; '
-                             'the first prev_hash equals first_prev_hash, every later prev_hash equals the hash on the line before, '
-                             'and every hash is recomputed as in hash_definition. 3. The last hash equals last_hash; to tie the pack to '
-                             'the live log, compare last_hash with the hash of last_seq there (`trader audit verify` prints the newest). '
-                             'In Python: trader.core.audit.verify_pack(<this directory>).',
-        }
-        (d/'manifest.json').write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + '\n', encoding='utf-8')
-        return d
+# %% ../../nbs/18_audit.ipynb #d7e12d4a
+def _against_checkpoints(r:VerifyResult, # the chain's own result
+                         lines:list[tuple[int, Checkpoint]], # (line number, checkpoint) with seq >= start
+                         damaged:list[str], # lines of the checkpoint file that are not checkpoints
+                         keys:dict[str, VerifyKey], # the public keys to check signatures with
+                         marks:dict[int, str|None], # the chain's hash at each checkpoint's seq (None: not reached)
+                         start:int, # the first seq checked
+                         where:str, # the checkpoint file, for messages
+                        ) -> VerifyResult:
+    "Fold the signed checkpoints into a chain's result: a signature that fails, a signed hash the chain no longer has (rewritten), a signed seq beyond its end (truncated)."
+    def broken(at, why, attack):
+        n = r.n_checked if at is None else max(0, min(r.n_checked, at - start))
+        ls = None if at is None else (at - 1 if at - 1 >= start else None)
+        lh = r.last_hash if ls is not None and ls == r.last_seq else marks.get(ls) if ls is not None else None
+        return VerifyResult(False, n, at, why, ls, lh, attack)
+    if damaged: return broken(None, f"{damaged[0]}: {where} was edited or damaged", Attack.SIGNATURE)
+    good = []
+    for i, cp in lines:
+        v = cp.valid(keys)
+        if v is None: return broken(None, f"the checkpoint on line {i} (seq {cp.seq}) is signed by key {cp.key_id}, which is not a trusted public key "
+                                          f"({', '.join(keys) or 'none known'}): {where} was edited, or the key is not published", Attack.SIGNATURE)
+        if not v: return broken(None, f"the checkpoint on line {i} (seq {cp.seq}) has an invalid signature: {where} was edited", Attack.SIGNATURE)
+        good.append(cp)
+    good.sort(key=lambda c: (c.seq, c.ts))
+    matched, rewritten, truncated = [], None, None
+    end = r.last_seq if r.last_seq is not None else start - 1
+    for cp in good:
+        h = marks.get(cp.seq)
+        if h is None:
+            if r.ok and cp.seq > end and (truncated is None or cp.seq > truncated.seq): truncated = cp
+        elif h == cp.hash: matched.append(cp)
+        elif rewritten is None: rewritten = cp
+    if rewritten is not None:
+        lower = max((c.seq for c in matched if c.seq < rewritten.seq), default=start - 1)
+        at = lower + 1
+        if r.ok or r.first_bad_seq is None or at <= r.first_bad_seq:
+            still = f" (the checkpoint at seq {lower} still matches)" if lower >= start else ''
+            return broken(at, f"seq {rewritten.seq} has hash {marks[rewritten.seq][:16]}..., but the checkpoint signed {rewritten.ts} (key {rewritten.key_id}) "
+                              f"says {rewritten.hash[:16]}...: the chain was rebuilt by the published hash rule somewhere in seq {at}..{rewritten.seq}{still}",
+                          Attack.REWRITTEN)
+    if not r.ok: return r
+    if truncated is not None:
+        gap = f"seq {end + 1} was" if truncated.seq == end + 1 else f"seqs {end + 1}..{truncated.seq} were"
+        return broken(end + 1, f"the log ends at seq {end if end >= 1 else '0 (empty)'} but the checkpoint signed {truncated.ts} (key {truncated.key_id}) "
+                               f"vouches for seq {truncated.seq}: {gap} cut from the end", Attack.TRUNCATED)
+    if matched:
+        c = matched[-1]
+        r.checkpoint_seq, r.checkpoint_ts, r.key_id, r.n_checkpoints = c.seq, c.ts, c.key_id, len(matched)
+    return r
+
+# %% ../../nbs/18_audit.ipynb #d9857c1f
+PACK_FORMAT = 'trader-audit-pack/2'
+
+@patch
+def export(self:Audit, dir:str|Path, # a new or empty directory for the pack
+           from_ts=None, # first time (inclusive; None: from the first entry)
+           to_ts=None, # last time (inclusive; a date alone covers that day; None: to the last entry)
+          ) -> Path:
+    "Write a signed compliance pack: the entries, the signed checkpoints among them, the public keys, and a signed manifest. Signs the head first. Returns the directory."
+    d = Path(dir)
+    if (d/'audit.jsonl').exists() or (d/'manifest.json').exists():
+        raise AuditError(f"{d} already holds an audit pack; export into a new directory")
+    q, p = self._where(from_ts, to_ts)
+    lo, hi = self.store.query(f'SELECT MIN(seq), MAX(seq) FROM audit_log{q}', p)[0]
+    if lo is None: raise AuditError(f"no audit entries between {from_ts or 'the start'} and {to_ts or 'the end'}")
+    lo, hi = int(lo), int(hi)
+    if not self.head().signed: self.checkpoint()   # the head is signed at every export (a pack that ends at the head then carries its signature)
+    key = self._key or load_signing_key(self.settings)
+    keys = public_keys(self.settings)
+    lines, damaged = read_checkpoints(self.checkpoint_path, self.store_id)
+    lines = [(i, cp) for i, cp in lines if lo <= cp.seq <= hi]
+    marks = {cp.seq: None for _, cp in lines}
+    before = GENESIS if lo == 1 else next(iter(r[0] for r in self.store.query('SELECT hash FROM audit_log WHERE seq = ?', (lo - 1,))), None)
+    d.mkdir(parents=True, exist_ok=True)
+    part, ends = d/'audit.jsonl.part', []
+    with open(part, 'w', encoding='utf-8', newline='\n') as f:
+        def written(rows):
+            for r in rows:
+                if not ends: ends.append(r)
+                f.write(_jsonl_line(r)); yield r
+            if ends: ends.append(r)
+        res = _check_chain(written(self._rows(lo, hi)), lo, before, marks)
+    res = _against_checkpoints(res, lines, damaged, keys, marks, lo, f"the checkpoint file {self.checkpoint_path}")
+    if not res.ok:
+        part.unlink()
+        raise AuditError(f"not exporting a broken chain: seq {res.first_bad_seq} [{res.attack.value}]: {res.reason} (see `trader audit verify`)")
+    part.replace(d/'audit.jsonl')
+    cps = [cp for _, cp in sorted(lines, key=lambda x: (x[1].seq, x[1].ts))]
+    (d/'checkpoints.jsonl').write_text(''.join(cp.line() for cp in cps), encoding='utf-8')
+    (d/'keys').mkdir(exist_ok=True)
+    used = {key.id: key.public, **{cp.key_id: keys[cp.key_id] for cp in cps}}
+    for kid, k in used.items(): (d/'keys'/f'{kid}.pem').write_text(k.pem(), encoding='ascii')
+    head = self.head()
+    manifest = {
+        'format': PACK_FORMAT, 'created': _utc_iso(), 'source': self.store.display_url, 'store_id': self.store_id,
+        'from_ts': from_ts if from_ts is None else str(from_ts), 'to_ts': to_ts if to_ts is None else str(to_ts),
+        'first_seq': lo, 'last_seq': res.last_seq, 'count': res.n_checked,
+        'first_ts': ends[0][1], 'last_ts': ends[-1][1], 'first_prev_hash': ends[0][4], 'last_hash': res.last_hash,
+        'audit_jsonl_sha256': _file_sha256(d/'audit.jsonl'), 'audit_jsonl_bytes': (d/'audit.jsonl').stat().st_size,
+        'checkpoints': len(cps), 'newest_checkpoint_seq': res.checkpoint_seq, 'checkpoints_jsonl_sha256': _file_sha256(d/'checkpoints.jsonl'),
+        'signing_key_id': key.id, 'keys': {kid: _file_sha256(d/'keys'/f'{kid}.pem') for kid in used},
+        'head': head.to_dict(),
+        'hash_definition': 'hash = hex sha256 of the UTF-8 bytes of f"{seq}\\n{ts}\\n{kind}\\n{payload}\\n{prev_hash}" '
+                           '(payload: the canonical JSON text as stored; the prev_hash of seq 1 is 64 zeros)',
+        'checkpoint_definition': f'each line of checkpoints.jsonl is signed with Ed25519 over the UTF-8 bytes of '
+                                 f'f"{CHECKPOINT_FORMAT}\\n{{store}}\\n{{seq}}\\n{{hash}}\\n{{ts}}\\n{{key_id}}"; sig is base64; '
+                                 'key_id = the first 16 hex digits of the sha256 of the raw 32-byte public key (keys/<key_id>.pem)',
+        'how_to_verify': '1. manifest.sig holds the base64 Ed25519 signature of the bytes of manifest.json by key key_id (keys/<key_id>.pem; '
+                         'compare the key id with the one the operator published). 2. The sha256 of audit.jsonl, checkpoints.jsonl and each '
+                         'keys/*.pem equal the values here. 3. Each line of audit.jsonl is one entry (seq, ts, kind, payload, prev_hash, hash): '
+                         'seqs run from first_seq to last_seq without gaps or repeats; the first prev_hash equals first_prev_hash, every later '
+                         'prev_hash equals the hash on the line before, and every hash is recomputed as in hash_definition; the last hash equals '
+                         'last_hash. 4. Each checkpoint verifies (checkpoint_definition) and its hash equals the entry at its seq. '
+                         'In Python: trader.core.audit.verify_pack(<this directory>, public_key=<the published .pem>); '
+                         'or `trader audit verify --pack <this directory> --public-key <pem>`.',
+    }
+    body = (json.dumps(manifest, indent=1, ensure_ascii=False) + '\n').encode('utf-8')
+    (d/'manifest.json').write_bytes(body)
+    (d/'manifest.sig').write_text(json.dumps({'alg': 'ed25519', 'key_id': key.id, 'signature': key.sign(body)}, indent=1) + '\n', encoding='ascii')
+    return d
 
 # %% ../../nbs/18_audit.ipynb #0bd90552
+def _pack_key(d:Path, m:dict, body:bytes, pinned:VerifyKey|None) -> tuple[dict[str, VerifyKey], str|None]:
+    "The pack's public keys, once its manifest's signature verifies: ({key id: key}, None), or ({}, why not)."
+    try: sig = json.loads((d/'manifest.sig').read_text(encoding='utf-8'))
+    except FileNotFoundError: return {}, "manifest.sig is missing: the pack's signature was removed"
+    except (json.JSONDecodeError, UnicodeDecodeError): return {}, "manifest.sig is not JSON: the pack's signature was damaged"
+    kid = sig.get('key_id') if isinstance(sig, dict) else None
+    if pinned is not None:
+        if kid != pinned.id: return {}, f"the manifest is signed by key {kid}, not by the given public key {pinned.id}"
+        key = pinned
+    else:
+        try: key = VerifyKey.from_file(d/'keys'/f'{kid}.pem')
+        except AuditError as e: return {}, f"the manifest's key {kid} is not in the pack ({e})"
+        if key.id != kid: return {}, f"keys/{kid}.pem holds key {key.id}, not {kid}"
+    if not key.verify(str(sig.get('signature', '')), body): return {}, f"manifest.json does not match its signature by key {kid}: the manifest was edited"
+    keys = {key.id: key}
+    for k, sha in (m.get('keys') or {}).items():
+        p = d/'keys'/f'{k}.pem'
+        if not p.is_file() or _file_sha256(p) != sha: return {}, f"keys/{k}.pem is missing or differs from the signed manifest"
+        vk = VerifyKey.from_file(p)
+        if vk.id != k: return {}, f"keys/{k}.pem holds key {vk.id}, not {k}"
+        keys[k] = vk
+    return keys, None
+
 def verify_pack(dir:str|Path, # a directory written by `Audit.export`
+                public_key:VerifyKey|str|Path|None=None, # the published public key (or its .pem file) to pin; None: the key in the pack (compare its id)
                ) -> VerifyResult:
-    "Re-verify an exported pack on its own: the chain inside `audit.jsonl`, its ends against the manifest, and the file's sha256."
+    "Re-verify an exported pack on its own, with the public part only: the manifest's signature, the chain in `audit.jsonl`, its ends, the files' sha256 and the signed checkpoints."
     d = Path(dir)
-    try: m = json.loads((d/'manifest.json').read_text(encoding='utf-8'))
-    except FileNotFoundError: return VerifyResult(False, 0, None, f"{d/'manifest.json'} is missing")
-    except (json.JSONDecodeError, UnicodeDecodeError) as e: return VerifyResult(False, 0, None, f"manifest.json is not valid JSON ({e})")
+    pinned = public_key if public_key is None or isinstance(public_key, VerifyKey) else VerifyKey.from_file(public_key)
+    def fail(why, attack=Attack.SIGNATURE, at=None): return VerifyResult(False, 0, at, why, attack=attack)
+    try: body = (d/'manifest.json').read_bytes(); m = json.loads(body.decode('utf-8'))
+    except FileNotFoundError: return fail(f"{d/'manifest.json'} is missing")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e: return fail(f"manifest.json is not valid JSON ({e})")
     need = ('first_seq', 'last_seq', 'count', 'first_prev_hash', 'last_hash', 'audit_jsonl_sha256')
     if not isinstance(m, dict) or any(k not in m for k in need):
-        return VerifyResult(False, 0, None, f"manifest.json lacks {', '.join(k for k in need if not isinstance(m, dict) or k not in m)}")
+        return fail(f"manifest.json lacks {', '.join(k for k in need if not isinstance(m, dict) or k not in m)}")
+    signed = m.get('format') == PACK_FORMAT
+    keys, lines, damaged = {}, [], []
+    if signed:
+        keys, why = _pack_key(d, m, body, pinned)
+        if why: return fail(why)
+        cpf = d/'checkpoints.jsonl'
+        if not cpf.is_file() or _file_sha256(cpf) != m.get('checkpoints_jsonl_sha256'):
+            return fail("checkpoints.jsonl is missing or differs from the signed manifest: checkpoints were removed or edited")
+        lines, damaged = read_checkpoints(cpf)
+    elif pinned is not None:
+        return fail(f"the pack is unsigned ({m.get('format', 'format 1')}): it cannot be checked against public key {pinned.id}")
     p = d/'audit.jsonl'
-    if not p.is_file(): return VerifyResult(False, 0, None, f"{p} is missing")
+    if not p.is_file(): return fail(f"{p} is missing", Attack.DELETED)
+    marks = {cp.seq: None for _, cp in lines}
     broken = []
     def rows():
         with open(p, encoding='utf-8', newline='\n') as f:
@@ -348,38 +765,69 @@ def verify_pack(dir:str|Path, # a directory written by `Audit.export`
                     yield e['seq'], e['ts'], e['kind'], e['payload'], e['prev_hash'], e['hash']
                 except (json.JSONDecodeError, KeyError, TypeError) as ex:
                     broken.append(f"line {i} of audit.jsonl is not an audit entry ({type(ex).__name__}: {ex})"); return
-    try: r = _check_chain(rows(), int(m['first_seq']), m['first_prev_hash'])
-    except UnicodeDecodeError as e: return VerifyResult(False, 0, None, f"audit.jsonl is not UTF-8 ({e})")
-    if broken: return VerifyResult(False, r.n_checked, None if r.last_seq is None else r.last_seq + 1, broken[0], r.last_seq, r.last_hash)
-    if not r.ok: return r
+    try: r = _check_chain(rows(), int(m['first_seq']), m['first_prev_hash'], marks)
+    except UnicodeDecodeError as e: return fail(f"audit.jsonl is not UTF-8 ({e})", Attack.MODIFIED)
+    if broken: return VerifyResult(False, r.n_checked, None if r.last_seq is None else r.last_seq + 1, broken[0], r.last_seq, r.last_hash, Attack.MODIFIED)
+    if not r.ok: return _against_checkpoints(r, lines, damaged, keys, marks, int(m['first_seq']), 'checkpoints.jsonl') if signed else r
+    if signed:
+        r = _against_checkpoints(r, lines, damaged, keys, marks, int(m['first_seq']), 'checkpoints.jsonl')
+        if not r.ok: return r
     if (r.last_seq, r.last_hash, r.n_checked) != (m['last_seq'], m['last_hash'], m['count']):
         if r.last_seq is None or r.last_seq < m['last_seq']:
-            at, why = (m['first_seq'] if r.last_seq is None else r.last_seq + 1), f"the pack ends at seq {r.last_seq} but the manifest says seq {m['last_seq']}: entries were removed from the end"
+            at, why, a = (m['first_seq'] if r.last_seq is None else r.last_seq + 1), f"the pack ends at seq {r.last_seq} but the manifest says seq {m['last_seq']}: entries were removed from the end", Attack.TRUNCATED
         elif r.last_seq > m['last_seq']:
-            at, why = m['last_seq'] + 1, f"the pack goes on to seq {r.last_seq} but the manifest ends at seq {m['last_seq']}: entries were added at the end"
+            at, why, a = m['last_seq'] + 1, f"the pack goes on to seq {r.last_seq} but the manifest ends at seq {m['last_seq']}: entries were added at the end", Attack.INSERTED
         else:
-            at, why = r.last_seq, f"the last hash {r.last_hash[:16]}... differs from the manifest's {str(m['last_hash'])[:16]}...: the chain was rebuilt"
-        return VerifyResult(False, r.n_checked, at, why, r.last_seq, r.last_hash)
+            at, why, a = r.last_seq, f"the last hash {r.last_hash[:16]}... differs from the manifest's {str(m['last_hash'])[:16]}...: the chain was rebuilt", Attack.REWRITTEN
+        return VerifyResult(False, r.n_checked, at, why, r.last_seq, r.last_hash, a)
     sha = _file_sha256(p)
     if sha != m['audit_jsonl_sha256']:
         return VerifyResult(False, r.n_checked, None, f"audit.jsonl has sha256 {sha[:16]}..., the manifest says {str(m['audit_jsonl_sha256'])[:16]}...: the file was changed",
-                            r.last_seq, r.last_hash)
+                            r.last_seq, r.last_hash, Attack.MODIFIED)
+    if not signed: r.reason = 'unsigned pack (format 1): checked against its own manifest only'
     return r
 
 # %% ../../nbs/18_audit.ipynb #d855ca4e
+def _pinned(args) -> VerifyKey|None:
+    p = getattr(args, 'public_key', None)
+    return None if p is None else VerifyKey.from_file(p)
+
 def cmd_audit_verify(args) -> int:
-    "Verify the audit chain of the configured store: exit 0 when intact, 4 (`EXIT_CHAIN_BROKEN`) naming the first broken seq and why."
+    "Verify the audit chain of the configured store and its signed checkpoints (or a pack, `--pack`): exit 0 when intact, 4 (`EXIT_CHAIN_BROKEN`) naming the class of change and the first broken seq."
+    if getattr(args, 'pack', None):
+        r = verify_pack(args.pack, _pinned(args))
+        print(r.render().replace('audit chain', f"audit pack {args.pack}", 1), flush=True)
+        return 0 if r.ok else EXIT_CHAIN_BROKEN
     with Store() as store:
-        r = Audit(store).verify(getattr(args, 'from_seq', None))
+        r = Audit(store).verify(getattr(args, 'from_seq', None), _pinned(args))
     print(r.render(), flush=True)
     return 0 if r.ok else EXIT_CHAIN_BROKEN
 
 def cmd_audit_export(args) -> int:
-    "Write a compliance pack (`audit.jsonl` + `manifest.json`) for `args.from_ts`..`args.to_ts` into `args.dir`; prints the files written."
+    "Write a signed compliance pack for `args.from_ts`..`args.to_ts` into `args.dir`; prints the files written and the head."
     with Store() as store:
         d = getattr(args, 'dir', None) or store.settings.home/'audit'/f"pack-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}"
         d = Audit(store).export(d, getattr(args, 'from_ts', None), getattr(args, 'to_ts', None))
     m = json.loads((d/'manifest.json').read_text(encoding='utf-8'))
-    for f in ('audit.jsonl', 'manifest.json'): print(f"wrote {d/f}", flush=True)
-    print(f"{m['count']} entries, seq {m['first_seq']}..{m['last_seq']}, last hash {m['last_hash']}", flush=True)
+    for f in ('audit.jsonl', 'checkpoints.jsonl', 'manifest.json', 'manifest.sig'): print(f"wrote {d/f}", flush=True)
+    print(f"{m['count']} entries, seq {m['first_seq']}..{m['last_seq']}, last hash {m['last_hash']}; {m['checkpoints']} signed checkpoints; "
+          f"signed by key {m['signing_key_id']}", flush=True)
+    print(AuditHead(**m['head']).render(), flush=True)
+    return 0
+
+def cmd_audit_checkpoint(args) -> int:
+    "Sign the chain's head now and append the checkpoint to the checkpoint file."
+    with Store() as store:
+        a = Audit(store)
+        cp = a.checkpoint()
+        if cp is None: print("audit log is empty: nothing to sign", flush=True); return 0
+        print(f"checkpoint: seq {cp.seq}, hash {cp.hash}, signed {cp.ts} by key {cp.key_id} -> {a.checkpoint_path}", flush=True)
+    return 0
+
+def cmd_audit_key(args) -> int:
+    "Print the public key that verifies checkpoints and packs (the signing key is created, mode 0600, if there is none yet); never the private key."
+    s = load_settings()
+    k = load_signing_key(s)
+    print(f"key id {k.id} (private key: {k.source}; public key: {keys_dir(s)/f'{k.id}.pem'})", file=sys.stderr, flush=True)
+    print(k.public.pem(), end='', flush=True)     # alone on stdout: `trader audit key > audit-key.pem`
     return 0

@@ -11,8 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 
 # %% auto #0
 __all__ = ['TraderError', 'ConfigError', 'project_root', 'default_home', 'QualitySettings', 'AlpacaSettings', 'RiskSettings',
-           'EnvSettings', 'TrainSettings', 'GateSettings', 'DemoSettings', 'Settings', 'read_secrets_file',
-           'load_settings']
+           'EnvSettings', 'TrainSettings', 'GateSettings', 'DemoSettings', 'AuditSettings', 'Settings',
+           'read_secrets_file', 'load_settings']
 
 # %% ../../nbs/00_config.ipynb #fe4b54b7
 class TraderError(Exception):
@@ -148,6 +148,16 @@ class DemoSettings(_Section):
     seed: int = Field(0, description="training seed (same seed, same weights)")
     port: int = Field(8866, ge=1, le=65535, description="dashboard port (Voila's default)")
 
+# %% ../../nbs/00_config.ipynb #f19097e2
+class AuditSettings(_Section):
+    "Signed checkpoints of the audit chain (`trader.core.audit`); the signing key comes from TRADER_AUDIT_KEY or `key_file`, never from here."
+    checkpoint_every: int = Field(500, ge=0, description="sign the chain's head after this many new entries (0: not by count); 0.2-1.4 ms per checkpoint, measured")
+    checkpoint_seconds: float = Field(60.0, ge=0, description="... or when the newest checkpoint written by this process is older than this (0: not by time)")
+    checkpoint_kinds: list[str] = Field(['session', 'gate', 'promotion', 'rollback', 'kill_switch', 'resume', 'nightly', 'holdout_look', 'drill'],
+                                        description="entries of these kinds are signed as soon as they commit (session start/end, gate runs, ...)")
+    key_file: Path|None = Field(None, description="the Ed25519 signing key (PKCS#8 PEM, mode 0600; created on first use); default TRADER_HOME/secrets/audit_ed25519.pem")
+    checkpoint_file: Path|None = Field(None, description="the append-only checkpoint file; default TRADER_HOME/audit/checkpoints.jsonl")
+
 # %% ../../nbs/00_config.ipynb #d3a4fdea
 _SECRET_ENV = ('APCA_API_KEY_ID', 'APCA_API_SECRET_KEY')
 
@@ -163,9 +173,11 @@ class Settings(_Section):
     train: TrainSettings = TrainSettings()
     gate: GateSettings = GateSettings()
     demo: DemoSettings = DemoSettings()
+    audit: AuditSettings = AuditSettings()
     reports_dir: Path = Field(description="TRADER_REPORTS: where papermill reports are written (default: reports/ at the project root)")
     alpaca_key_id: SecretStr|None = Field(None, repr=False)
     alpaca_secret_key: SecretStr|None = Field(None, repr=False)
+    audit_key: SecretStr|None = Field(None, repr=False, exclude=True)   # TRADER_AUDIT_KEY: the audit trail's signing key (trader.core.audit)
     secrets_file: Path|None = Field(None, description="where the credentials were read from, if a file")
 
     @field_validator('db_url')
@@ -236,7 +248,7 @@ def load_settings(env:Mapping[str,str]|None=None, # environment to read (default
     if toml_path is not None:
         try: data = tomllib.loads(toml_path.read_text())
         except tomllib.TOMLDecodeError as e: raise ConfigError(f"{toml_path} is not valid TOML: {e}") from None
-        leaked = [k for k in data if k.upper() in _SECRET_ENV or k in ('alpaca_key_id', 'alpaca_secret_key')]
+        leaked = [k for k in data if k.upper() in _SECRET_ENV or k in ('alpaca_key_id', 'alpaca_secret_key', 'audit_key')]
         if leaked: raise ConfigError(f"{toml_path} must not hold credentials ({leaked}); use the environment or a 0600 secrets file")
     for k,v in overrides.items():
         data[k] = {**data.get(k, {}), **v} if isinstance(v, dict) else v
@@ -252,5 +264,6 @@ def load_settings(env:Mapping[str,str]|None=None, # environment to read (default
         key, secret = s.get('APCA_API_KEY_ID', key), s.get('APCA_API_SECRET_KEY', secret)
         data['secrets_file'] = Path(sec_path)
     data['alpaca_key_id'], data['alpaca_secret_key'] = key or None, secret or None
+    data['audit_key'] = env.get('TRADER_AUDIT_KEY') or None
     try: return Settings(**data)
     except ValidationError as e: raise ConfigError(_pretty(e, str(toml_path or 'settings'))) from None

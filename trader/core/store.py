@@ -4,7 +4,7 @@
 
 # %% ../../nbs/03_store.ipynb #2427dca8
 from __future__ import annotations
-import hashlib, json, math, re, sqlite3, struct, threading
+import hashlib, json, logging, math, re, sqlite3, struct, threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -121,6 +121,7 @@ class Store:
         self.engine = 'sqlite' if self.url.startswith('sqlite') else 'postgresql'
         self._lock = threading.RLock()
         self._depth = 0
+        self._after_commit: list = []     # hooks to call once the current transaction commits (`after_commit`)
         self._ready: set[str] = set()     # owners whose migrations this store has checked
         try: self.conn = self._connect()
         except TraderError: raise
@@ -258,9 +259,23 @@ class Store:
             except BaseException:
                 self._depth -= 1
                 if outer:
+                    self._after_commit.clear()          # nothing was committed: the hooks' reason is gone
                     try: self.conn.execute('ROLLBACK')
                     except Exception: pass
                 raise
+        if outer: self._run_after_commit()
+
+    def after_commit(self, fn) -> None:
+        "Call `fn()` once the current transaction has committed (dropped if it rolls back; called at once when none is open)."
+        if self._depth == 0: self._after_commit.append(fn); self._run_after_commit()
+        else: self._after_commit.append(fn)
+
+    def _run_after_commit(self):
+        "The hooks of the transaction that just committed; a failing hook is logged, never raised (the commit has happened)."
+        while self._after_commit:
+            fn = self._after_commit.pop(0)
+            try: fn()
+            except Exception as e: logging.getLogger('trader.store').warning("an after-commit hook failed: %s: %s", type(e).__name__, e)
 
     def serialize(self, name:str):
         "Inside a transaction: wait for other sessions' `name` writers and hold the turn until the transaction ends (PostgreSQL advisory lock; SQLite's write transaction already is exclusive)."

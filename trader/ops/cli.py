@@ -19,7 +19,8 @@ __all__ = ['arg_cash_amount', 'arg_bps', 'arg_count', 'arg_seed_value', 'arg_por
            'cmd_report', 'cmd_gate', 'cmd_promote', 'cmd_runs', 'cmd_paper', 'cmd_status', 'cmd_kill', 'cmd_resume',
            'cmd_drill', 'cmd_audit', 'cmd_dashboard', 'cmd_nightly', 'cmd_demo', 'ArgError', 'arg_number', 'arg_speed',
            'arg_date', 'arg_window', 'arg_symbol', 'arg_symbols', 'arg_model_id', 'arg_name', 'arg_run_id',
-           'arg_ma_range', 'arg_existing_file', 'arg_text', 'arg_out_dir', 'check_args', 'build_parser', 'main']
+           'arg_ma_range', 'arg_existing_file', 'arg_existing_dir', 'arg_text', 'arg_out_dir', 'check_args',
+           'build_parser', 'main']
 
 # %% ../../nbs/20_cli.ipynb #47322f2d
 def _say(*a, **kw): print(*a, **kw, flush=True)
@@ -326,9 +327,9 @@ def cmd_drill(args) -> int:
     return 0 if r.passed else 5
 
 def cmd_audit(args) -> int:
-    "Verify the hash-chained audit trail, or export a compliance pack."
-    from trader.core.audit import cmd_audit_export, cmd_audit_verify
-    return cmd_audit_verify(args) if args.action == 'verify' else cmd_audit_export(args)
+    "Verify the hash-chained audit trail and its signed checkpoints (or a pack), export a signed compliance pack, sign the head now, or show the public key."
+    from trader.core import audit as A
+    return {'verify': A.cmd_audit_verify, 'export': A.cmd_audit_export, 'checkpoint': A.cmd_audit_checkpoint, 'key': A.cmd_audit_key}[args.action](args)
 
 def cmd_dashboard(args) -> int:
     "Serve the management dashboard with Voila on localhost (read-only unless --control)."
@@ -436,6 +437,10 @@ def arg_ma_range(v:str) -> str:
 
 def arg_existing_file(v:str) -> str:
     if not Path(v).is_file(): raise _bad(f"no such file: {v}")
+    return v
+
+def arg_existing_dir(v:str) -> str:
+    if not Path(v).is_dir(): raise _bad(f"no such folder: {v}")
     return v
 
 def arg_text(v:str) -> str:
@@ -660,12 +665,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument('kind', choices=['crash-day', 'outage'])
     sp.add_argument('--model', type=arg_model_id, help='outage: model to trade (default: the champion)')
 
-    sp = add('audit', cmd_audit, 'verify the audit chain (exit 4 if broken) or export a compliance pack')
-    sp.add_argument('action', choices=['verify', 'export'])
+    sp = add('audit', cmd_audit, 'verify the audit chain (exit 4 if broken), export a signed compliance pack, sign the head, show the public key',
+             epilog='examples:\n  trader audit verify\n  trader audit verify --pack var/audit/pack-20260305T210000Z --public-key audit-key.pem\n'
+                    '  trader audit checkpoint\n  trader audit key > audit-key.pem')
+    sp.add_argument('action', choices=['verify', 'export', 'checkpoint', 'key'])
     sp.add_argument('--from', dest='from_ts', type=arg_date, help='export: first time (ISO date/time)')
     sp.add_argument('--to', dest='to_ts', type=arg_date, help='export: last time')
     sp.add_argument('--dir', type=arg_out_dir, help='export: output folder (default: $TRADER_HOME/audit/pack-<time>)')
     sp.add_argument('--from-seq', dest='from_seq', type=arg_number(int, 0, what='a whole number >= 0'), help='verify: start at this sequence number')
+    sp.add_argument('--pack', type=arg_existing_dir, help='verify: an exported pack instead of the store (needs only the public key)')
+    sp.add_argument('--public-key', dest='public_key', type=arg_existing_file, metavar='PEM',
+                    help='verify: pin this public key (default: the published keys in $TRADER_HOME/audit/keys/, or the one in the pack)')
 
     sp = add('dashboard', cmd_dashboard, 'serve the Voila dashboard on localhost')
     sp.add_argument('--port', type=arg_port_number, default=8866)

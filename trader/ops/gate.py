@@ -63,19 +63,24 @@ class GateResult:
     reasons: list[str]
     figures: list[GateFigure]
     created: str = field(default_factory=lambda: pd.Timestamp.now(tz='UTC').isoformat(timespec='seconds'))
+    audit_head: dict|None = None   # the audit trail's head once the verdict is recorded: seq, hash, whether a signed checkpoint matches it (`run_gate`)
     @property
     def exit_code(self) -> int: return EXIT_CODES[self.status]
     def to_dict(self) -> dict:
         return {'date': self.date, 'run_id': self.run_id, 'run_kind': self.run_kind, 'status': self.status, 'reasons': self.reasons,
-                'figures': [asdict(f) for f in self.figures], 'created': self.created, 'exit_code': self.exit_code}
+                'figures': [asdict(f) for f in self.figures], 'created': self.created, 'exit_code': self.exit_code, 'audit_head': self.audit_head}
     @classmethod
     def from_dict(cls, d:dict) -> GateResult:
         "The verdict back from `to_dict` (the report template reads it from the JSON `run_gate` wrote)."
-        return cls(d['date'], d['run_id'], d['run_kind'], d['status'], list(d['reasons']), [GateFigure(**f) for f in d['figures']], d['created'])
+        return cls(d['date'], d['run_id'], d['run_kind'], d['status'], list(d['reasons']), [GateFigure(**f) for f in d['figures']], d['created'],
+                   d.get('audit_head'))
     def render(self) -> str:
         lines = [f"daily gate {self.date}  run {self.run_id} ({self.run_kind})  ->  {self.status}"]
         lines += ['  ' + f.show() for f in self.figures]
         lines += [f"  reason: {r}" for r in self.reasons]
+        if self.audit_head:
+            from trader.core.audit import AuditHead
+            lines.append('  ' + AuditHead(**self.audit_head).render())
         return '\n'.join(lines)
 
 class GateError(TraderError):
@@ -162,7 +167,9 @@ def run_gate(store:Store, run_id:str|None=None, date=None, settings:Settings|Non
     res = compute_gate(store, run_id, date, settings=s)        # bad input (unknown run or date) fails here, before anything is written
     out = Path(output_dir) if output_dir else s.reports_dir/'gates'
     out.mkdir(parents=True, exist_ok=True)
-    gid = record_gate(store, res)
+    gid = record_gate(store, res)                              # its audit entry is signed as soon as it commits (audit.checkpoint_kinds)
+    from trader.core.audit import Audit
+    res.audit_head = Audit(store).head().to_dict()
     paths = {'json': out/f'{res.date}.json'}
     paths['json'].write_text(json.dumps({**res.to_dict(), 'gate_id': gid}, indent=1, default=str))
     if render:
