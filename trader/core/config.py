@@ -11,8 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 
 # %% auto #0
 __all__ = ['TraderError', 'ConfigError', 'project_root', 'default_home', 'QualitySettings', 'AlpacaSettings', 'RiskSettings',
-           'EnvSettings', 'TrainSettings', 'GateSettings', 'DemoSettings', 'Settings', 'read_secrets_file',
-           'load_settings']
+           'EnvSettings', 'TrainSettings', 'GateSettings', 'DemoSettings', 'ServiceSettings', 'Settings',
+           'read_secrets_file', 'load_settings']
 
 # %% ../../nbs/00_config.ipynb #fe4b54b7
 class TraderError(Exception):
@@ -148,6 +148,16 @@ class DemoSettings(_Section):
     seed: int = Field(0, description="training seed (same seed, same weights)")
     port: int = Field(8866, ge=1, le=65535, description="dashboard port (Voila's default)")
 
+# %% ../../nbs/00_config.ipynb #87dead61
+class ServiceSettings(_Section):
+    "The paper-trading service (`trader.live.service`): the session lease, the bar schedule, heartbeats and polling."
+    lease_ttl: float = Field(90.0, gt=0, description="seconds a lease lasts without renewal: a holder that died is taken over after this (it renews every third of it)")
+    lease_same_host_check: bool = Field(True, description="take over at once the lease of a holder on this host whose process is gone (a crash, a SIGKILL); other hosts' leases wait for their expiry")
+    heartbeat_s: float = Field(30.0, gt=0, description="seconds between liveness heartbeats while waiting for bars: well below the HeartbeatStale alert's 120 s and half the unit's WatchdogSec")
+    bar_final_after: float = Field(900.0, ge=0, description="seconds after the XNYS close (13:00 New York on half days) before a daily bar counts as final (AlpacaFeed's settle)")
+    poll_initial: float = Field(15.0, gt=0, description="seconds before re-polling a due bar that is not final yet; doubled at each miss")
+    poll_max: float = Field(600.0, gt=0, description="longest wait between polls of a due bar")
+
 # %% ../../nbs/00_config.ipynb #d3a4fdea
 _SECRET_ENV = ('APCA_API_KEY_ID', 'APCA_API_SECRET_KEY')
 
@@ -163,6 +173,7 @@ class Settings(_Section):
     train: TrainSettings = TrainSettings()
     gate: GateSettings = GateSettings()
     demo: DemoSettings = DemoSettings()
+    service: ServiceSettings = ServiceSettings()
     reports_dir: Path = Field(description="TRADER_REPORTS: where papermill reports are written (default: reports/ at the project root)")
     alpaca_key_id: SecretStr|None = Field(None, repr=False)
     alpaca_secret_key: SecretStr|None = Field(None, repr=False)
