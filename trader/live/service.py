@@ -235,12 +235,16 @@ class WallClock:
     def __repr__(self): return f"{type(self).__name__}(now={self.now()})"
 
 class ScaledClock(WallClock):
-    "Simulated time from `start`, `rate` times faster than real time."
+    "Simulated time from `start`, `rate` times faster than real time; it starts running when first read (not while the model loads)."
     def __init__(self, start, rate:float=1.0):
         super().__init__()
         if not rate > 0: raise ValueError(f"clock rate must be > 0, got {rate}")
-        self.start, self.rate, self._t0 = to_utc(start), float(rate), time.monotonic()
-    def now(self) -> pd.Timestamp: return self.start + pd.Timedelta(seconds=(time.monotonic() - self._t0)*self.rate)
+        self.start, self.rate, self._t0 = to_utc(start), float(rate), None
+    def now(self) -> pd.Timestamp:
+        if self._t0 is None: self._t0 = time.monotonic()
+        return self.start + pd.Timedelta(seconds=(time.monotonic() - self._t0)*self.rate)
+    def sleep(self, seconds:float) -> None:
+        self.now(); super().sleep(seconds)
 
 class ManualClock(WallClock):
     "Simulated time that `sleep` advances at once (tests)."
