@@ -8,7 +8,7 @@ import datetime as _dt, hashlib, logging, math, os, time
 from dataclasses import asdict, dataclass, field, fields
 import numpy as np, pandas as pd
 from ..core.config import Settings, TraderError, load_settings
-from ..core.data import bars_sha256, parse_symbols
+from ..core.data import bars_sha256, parse_symbols, to_utc
 from ..core.domain import Decision, EmergencyLevel, RiskEventKind, RunKind
 from ..core.registry import Registry
 from ..core.runs import Runs
@@ -262,7 +262,7 @@ def uptime_pct(store:Store, run_id:str, day=None, timeout:float|None=None) -> tu
     t = pd.to_datetime(hb.ts, utc=True, format='ISO8601')
     if day is not None:
         bt = store.ts_series(hb.bar_ts)
-        t = t[(bt < pd.Timestamp(day) + pd.Timedelta(days=1)) | bt.isna()]
+        t = t[(bt < to_utc(day).normalize() + pd.Timedelta(days=1)) | bt.isna()]
         if len(t) < 2: return 100.0, 'fewer than two heartbeats by then'
     gaps = t.diff().dt.total_seconds().dropna()
     timeout = timeout if timeout is not None else heartbeat_timeout()
