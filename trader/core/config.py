@@ -11,8 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 
 # %% auto #0
 __all__ = ['TraderError', 'ConfigError', 'project_root', 'default_home', 'QualitySettings', 'AlpacaSettings', 'RiskSettings',
-           'EnvSettings', 'TrainSettings', 'GateSettings', 'DemoSettings', 'AuditSettings', 'Settings',
-           'read_secrets_file', 'load_settings']
+           'EnvSettings', 'TrainSettings', 'GateSettings', 'DemoSettings', 'ServiceSettings', 'AuditSettings',
+           'Settings', 'read_secrets_file', 'load_settings']
 
 # %% ../../nbs/00_config.ipynb #fe4b54b7
 class TraderError(Exception):
@@ -148,6 +148,16 @@ class DemoSettings(_Section):
     seed: int = Field(0, description="training seed (same seed, same weights)")
     port: int = Field(8866, ge=1, le=65535, description="dashboard port (Voila's default)")
 
+# %% ../../nbs/00_config.ipynb #87dead61
+class ServiceSettings(_Section):
+    "The paper-trading service (`trader.live.service`): the session lease, the bar schedule, heartbeats and polling."
+    lease_ttl: float = Field(90.0, gt=0, description="seconds a lease lasts without renewal: a holder that died is taken over after this (it renews every third of it)")
+    lease_same_host_check: bool = Field(True, description="take over at once the lease of a holder on this host whose process is gone (a crash, a SIGKILL); other hosts' leases wait for their expiry")
+    heartbeat_s: float = Field(30.0, gt=0, description="seconds between liveness heartbeats while waiting for bars: well below the HeartbeatStale alert's 120 s and half the unit's WatchdogSec")
+    bar_final_after: float = Field(900.0, ge=0, description="seconds after the XNYS close (13:00 New York on half days) before a daily bar counts as final (AlpacaFeed's settle)")
+    poll_initial: float = Field(15.0, gt=0, description="seconds before re-polling a due bar that is not final yet; doubled at each miss")
+    poll_max: float = Field(600.0, gt=0, description="longest wait between polls of a due bar")
+
 # %% ../../nbs/00_config.ipynb #f19097e2
 class AuditSettings(_Section):
     "Signed checkpoints of the audit chain (`trader.core.audit`); the signing key comes from TRADER_AUDIT_KEY or `key_file`, never from here."
@@ -174,6 +184,7 @@ class Settings(_Section):
     gate: GateSettings = GateSettings()
     demo: DemoSettings = DemoSettings()
     audit: AuditSettings = AuditSettings()
+    service: ServiceSettings = ServiceSettings()
     reports_dir: Path = Field(description="TRADER_REPORTS: where papermill reports are written (default: reports/ at the project root)")
     alpaca_key_id: SecretStr|None = Field(None, repr=False)
     alpaca_secret_key: SecretStr|None = Field(None, repr=False)

@@ -4,11 +4,11 @@
 
 # %% ../../nbs/23_live.ipynb #418d9259
 from __future__ import annotations
-import datetime as _dt, logging, math, os, time
+import datetime as _dt, hashlib, logging, math, os, time
 from dataclasses import asdict, dataclass, field, fields
 import numpy as np, pandas as pd
 from ..core.config import Settings, TraderError, load_settings
-from ..core.data import bars_sha256, parse_symbols
+from ..core.data import bars_sha256, parse_symbols, to_utc
 from ..core.domain import Decision, EmergencyLevel, RiskEventKind, RunKind
 from ..core.registry import Registry
 from ..core.runs import Runs
@@ -24,12 +24,13 @@ from .execution import BarRecord, BrokerExecution, LiveMarket, SimulatedMarket
 from .journal import Journal
 from .controls import Controls, read_control, set_control
 from .monitor import LoopMetrics
+from .service import BarSchedule, Lease, PacedFeed, ScaledClock, Service, StopFlag, WallClock, lease_holder, leases, session_of
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'check_bar', 'LoopState', 'LoopError', 'TradingLoop', 'step', 'run', 'uptime_pct', 'heartbeat_age',
-           'make_broker', 'paper_session', 'status_report']
+__all__ = ['log', 'check_bar', 'LoopState', 'LoopError', 'TradingLoop', 'step', 'run', 'heartbeat_timeout', 'uptime_pct',
+           'heartbeat_age', 'make_broker', 'paper_session', 'service_status', 'status_report']
 
 # %% ../../nbs/23_live.ipynb #10876301
 def check_bar(b:BarSet, last_ts=None) -> list[str]:
@@ -249,17 +250,22 @@ TradingLoop.step, TradingLoop._decide, TradingLoop._record, TradingLoop._var, Tr
     step, _decide, _record, _var, _update_metrics, run
 
 # %% ../../nbs/23_live.ipynb #1433f9a5
+def heartbeat_timeout(settings:Settings|None=None) -> float:
+    "Seconds without a heartbeat that count as down: `TRADER_HEARTBEAT_TIMEOUT`, else twice the service's heartbeat interval (at least 60)."
+    if os.environ.get('TRADER_HEARTBEAT_TIMEOUT'): return float(os.environ['TRADER_HEARTBEAT_TIMEOUT'])
+    return max(60.0, 2*(settings or load_settings()).service.heartbeat_s)
+
 def uptime_pct(store:Store, run_id:str, day=None, timeout:float|None=None) -> tuple[float, str]:
-    "Share of the run's wall-clock span (up to the bars of `day`) without a heartbeat gap longer than `timeout` seconds."
+    "Share of the run's wall-clock span (up to the bars of `day`) without a heartbeat gap longer than `timeout` seconds (liveness rows before the first bar count)."
     hb = store.frame('SELECT ts, bar_ts FROM heartbeats WHERE run_id = ? ORDER BY ts', (run_id,))
     if len(hb) < 2: return 100.0, 'fewer than two heartbeats'
     t = pd.to_datetime(hb.ts, utc=True, format='ISO8601')
     if day is not None:
         bt = store.ts_series(hb.bar_ts)
-        t = t[bt < pd.Timestamp(day) + pd.Timedelta(days=1)]
+        t = t[(bt < to_utc(day).normalize() + pd.Timedelta(days=1)) | bt.isna()]
         if len(t) < 2: return 100.0, 'fewer than two heartbeats by then'
     gaps = t.diff().dt.total_seconds().dropna()
-    timeout = timeout if timeout is not None else float(os.environ.get('TRADER_HEARTBEAT_TIMEOUT', 60))
+    timeout = timeout if timeout is not None else heartbeat_timeout()
     span = (t.iloc[-1] - t.iloc[0]).total_seconds()
     down = float(gaps[gaps > timeout].sum())
     return (100.0*(1 - down/span) if span > 0 else 100.0), f'{len(t)} heartbeats, {int((gaps > timeout).sum())} gap(s) > {timeout:g}s'
@@ -312,18 +318,24 @@ def make_broker(kind:str, store:Store, run_id:str, s:Settings, cash:float, fees_
 
 def paper_session(broker:str='sim', # sim or alpaca
                   model:str='champion', # model id, or 'champion' (follows promotions and rollbacks)
-                  replay:str|None='2012-01-03:2013-03-01', # 'A:B' replays stored bars; None trades the live feed (alpaca)
+                  replay:str|None='2012-01-03:2013-03-01', # 'A:B' replays stored bars; None trades the live feed (alpaca) as a service
                   speed:float|None=None, # bars per second; None: as fast as possible
                   cash:float=100_000.0, fees_bps:float|None=None, slippage_bps:float|None=None,
                   settings:Settings|None=None, store:Store|None=None, metrics_port:int|None=None,
                   max_bars:int|None=None, on_bar=None, drill:dict|None=None, tag:str='',
                   metrics_linger:float=3.0, # seconds the metrics endpoint stays up after the last bar (one scrape or two)
+                  pace:float|None=None, # a replay as a service: each bar when it is due on a clock running `pace` times real time (1: wall-clock pace)
+                  clock=None, # the service clock (tests: `ManualClock`, `ScaledClock`); default: the wall clock (live) or a `ScaledClock` (pace)
+                  stop:StopFlag|None=None, # set it (or send SIGTERM/SIGINT once `signals`) to stop after the bar in progress
+                  signals:bool=False, # route SIGTERM and SIGINT to `stop` for the session's duration (the CLI)
                  ) -> dict:
-    "Run (or resume) a paper-trading session; returns its summary."
+    "Run (or resume) a paper-trading session under its lease; returns its summary. Live (and paced) sessions run as a service until stopped."
     from trader.research.holdout import overlaps_holdout, record_look
     from trader.research.train import parse_window
     from trader.research.metrics import performance
     s = settings or load_settings()
+    stop = stop or StopFlag()
+    restore = stop.install() if signals else (lambda: None)
     store = store or Store(settings=s)
     reg = Registry(store, s)
     syms = reg.get(model)['symbols']
@@ -331,32 +343,51 @@ def paper_session(broker:str='sim', # sim or alpaca
     slip = s.env.slippage_bps if slippage_bps is None else slippage_bps
     params = {'broker': broker, 'model': model, 'replay': replay, 'symbols': syms, 'cash': cash, 'fees_bps': fees, 'slippage_bps': slip,
               'drill': drill, 'tag': tag, 'guardian': s.risk.guardian}
-    runs = Runs(store)
     key = store.json_param(params)
-    cand = store.query("SELECT id, params FROM runs WHERE kind = 'paper' AND status = 'running' ORDER BY created DESC")
-    run_id = next((r[0] for r in cand if store.json_param(r[1]) == key), None)
-    resumed = run_id is not None
-    if not resumed:
-        w = parse_window(replay, 'replay window') if replay else (None, None)
-        run_id = runs.create(RunKind.PAPER, syms, None, w[0], w[1], params)
-    b = make_broker(broker, store, run_id, s, cash, fees, slip)
-    if replay:
-        w = parse_window(replay, 'replay window')
-        d = drill or {}
-        prim = _Replay(ReplayFeed(store, syms, w[0], w[1], speed=speed), d.get('gap_at'), d.get('gap', 0.0), d.get('fail_from'), d.get('fail_to'))
-        cache = _ScaledCache(ReplayFeed(store, syms, w[0], w[1]), d.get('gap_at'), d.get('gap', 0.0))
-        feed = ResilientFeed(prim, cache)
-        hist_end = w[0] - pd.Timedelta(seconds=1)
-    else:
-        from trader.live.alpaca import AlpacaFeed
-        feed = ResilientFeed(AlpacaFeed(syms, settings=s), None, stale_after=300)
-        hist_end = None
-    metrics = LoopMetrics(metrics_port) if metrics_port is not None else LoopMetrics()
+    # one process per session: the lease is named by the session's parameters, and taken before its run is looked up or created,
+    # so two processes started together cannot both create (or both resume) the run
+    lease = Lease(store, f"paper:{hashlib.sha256(key.encode()).hexdigest()[:16]}", s, detail={'command': 'paper', 'broker': broker, 'replay': replay, 'tag': tag})
+    metrics = None
     try:
+        lease.acquire()
+        runs = Runs(store)
+        cand = store.query("SELECT id, params FROM runs WHERE kind = 'paper' AND status = 'running' ORDER BY created DESC")
+        run_id = next((r[0] for r in cand if store.json_param(r[1]) == key), None)
+        resumed = run_id is not None
+        if not resumed:
+            w = parse_window(replay, 'replay window') if replay else (None, None)
+            run_id = runs.create(RunKind.PAPER, syms, None, w[0], w[1], params)
+        lease.renew(run_id=run_id)
+        b = make_broker(broker, store, run_id, s, cash, fees, slip)
+        service = replay is None or pace is not None or clock is not None
+        sched = BarSchedule(s) if service else None
+        last = Journal(store, run_id, syms, reg).load_state()
+        last_ts = None if last is None else last.get('last_ts')
+        paced = None
+        if replay:
+            w = parse_window(replay, 'replay window')
+            d = drill or {}
+            inner = ReplayFeed(store, syms, w[0], w[1], speed=speed)
+            if service:
+                # a resumed paced replay goes on from its last committed bar, not from the window's start
+                clock = clock or ScaledClock(sched.due(session_of(last_ts or inner.peek_ts())), pace or 1.0)
+                inner = paced = PacedFeed(inner, sched, clock)
+            prim = _Replay(inner, d.get('gap_at'), d.get('gap', 0.0), d.get('fail_from'), d.get('fail_to'))
+            cache = _ScaledCache(ReplayFeed(store, syms, w[0], w[1]), d.get('gap_at'), d.get('gap', 0.0))
+            feed = ResilientFeed(prim, cache)
+            hist_end = w[0] - pd.Timedelta(seconds=1)
+        else:
+            from trader.live.alpaca import AlpacaFeed
+            clock = clock or WallClock()
+            # daily bars: the schedule decides when one is late (polled with backoff), so no staleness timer here
+            feed = ResilientFeed(AlpacaFeed(syms, settings=s, after=last_ts, clock=clock.now, settle=s.service.bar_final_after), None)
+            hist_end = None
+        metrics = LoopMetrics(metrics_port) if metrics_port is not None else LoopMetrics()
         loop = TradingLoop(store, b, feed, run_id, syms, model, s, metrics, hist_end, SimulatedMarket(b) if broker == 'sim' else LiveMarket())
         with store.transaction():
             loop.journal.audit.append_many([('session', {'run_id': run_id, 'event': 'resumed' if resumed else 'started', 'params': params,
-                                                                 'history_sha256': loop.history_sha256, 'history_bars': int(loop._n)}),
+                                                                 'history_sha256': loop.history_sha256, 'history_bars': int(loop._n),
+                                                                 'host': lease.host, 'pid': lease.pid, 'lease_taken_over': lease.taken_over}),
                                     ('model_load', {'run_id': run_id, 'model_id': loop.policy.id, 'artifact_sha256': loop.policy.meta.get('artifact_sha256')})])
             look = None
             # a replay of the holdout reads it: a look, audited and counted (not refused); each start or resume is one; keyed by
@@ -378,9 +409,11 @@ def paper_session(broker:str='sim', # sim or alpaca
                     if dstate['left'] == 0: _b.connect()
                 if inner_on_bar: inner_on_bar(r)
             drill['_disconnected'] = dstate['bars']
-        summary = loop.run(max_bars, on_bar)
+        svc = Service(loop, lease, s, clock if service else None, sched, (lambda: paced.exhausted) if paced is not None else None,
+                      max_bars, on_bar, stop=stop)
+        summary = svc.run()
         if drill and drill.get('disconnect_bars'): b.connect()      # the drill's simulated outage is over
-        finished = max_bars is None or summary['bars'] < max_bars
+        finished = summary['ended'] in ('end of feed', 'feed error')
         run = runs.load(run_id)
         eq = run.equity
         perf = performance(eq, weights=run.weights()) if len(eq) > 2 else {}
@@ -395,14 +428,34 @@ def paper_session(broker:str='sim', # sim or alpaca
             with store.transaction():      # the run is done exactly when its 'finished' entry is in the audit trail
                 runs.finish(run_id, metrics_out, 'done')
                 loop.journal.audit.append('session', {'run_id': run_id, 'event': 'finished', 'bars': int(len(eq)), 'halted': st.halted})
+        elif summary['ended'] != 'max_bars':   # stopped (SIGTERM, SIGINT, `stop`): the run stays open and resumes on restart
+            loop.journal.audit.append('session', {'run_id': run_id, 'event': 'stopped', 'reason': summary['ended'], 'bars': int(len(eq))})
         return {'run_id': run_id, 'resumed': resumed, 'finished': finished, **summary, 'equity': float(eq.iloc[-1]) if len(eq) else None,
-                'holdout_look': look,
+                'holdout_look': look, 'lease': lease.name, 'lease_taken_over': lease.taken_over,
                 'state': st, 'metrics': metrics_out, 'broker': b}
     finally:
-        if metrics_port is not None and metrics_linger: time.sleep(metrics_linger)   # let Prometheus scrape the final state
-        metrics.close()
+        lease.release()
+        restore()
+        if metrics is not None:
+            if metrics_port is not None and metrics_linger: time.sleep(metrics_linger)   # let Prometheus scrape the final state
+            metrics.close()
 
 # %% ../../nbs/23_live.ipynb #32131f7e
+def service_status(store:Store, run_id:str, last_ts=None, settings:Settings|None=None) -> dict:
+    "Who runs `run_id` now (its lease: host, pid, since, expiry), the next bar due by the calendar, and the last heartbeat."
+    s = settings or load_settings()
+    now = pd.Timestamp.now(tz='UTC')
+    mine = [l for l in leases(store) if l.detail.get('run_id') == run_id]
+    lease = None if not mine else {'name': mine[0].name, 'host': mine[0].host, 'pid': mine[0].pid, 'since': mine[0].acquired.isoformat(),
+                                   'expires': mine[0].expires.isoformat(), 'expired': bool(mine[0].expires <= now), 'describe': mine[0].describe(now)}
+    r = store.query('SELECT MAX(ts) FROM heartbeats WHERE run_id = ?', (run_id,))
+    last_hb = r[0][0] if r and r[0][0] is not None else None
+    age = None if last_hb is None else (now - pd.Timestamp(last_hb)).total_seconds()
+    meta = Runs(store).meta(run_id)
+    due = None if meta.status != 'running' else (mine[0].detail.get('next_due') if mine else None) or str(BarSchedule(s).next_due(last_ts, now))
+    return {'lease': lease, 'next_bar_due': due, 'last_heartbeat': last_hb, 'heartbeat_age_s': age,
+            'heartbeat_stale': (age or 0) > heartbeat_timeout(s) and meta.status == 'running'}
+
 def status_report(store:Store, run_id:str|None=None, settings:Settings|None=None) -> dict:
     "Positions, equity, P&L, risk state, heartbeat age, feed state and execution quality of a paper run."
     s = settings or load_settings()
@@ -411,21 +464,21 @@ def status_report(store:Store, run_id:str|None=None, settings:Settings|None=None
     if rid is None: raise LoopError("no paper run yet: start one with `trader paper`")
     meta = runs.meta(rid)
     d = Journal(store, rid, meta.symbols, Registry(store, s)).load_state()
-    if d is None: raise LoopError(f"run {rid} has no committed bar yet")
+    svc = service_status(store, rid, d.get('last_ts') if d else None, s)
+    if d is None:    # a service waiting for its first bar: who runs it and when the bar is due
+        return {'run_id': rid, 'status': meta.status, 'params': meta.params, 'last_bar': None, **svc}
     st = LoopState.from_json(d)
     eq = runs.series(rid, ['equity'])['equity'].dropna()
     ctl = read_control(store)
     ev = store.frame('SELECT ts, bar_ts, kind, level, detail FROM risk_events WHERE run_id = ? ORDER BY id DESC LIMIT 5', (rid,))
     syms = meta.symbols
-    age = heartbeat_age(store, rid)
     last_close = runs.series(rid, [f'weight:{x}' for x in syms]).iloc[-1].to_dict() if len(eq) else {}
     return {'run_id': rid, 'status': meta.status, 'params': meta.params, 'model_id': st.model_id, 'last_bar': st.last_ts,
             'equity': float(eq.iloc[-1]) if len(eq) else None, 'pnl': float(eq.iloc[-1] - st.initial_equity) if len(eq) else None,
             'today_pnl': float(eq.iloc[-1] - eq.iloc[-2]) if len(eq) > 1 else None, 'positions': dict(zip(syms, st.shares)), 'weights': last_close,
             'cash': st.cash, 'halted': st.halted, 'halt_reason': st.halt_reason, 'level': st.level, 'level_name': LEVEL_NAMES.get(st.level),
             'drawdown': float(1 - eq.iloc[-1]/eq.cummax().iloc[-1]) if len(eq) else None, 'var95': st.var95, 'var99': st.var99,
-            'feed_state': st.feed_state, 'broker_state': st.broker_state, 'heartbeat_age_s': age,
-            'heartbeat_stale': (age or 0) > float(os.environ.get('TRADER_HEARTBEAT_TIMEOUT', 60)) and meta.status == 'running',
+            'feed_state': st.feed_state, 'broker_state': st.broker_state, **svc,
             'kill_control': {'value': ctl[0], 'updated': ctl[1], 'reason': ctl[2]} if ctl else None,
             'open_orders': st.open_orders, 'execution_quality': _execution_quality(runs.orders(rid)),
             'recent_risk_events': ev.to_dict('records'), 'risk_limits': s.risk.model_dump()}

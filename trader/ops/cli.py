@@ -4,7 +4,7 @@
 
 # %% ../../nbs/20_cli.ipynb #b0073975
 from __future__ import annotations
-import argparse, json, logging, math, re, sys, time, traceback
+import argparse, contextlib, json, logging, math, re, sys, time, traceback
 from pathlib import Path
 import numpy as np, pandas as pd
 from .. import __version__
@@ -17,8 +17,8 @@ from ..core.store import Store
 __all__ = ['arg_cash_amount', 'arg_bps', 'arg_count', 'arg_seed_value', 'arg_port_number', 'cmd_ingest', 'cmd_quality',
            'cmd_bars', 'cmd_train', 'cmd_models', 'cmd_backtest', 'cmd_holdout', 'cmd_experiment', 'cmd_sweep',
            'cmd_report', 'cmd_gate', 'cmd_promote', 'cmd_runs', 'cmd_paper', 'cmd_status', 'cmd_kill', 'cmd_resume',
-           'cmd_drill', 'cmd_audit', 'cmd_dashboard', 'cmd_nightly', 'cmd_demo', 'ArgError', 'arg_number', 'arg_speed',
-           'arg_date', 'arg_window', 'arg_symbol', 'arg_symbols', 'arg_model_id', 'arg_name', 'arg_run_id',
+           'cmd_drill', 'cmd_audit', 'cmd_dashboard', 'cmd_nightly', 'cmd_demo', 'job_lease', 'ArgError', 'arg_number',
+           'arg_speed', 'arg_date', 'arg_window', 'arg_symbol', 'arg_symbols', 'arg_model_id', 'arg_name', 'arg_run_id',
            'arg_ma_range', 'arg_existing_file', 'arg_existing_dir', 'arg_text', 'arg_out_dir', 'check_args',
            'build_parser', 'main']
 
@@ -161,7 +161,7 @@ def cmd_experiment(args) -> int:
     s = load_settings()
     if args.action == 'run':
         spec = load_spec(args.target, s, name=args.name, folds=args.folds, seeds=args.seeds, steps=args.steps)   # a bad spec: exit 2, nothing written
-        with Store(settings=s) as store:
+        with job_lease(f'experiment:{spec.name}', f'trader experiment run {spec.name}', s), Store(settings=s) as store:
             ex = Experiment(spec, s, store)
             n = len(configurations(spec)) if not spec.optuna else int(spec.optuna['trials'])
             _say(f"experiment {spec.name}: {n} configuration(s) {'(Optuna)' if spec.optuna else ''}x {len(spec.seeds)} seeds x {len(ex.folds)} folds "
@@ -267,12 +267,15 @@ def cmd_paper(args) -> int:
     s = load_settings()
     speed = None if args.speed in (None, 'max') else float(args.speed)
     replay = None if args.live else args.replay
-    n = {'k': 0}
+    n, service = {'k': 0}, args.live or args.pace is not None
     def tick(r):
         n['k'] += 1
-        if not args.quiet and (n['k'] % 50 == 0 or r.get('halted')) and 'ts' in r:
+        if not args.quiet and (service or n['k'] % 50 == 0 or r.get('halted')) and 'ts' in r:
             _say(f"  {r['ts']:%Y-%m-%d} equity {r['equity']:,.2f}{'  HALTED' if r['halted'] else ''}{'  (stale data)' if r['stale'] else ''}")
-    out = paper_session(args.broker, args.model, replay, speed, args.cash, settings=s, metrics_port=args.metrics_port, on_bar=tick)
+    if service and not args.quiet: _say(f"paper service ({'live' if args.live else f'replay of {replay} at {args.pace:g}x wall-clock pace'}): "
+                                        "bars when due on the XNYS calendar; SIGTERM or Ctrl-C stops it after the bar in progress")
+    out = paper_session(args.broker, args.model, replay, speed, args.cash, settings=s, metrics_port=args.metrics_port, on_bar=tick,
+                        pace=args.pace, signals=True)
     st, m = out['state'], out['metrics']
     eq = m.get('execution_quality', {})
     _say(f"paper run {out['run_id']} ({'resumed' if out['resumed'] else 'new'}, broker {args.broker}{', simulated fills' if args.broker == 'sim' else ''}"
@@ -280,7 +283,9 @@ def cmd_paper(args) -> int:
     _say(f"  equity {out['equity']:,.2f}, model {st.model_id}, {'HALTED: ' + st.halt_reason if st.halted else 'trading'}, emergency level {st.level}")
     if m.get('latency_p50_ms') is not None: _say(f"  decision latency p50 {m['latency_p50_ms']:.2f} ms, p99 {m['latency_p99_ms']:.2f} ms")
     if eq.get('fills'): _say(f"  execution: {eq['fills']} fills, mean slippage {eq['mean_bps']:.2f} bp vs the decision price")
-    _say(f"  {'finished' if out['finished'] else 'stopped early'}; `trader status` for details, `trader gate --run {out['run_id']}` for the gate")
+    if out.get('lease_taken_over'): _say(f"  took the session over from host {out['lease_taken_over']['host']} pid {out['lease_taken_over']['pid']} ({out['lease_taken_over']['why']})")
+    ended = 'finished' if out['finished'] else f"stopped ({out['ended']}); the run stays open: the same command resumes it"
+    _say(f"  {ended}; `trader status` for details, `trader gate --run {out['run_id']}` for the gate")
     return 0
 
 def cmd_status(args) -> int:
@@ -288,13 +293,15 @@ def cmd_status(args) -> int:
     from trader.live.loop import status_report
     with Store() as store: r = status_report(store, args.run)
     if args.json: _say(json.dumps(r, indent=1, default=str)); return 0
+    if r['last_bar'] is None:
+        _say(f"run {r['run_id']} ({r['status']}): no bar committed yet"); _say_service(r); return 0
     _say(f"run {r['run_id']} ({r['status']}), model {r['model_id']}, last bar {r['last_bar']}")
     _say(f"  equity {r['equity']:,.2f}  P&L {r['pnl']:+,.2f}  today {_money(r['today_pnl'])}  drawdown {r['drawdown']:.2%}  cash {r['cash']:,.2f}")
     _say('  positions ' + ', '.join(f"{k} {v:,.2f} sh ({r['weights'].get('weight:' + k, 0):.1%})" for k, v in r['positions'].items()))
     _say(f"  risk: {'HALTED (' + r['halt_reason'] + ')' if r['halted'] else 'trading'}, emergency level {r['level']} ({r['level_name']}), "
          f"VaR95 {r['var95'] or 0:.2%}, VaR99 {r['var99'] or 0:.2%}")
-    age = r['heartbeat_age_s']
-    _say(f"  heartbeat {'-' if age is None else f'{age:,.0f}s ago'}{'  STALE' if r['heartbeat_stale'] else ''}; feed {r['feed_state']}; broker {r['broker_state']}")
+    _say_service(r)
+    _say(f"  feed {r['feed_state']}; broker {r['broker_state']}")
     k = r['kill_control']
     if k: _say(f"  kill switch control: {'ON' if k['value'] == '1' else 'off'} since {k['updated']} ({k['reason']})")
     eq = r['execution_quality']
@@ -340,12 +347,37 @@ def cmd_dashboard(args) -> int:
 def cmd_nightly(args) -> int:
     "Nightly champion/challenger cycle: train from the champion, compare on validation, promote only if better, gate, audit."
     from trader.ops.nightly import cmd_nightly as run
-    return run(args)
+    with job_lease('nightly', 'trader nightly'): return run(args)
 
 def cmd_demo(args) -> int:
     "The main job on the embedded default store; every stage prints what it did and how long it took."
     from trader.ops.demo import run_demo
     return run_demo(serve=args.serve)
+
+# %% ../../nbs/20_cli.ipynb #2eda805e
+@contextlib.contextmanager
+def job_lease(name:str, # 'nightly', 'experiment:NAME'
+              what:str, # the command, shown to a second process
+              settings=None):
+    "Hold lease `name` while the block runs (renewed in the background); `LeaseHeld` (exit 6) if another live process has it."
+    from trader.live.service import Lease
+    s = settings or load_settings()
+    store = Store(settings=s)
+    lease = None
+    try:
+        lease = Lease(store, name, s, detail={'command': what}).acquire().keep_alive()
+        yield lease
+    finally:
+        if lease is not None: lease.release()
+        store.close()
+
+def _say_service(r:dict) -> None:
+    "The service lines of `trader status`: lease holder, next bar due, last heartbeat."
+    l = r.get('lease')
+    _say(f"  service: {'lease ' + l['describe'] if l else 'no process holds this session'}"
+         f"{'; next bar due ' + str(r['next_bar_due']) if r.get('next_bar_due') else ''}")
+    age, last = r.get('heartbeat_age_s'), r.get('last_heartbeat')
+    _say(f"  heartbeat {'-' if age is None else f'{age:,.0f}s ago ({last})'}{'  STALE' if r.get('heartbeat_stale') else ''}")
 
 # %% ../../nbs/20_cli.ipynb #6fb32302
 class ArgError(TraderError):
@@ -480,6 +512,7 @@ def check_args(args) -> None:
     if c == 'nightly' and g('experiment') and (g('challenger') or g('steps')): raise ArgError('--experiment', 'decides from the experiment: no --challenger or --steps with it')
     if c == 'resume' and not args.reason: raise ArgError('--reason', "say why trading may resume: trader resume --reason '...'")
     if c == 'paper' and args.live and args.broker != 'alpaca': raise ArgError('--live', 'only with --broker alpaca (the sim broker replays stored bars: --replay)')
+    if c == 'paper' and args.live and args.pace is not None: raise ArgError('--pace', 'paces a replay; --live trades at the market\'s own pace')
     for k, flag in (('metrics_port', '--metrics-port'), ('port', '--port')):
         if g(k) is not None and not _port_free(g(k)): raise ArgError(flag, f"127.0.0.1:{g(k)} is already in use")
     models = [(flag, g(k)) for k, flag in _MODEL_ARGS if g(k)] + ([('ID', args.id)] if c == 'models' and g('id') else [])
@@ -641,18 +674,23 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add('paper', cmd_paper, 'paper-trade a model bar by bar (replay or Alpaca paper)',
              epilog='examples:\n  trader paper --broker sim --model champion --replay 2012-01-03:2013-03-01 --speed max\n'
                     '  trader paper --broker alpaca --model champion --live   (not verified against the live service from this machine)\n'
-                    'a killed session resumes when started again with the same arguments;\n'
+                    '  trader paper --broker sim --replay 2012-07-02:2012-07-31 --pace 3600   (the service: one simulated hour per second)\n'
+                    'a killed or stopped session resumes when started again with the same arguments; a second process for a running\n'
+                    'session exits 6 naming the holder (host, pid, since); --live and --pace run until SIGTERM or Ctrl-C (exit 0 after the bar in progress);\n'
                     'a replay touching the holdout is recorded in the audit trail as a look at it (and counted by `trader holdout`)')
     sp.add_argument('--broker', choices=['sim', 'alpaca'], default='sim')
     sp.add_argument('--model', type=arg_model_id, default='champion', help="model id, or 'champion' (follows promotions and rollbacks)")
     sp.add_argument('--replay', type=arg_window, default='2012-01-03:2013-03-01', metavar='A:B', help='replay stored bars over this window')
     sp.add_argument('--live', action='store_true', help='trade the live feed instead of a replay (alpaca)')
     sp.add_argument('--speed', type=arg_speed, default='max', help="'max' or bars per second")
+    sp.add_argument('--pace', type=arg_number(float, 0, lo_open=True, what='a clock rate > 0'), nargs='?', const=1.0, metavar='RATE',
+                    help='run the replay as the live service does: each bar when it is due on the XNYS calendar, on a clock starting at the '
+                         'replay (or its last committed bar) and running RATE times real time (1, the default, is wall-clock pace)')
     sp.add_argument('--cash', type=arg_cash_amount, default=100_000.0, help='starting cash of a new simulated account')
     sp.add_argument('--metrics-port', type=arg_port_number, help='serve Prometheus metrics on 127.0.0.1:PORT')
     sp.add_argument('-q', '--quiet', action='store_true')
 
-    sp = add('status', cmd_status, 'state of the latest paper run')
+    sp = add('status', cmd_status, 'state of the latest paper run: positions, risk, the lease holder, the next bar due, the last heartbeat')
     sp.add_argument('--run', type=arg_run_id, help='run id (default: the latest paper run)')
     sp.add_argument('--json', action='store_true')
 
