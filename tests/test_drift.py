@@ -70,7 +70,7 @@ def test_drift_cli_crisis_vs_calm(world, monkeypatch, capsys):
 
 def test_drift_cli_errors(world, monkeypatch, capsys):
     code, out, err = cli(world, monkeypatch, capsys, 'drift', '--run', 'pa-nope')
-    _test_eq(code, 2); _test_eq(err.strip(), "error: no run 'pa-nope' in the store (see `trader runs`)")
+    _test_eq(code, 2); _test_eq(err.strip(), "error: argument --run: no run 'pa-nope' in the store (see `trader runs`)")
     code, out, err = cli(world, monkeypatch, capsys, 'drift', '--run', 'a b')
     _test_eq(code, 2); assert 'not a run id' in err and len(err.strip().splitlines()) == 1
 

@@ -487,7 +487,7 @@ def check_args(args) -> None:
     for k, flag in (('metrics_port', '--metrics-port'), ('port', '--port')):
         if g(k) is not None and not _port_free(g(k)): raise ArgError(flag, f"127.0.0.1:{g(k)} is already in use")
     models = [(flag, g(k)) for k, flag in _MODEL_ARGS if g(k)] + ([('ID', args.id)] if c == 'models' and g('id') else [])
-    run = ('--run', args.run) if c in ('gate', 'status') and g('run') else None
+    run = ('--run', args.run) if c in ('gate', 'status', 'drift') and g('run') else None
     if not models and not run: return
     from trader.core.registry import Registry
     from trader.core.runs import Runs
