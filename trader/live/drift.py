@@ -129,10 +129,12 @@ class DriftReport:
     def level(self) -> DriftLevel: return level_of(self.value, DriftSettings(psi_warn=self.psi_warn, psi_alert=self.psi_alert))
     def above(self, threshold:float) -> list[FeatureDrift]: return [f for f in self.features if f.psi > threshold]
     def summary(self) -> str:
-        "One line: the figure, the worst feature, how many are above the alert band."
+        "One line: the figure, the worst feature, how many are above the alert band, the actions against the validation run."
         w = self.worst
         return (f"{self.statistic} feature PSI {self.value:.3f} over {len(self.features)} features, last {self.live_bars} bars vs training "
-                f"{self.reference_window}; worst {w.symbol} {w.feature} {w.psi:.2f}; {len(self.above(self.psi_alert))} above {self.psi_alert:g}")
+                f"{self.reference_window}; worst {w.symbol} {w.feature} {w.psi:.2f}; {len(self.above(self.psi_alert))} above {self.psi_alert:g}; "
+                + ('no validation run' if self.actions.validation_run is None else
+                   f"actions PSI {self.actions.psi:.2f} vs the validation run" if self.actions.psi is not None else 'no decisions to compare with the validation run'))
     def to_dict(self) -> dict:
         return {**{k: v for k, v in asdict(self).items()}, 'psi_median': self.psi_median, 'psi_max': self.psi_max, 'ks_max': self.ks_max,
                 'value': self.value, 'level': str(self.level), 'summary': self.summary()}
