@@ -57,7 +57,7 @@ def ks(reference:np.ndarray, live:np.ndarray) -> tuple[float, float]:
     r, a = np.asarray(reference, 'float64'), np.asarray(live, 'float64')
     r, a = r[np.isfinite(r)], a[np.isfinite(a)]
     if len(r) == 0 or len(a) == 0: return float('nan'), float('nan')
-    res = ks_2samp(r, a)
+    res = ks_2samp(r, a, method='asymp' if min(len(r), len(a)) >= 100 else 'auto')   # the exact p-value only where the approximation is poor
     return float(res.statistic), float(res.pvalue)
 
 def level_of(value:float|None, s:DriftSettings) -> DriftLevel:
@@ -189,7 +189,7 @@ def reference_features(store:Store, meta:dict) -> np.ndarray:
 def live_features(store:Store, symbols, ts:pd.DatetimeIndex) -> tuple[np.ndarray, pd.DatetimeIndex, int]:
     "Features (T, N, 12) at the bar times `ts` from the store's bars (each from its trailing bars); also the times found and how many were not."
     syms = list(symbols)
-    bars = store.read_bars(syms, end=ts[-1])
+    bars = store.read_bars(syms, start=ts[0] - pd.Timedelta(days=640), end=ts[-1])    # >= LOOKBACK (400) sessions before the first row: the same rows as from the full history
     if bars.empty: return np.empty((0, len(syms), len(FEATURE_NAMES))), ts[:0], len(ts)
     arr = pivot_bars(bars, syms)
     have = pd.DatetimeIndex(arr['ts'])
