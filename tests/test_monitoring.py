@@ -13,7 +13,7 @@ RULES, RULES_TEST = ROOT/'monitoring'/'alerts.yml', ROOT/'monitoring'/'alerts_te
 TRADER = str(Path(sys.executable).parent/'trader')
 FAST = '[train]\nn_steps = 128\nbatch_size = 64\nn_epochs = 2\ncheckpoint_every = 0\n'
 REPLAY, SPEED = '2012-01-03:2012-04-30', 20      # ~82 bars at 20 bars/s: ~4 s of serving, so several 1 s scrapes land
-ALERTS = {'KillSwitchFired', 'HeartbeatStale', 'DecisionLatencyP95High', 'OrderLatencyP99High', 'DataQualityLow'}
+ALERTS = {'KillSwitchFired', 'HeartbeatStale', 'DecisionLatencyP95High', 'OrderLatencyP99High', 'DataQualityLow', 'ModelInputDrift'}
 WAIT = 60.0                                     # bound of every wait loop, seconds
 HINT = "install it with `apt-get install prometheus` (Debian; provides /usr/bin/prometheus and /usr/bin/promtool)"
 

@@ -11,8 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 
 # %% auto #0
 __all__ = ['TraderError', 'ConfigError', 'project_root', 'default_home', 'QualitySettings', 'AlpacaSettings', 'RiskSettings',
-           'EnvSettings', 'TrainSettings', 'GateSettings', 'DemoSettings', 'ServiceSettings', 'AuditSettings',
-           'Settings', 'read_secrets_file', 'load_settings']
+           'EnvSettings', 'TrainSettings', 'GateSettings', 'DemoSettings', 'DriftSettings', 'ServiceSettings',
+           'AuditSettings', 'Settings', 'read_secrets_file', 'load_settings']
 
 # %% ../../nbs/00_config.ipynb #fe4b54b7
 class TraderError(Exception):
@@ -148,6 +148,17 @@ class DemoSettings(_Section):
     seed: int = Field(0, description="training seed (same seed, same weights)")
     port: int = Field(8866, ge=1, le=65535, description="dashboard port (Voila's default)")
 
+# %% ../../nbs/00_config.ipynb #c5f01af4
+class DriftSettings(_Section):
+    "Drift of a model's inputs and actions (`trader.live.drift`): sample sizes and the PSI thresholds of the gate, `trader drift` and the alert."
+    live_bars: int = Field(250, ge=20, description="the last N bars of a run compared with the training window (one trading year of daily bars)")
+    bins: int = Field(10, ge=2, le=100, description="PSI bins, cut at the training window's quantiles (deciles, the convention)")
+    eps: float = Field(1e-4, gt=0, lt=0.01, description="share given to an empty bin, so the PSI stays finite")
+    psi_warn: float = Field(0.1, gt=0, description="PSI at or above this is a moderate shift (yellow); the conventional 0.1")
+    psi_alert: float = Field(0.25, gt=0, description="PSI above this is a significant shift (red); the conventional 0.25")
+    gate_statistic: Literal['median', 'max'] = Field('median', description="the gate's drift figure: the median feature PSI (the typical feature) or the worst one")
+    metrics_every_seconds: float = Field(10.0, ge=0, description="the trading loop recomputes the drift gauges at most this often (wall clock)")
+
 # %% ../../nbs/00_config.ipynb #87dead61
 class ServiceSettings(_Section):
     "The paper-trading service (`trader.live.service`): the session lease, the bar schedule, heartbeats and polling."
@@ -185,6 +196,7 @@ class Settings(_Section):
     demo: DemoSettings = DemoSettings()
     audit: AuditSettings = AuditSettings()
     service: ServiceSettings = ServiceSettings()
+    drift: DriftSettings = DriftSettings()
     reports_dir: Path = Field(description="TRADER_REPORTS: where papermill reports are written (default: reports/ at the project root)")
     alpaca_key_id: SecretStr|None = Field(None, repr=False)
     alpaca_secret_key: SecretStr|None = Field(None, repr=False)

@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from ..core.domain import BreachKind
 
 # %% auto #0
-__all__ = ['LoopMetrics']
+__all__ = ['LoopMetrics', 'DriftGauges', 'drift_gauges']
 
 # %% ../../nbs/22_monitor.ipynb #a67a7463
 _LAT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0, 2.5)
@@ -46,3 +46,17 @@ class LoopMetrics:
     def breach(self, kind:BreachKind):
         "Count a breach of the rule `kind` (its enum value is the label)."
         self.breaches.labels(rule=str(BreachKind(kind))).inc()
+
+# %% ../../nbs/22_monitor.ipynb #625ea185
+class DriftGauges:
+    "The drift gauges of one loop, in its registry (set by `trader.live.drift.publish`)."
+    def __init__(self, registry:CollectorRegistry):
+        self.feature_psi = Gauge('trader_feature_psi', 'PSI of a feature over the last N bars against the training window', ['symbol', 'feature'], registry=registry)
+        self.feature_ks = Gauge('trader_feature_ks', 'Two-sample Kolmogorov-Smirnov statistic of a feature against the training window', ['symbol', 'feature'], registry=registry)
+        self.action_psi = Gauge('trader_action_psi', "PSI of the policy's actions against its validation run", registry=registry)
+        self.updated = Gauge('trader_drift_timestamp_seconds', 'Wall-clock time the drift figures were computed', registry=registry)
+
+def drift_gauges(m:LoopMetrics) -> DriftGauges:
+    "`m`'s drift gauges, registered on first use."
+    if getattr(m, '_drift', None) is None: m._drift = DriftGauges(m.registry)
+    return m._drift

@@ -17,10 +17,10 @@ from ..core.store import Store
 __all__ = ['arg_cash_amount', 'arg_bps', 'arg_count', 'arg_seed_value', 'arg_port_number', 'cmd_ingest', 'cmd_quality',
            'cmd_bars', 'cmd_train', 'cmd_models', 'cmd_backtest', 'cmd_holdout', 'cmd_experiment', 'cmd_sweep',
            'cmd_report', 'cmd_gate', 'cmd_promote', 'cmd_runs', 'cmd_paper', 'cmd_status', 'cmd_kill', 'cmd_resume',
-           'cmd_drill', 'cmd_audit', 'cmd_dashboard', 'cmd_nightly', 'cmd_demo', 'job_lease', 'ArgError', 'arg_number',
-           'arg_speed', 'arg_date', 'arg_window', 'arg_symbol', 'arg_symbols', 'arg_model_id', 'arg_name', 'arg_run_id',
-           'arg_ma_range', 'arg_existing_file', 'arg_existing_dir', 'arg_text', 'arg_out_dir', 'check_args',
-           'build_parser', 'main']
+           'cmd_drill', 'cmd_audit', 'cmd_dashboard', 'cmd_nightly', 'cmd_demo', 'cmd_drift', 'job_lease', 'ArgError',
+           'arg_number', 'arg_speed', 'arg_date', 'arg_window', 'arg_symbol', 'arg_symbols', 'arg_model_id', 'arg_name',
+           'arg_run_id', 'arg_ma_range', 'arg_existing_file', 'arg_existing_dir', 'arg_text', 'arg_out_dir',
+           'check_args', 'build_parser', 'main']
 
 # %% ../../nbs/20_cli.ipynb #47322f2d
 def _say(*a, **kw): print(*a, **kw, flush=True)
@@ -354,6 +354,15 @@ def cmd_demo(args) -> int:
     from trader.ops.demo import run_demo
     return run_demo(serve=args.serve)
 
+# %% ../../nbs/20_cli.ipynb #d2832476
+def cmd_drift(args) -> int:
+    "Drift of a run's model: per-feature PSI and KS of its last bars against the training window, actions against the validation run (exit 3 when RED)."
+    from trader.live.drift import drift_report
+    s = load_settings()
+    with Store(settings=s) as store: r = drift_report(store, args.run, s, bars=args.bars)
+    _say(json.dumps(r.to_dict(), indent=1, default=str) if args.json else r.render())
+    return 3 if r.level == 'red' else 0
+
 # %% ../../nbs/20_cli.ipynb #2eda805e
 @contextlib.contextmanager
 def job_lease(name:str, # 'nightly', 'experiment:NAME'
@@ -516,7 +525,7 @@ def check_args(args) -> None:
     for k, flag in (('metrics_port', '--metrics-port'), ('port', '--port')):
         if g(k) is not None and not _port_free(g(k)): raise ArgError(flag, f"127.0.0.1:{g(k)} is already in use")
     models = [(flag, g(k)) for k, flag in _MODEL_ARGS if g(k)] + ([('ID', args.id)] if c == 'models' and g('id') else [])
-    run = ('--run', args.run) if c in ('gate', 'status') and g('run') else None
+    run = ('--run', args.run) if c in ('gate', 'status', 'drift') and g('run') else None
     if not models and not run: return
     from trader.core.registry import Registry
     from trader.core.runs import Runs
@@ -693,6 +702,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add('status', cmd_status, 'state of the latest paper run: positions, risk, the lease holder, the next bar due, the last heartbeat')
     sp.add_argument('--run', type=arg_run_id, help='run id (default: the latest paper run)')
     sp.add_argument('--json', action='store_true')
+
+    sp = add('drift', cmd_drift, "drift of a run's model inputs and actions: GREEN/YELLOW (exit 0) or RED (exit 3)",
+             epilog='PSI bands from settings [drift]: < 0.1 green, <= 0.25 yellow, above red (the median feature PSI; see the README)\n'
+                    'examples:\n  trader drift\n  trader drift --run pa-20260101120000-1a2b3c --json')
+    sp.add_argument('--run', type=arg_run_id, help='run id (default: the latest paper run)')
+    sp.add_argument('--bars', type=arg_count, help='live bars compared (default from settings: drift.live_bars)')
+    sp.add_argument('--json', action='store_true', help='the report as JSON')
 
     sp = add('kill', cmd_kill, 'manual kill switch: flatten and halt at the next bar')
     sp.add_argument('--reason', type=arg_text, help='why (recorded)')

@@ -12,7 +12,7 @@ from ..core.store import Store
 from ..core.runs import Runs, RunError
 
 # %% auto #0
-__all__ = ['run_label', 'snapshot', 'Dashboard']
+__all__ = ['run_label', 'drift_panel', 'snapshot', 'Dashboard']
 
 # %% ../../nbs/30_dashboard.ipynb #2d2cae69
 _CSS = '''<style>
@@ -54,6 +54,20 @@ def run_label(meta) -> str:
         extra = f", drill: {p['drill'].get('name')}" if p.get('drill') else ''
         return f"paper {meta.id}: {src}, {fills}{extra} [{meta.status}]"
     return f"backtest {meta.id}: {p.get('window', '')}, simulated fills at the next open [{meta.status}]"
+
+# %% ../../nbs/30_dashboard.ipynb #592517d8
+def drift_panel(store:Store, run_id:str, settings:Settings, top:int=6) -> dict:
+    "The data panel's drift part: the run's figure and band, its most drifted features, the action comparison (`trader.live.drift`)."
+    from trader.live.drift import DriftError, drift_report
+    try: r = drift_report(store, run_id, settings)
+    except DriftError as e: return {'level': None, 'summary': f'drift not measured: {e}', 'rows': [], 'actions': ''}
+    worst = sorted(r.features, key=lambda f: -f.psi if math.isfinite(f.psi) else 0)[:top]
+    a = r.actions
+    acts = (f"actions: no validation run" if a.validation_run is None else
+            f"actions vs validation run: PSI {a.psi:.2f} ({a.level}), mean confidence {a.live_confidence:.1%} vs {a.valid_confidence:.1%}" if a.psi is not None else
+            f"actions vs validation run: {a.note}")
+    return {'level': str(r.level).upper(), 'value': r.value, 'summary': r.summary(), 'actions': acts,
+            'rows': [{'symbol': f.symbol, 'feature': f.feature, 'PSI': f'{f.psi:.3f}', 'KS': f'{f.ks:.3f}', 'band': f.level} for f in worst]}
 
 # %% ../../nbs/30_dashboard.ipynb #a5ecacb4
 def snapshot(store:Store, run_id:str, settings:Settings|None=None, verify_audit:bool=True) -> dict:
@@ -129,6 +143,7 @@ def snapshot(store:Store, run_id:str, settings:Settings|None=None, verify_audit:
     q = store.quality_by_symbol()
     out['data'] = [{'symbol': r.symbol, 'quality': f'{r.score:.2f}%', 'report': str(r.created)[:19]} for r in q.itertuples() if r.symbol in syms]
     out['feed_state'] = st['feed_state'] if st else 'n/a (backtest)'
+    out['drift'] = drift_panel(store, run_id, s)
     if verify_audit:
         from trader.core.audit import Audit
         v = Audit(store).verify()
@@ -261,7 +276,10 @@ class Dashboard:
         ks = ("<b style='color:#c62828'>kill switch: HALTED</b> (" + html.escape(snap['halt_reason']) + ")") if snap['halted'] else 'kill switch: armed, not fired'
         self.risk.value = _table(snap['risk']) + f"<div class='trader-risk-state'>{ks}<br>{lvl}<br>last alert: {html.escape(snap['last_alert'])}</div>"
         self.models.value = _table(snap['models']) + '<br>' + _table(snap['history'])
-        self.data.value = _table(snap['data']) + f"<div>last bar {snap['last_bar'] or '-'}; feed {snap['feed_state']}</div>"
+        dr = snap['drift']
+        self.data.value = (_table(snap['data']) + f"<div>last bar {snap['last_bar'] or '-'}; feed {snap['feed_state']}</div>"
+                           + f"<div class='trader-drift'><b>Drift</b> <span style='color:{_COLOURS.get(dr['level'], '#333')}'>&#9679; {dr['level'] or 'n/a'}</span> "
+                           + f"{html.escape(dr['summary'])}</div>" + (_table(dr['rows']) if dr['rows'] else '') + f"<div class='s'>{html.escape(dr['actions'])}</div>")
         a, ok = self._audit_txt
         self.audit.value = f"<div class='trader-audit-state' style='color:{'#1a7f37' if ok else '#c62828'}'>{html.escape(a)}</div>"
 
