@@ -117,7 +117,7 @@ def test_alert_fires_on_the_crisis_gauges(world, tmp_path):
     gauges = {}
     for name in ('crisis', 'calm'):
         m = LoopMetrics()
-        assert DriftMonitor(world['store'], world[name], m, world['s']).after_bar() is not None
+        assert DriftMonitor(world["store"], world[name], m, world["s"]).after_bar(force=True) is not None
         fam = next(f for f in text_string_to_metric_families(generate_latest(m.registry).decode()) if f.name == 'trader_feature_psi')
         gauges[name] = {(x.labels['symbol'], x.labels['feature']): x.value for x in fam.samples}
         _test_eq(len(gauges[name]), 24)

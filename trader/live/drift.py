@@ -295,12 +295,14 @@ class DriftMonitor:
     def __init__(self, store:Store, run_id:str, metrics, settings:Settings|None=None, clock=time.monotonic):
         self.store, self.run_id, self.metrics = store, run_id, metrics
         self.s = settings or load_settings()
-        self.clock, self._last, self.report, self.error = clock, None, None, None
+        self.clock, self.report, self.error, self.bars = clock, None, None, 0
+        self._last = clock()   # the first figures come `metrics_every_seconds` after the start: a short replay pays nothing
 
     def after_bar(self, force:bool=False) -> DriftReport|None:
-        "Recompute and publish if `metrics_every_seconds` passed since the last time (or `force`); the report, or None when not due or not measurable."
+        "Recompute and publish when `metrics_every_seconds` passed since the start or the last time and this session has committed 20 bars (or `force`); the report, or None when not due or not measurable."
+        self.bars += 1
         now = self.clock()
-        if not force and self._last is not None and now - self._last < self.s.drift.metrics_every_seconds: return None
+        if not force and (self.bars < 20 or now - self._last < self.s.drift.metrics_every_seconds): return None
         self._last = now
         try: self.report = drift_report(self.store, self.run_id, self.s)
         except DriftError as e:

@@ -24,6 +24,7 @@ from .execution import BarRecord, BrokerExecution, LiveMarket, SimulatedMarket
 from .journal import Journal
 from .controls import Controls, read_control, set_control
 from .monitor import LoopMetrics
+from .drift import DriftMonitor
 from .service import BarSchedule, Lease, PacedFeed, ScaledClock, Service, StopFlag, WallClock, lease_holder, leases, session_of
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,7 @@ class TradingLoop:
         self.registry = Registry(store, self.s)
         self.metrics = metrics or LoopMetrics()
         self._position_gauges = [self.metrics.position.labels(symbol=s) for s in self.symbols]   # labelled children looked up once
+        self.drift = DriftMonitor(store, run_id, self.metrics, self.s)   # the drift gauges, recomputed every few seconds from the committed bars
         self.journal = Journal(store, run_id, self.symbols, self.registry)
         self.controls = Controls(store, self.registry, run_id, model)
         self.state = self._load_state()
@@ -175,6 +177,7 @@ def step(self:TradingLoop, b:BarSet) -> dict:
     row = self.journal.row(equity, eng.state.cash, eng.state.shares, eng.weights(bar.close), bar.close, bar.prev_close or bar.close, rec.fills)
     self.journal.commit(rec, row, st.to_json(), st.feed_state)
     self._update_metrics(equity, bar.close, b)
+    self.drift.after_bar()
     return {'ts': b.ts, 'equity': equity, 'latency': latency, 'fills': len(rec.fills), 'orders': len(rec.orders),
             'halted': st.halted, 'level': st.level, 'stale': b.stale}
 
