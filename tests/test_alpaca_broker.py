@@ -1,32 +1,16 @@
 """Contract test of `AlpacaBroker` and `AlpacaFeed` (`trader.live.alpaca`, nbs/19a_alpaca.ipynb).
 
-Nothing here reaches Alpaca. A stateful HTTP server on 127.0.0.1 (a free port, one per test) speaks the documented
-shapes of Alpaca's trading API v2 (POST/GET /v2/orders, GET /v2/orders:by_client_order_id, DELETE /v2/orders/{id},
-GET /v2/positions, GET /v2/account) and market-data API v2 (GET /v2/stocks/bars/latest, GET /v2/stocks/bars), and is
-strict the way Alpaca is:
-
-* every request must carry the key id and secret in APCA-API-KEY-ID / APCA-API-SECRET-KEY, else 401;
-* a second order with a client_order_id it already has is refused with 422 "client_order_id must be unique";
-* orders are validated (side, time in force, qty > 0, fractional qty only for DAY orders, known asset, id length)
-  and checked against buying power and the shares held (403, with Alpaca's error bodies);
-* an `opg` order waits ('accepted') until the test opens a session (`open_session`), then fills at the open and moves
-  cash and positions; a `day` market order sent while the market is open fills at once;
-* a filled or canceled order cannot be canceled (422); cancel answers 204;
-* on a free plan, SIP data of the last 15 minutes is refused (403), as Alpaca does.
-
-It fails on purpose when a test asks (HTTP statuses, dropped connections, an accepted order whose answer is lost, a
-server that hangs, error bodies that echo the request headers with the secret), and it records every request, so the tests
-can count what alpaca-py sent. Requests the real API would refuse as malformed (unknown paths or parameters, missing
-fields) are collected in `problems`, which must be empty at the end of each test.
+Nothing here reaches Alpaca. Each test gets its own `FakeAlpaca` (tests/fake_alpaca.py: a loopback fake of Alpaca's
+documented trading and market-data REST shapes and rules, listed in its docstring) on a free 127.0.0.1 port, and checks
+what alpaca-py sent over the wire as well as what the broker and the feed made of the answers. Requests the real API would
+refuse as malformed are collected by the fake in `problems`, which must be empty at the end of each test.
 """
 from __future__ import annotations
-import datetime as dt, json, logging, threading, time, traceback, uuid
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, urlsplit
+import datetime as dt, logging, time, traceback, uuid
 
 import pandas as pd, pytest
-from conftest import free_port, loopback_server
+from conftest import free_port
+from fake_alpaca import KEY, SECRET, NY, FakeAlpaca, alpaca_daily, ny, serve
 
 from trader.live.alpaca import AlpacaBroker, AlpacaFeed
 from trader.live.broker import Broker, BrokerError, BrokerUnavailable, Order
@@ -34,290 +18,8 @@ from trader.core.config import ConfigError, load_settings
 from trader.core.data import BAR_COLUMNS, load_sample
 from trader.live.feeds import BarSet, Feed, FeedError, ResilientFeed
 
-KEY = 'PKTEST7Q2L9XC4VB0N'
-SECRET = 'sk-test-Zq8f3T1vR6yW2uP0aN5m'   # distinctive: a leak cannot be mistaken for ordinary words
-NY = 'America/New_York'
-ASSETS = {'AAPL': 'NASDAQ', 'MSFT': 'NASDAQ', 'IBM': 'NYSE'}
+EVENING = ny('2024-01-02 20:00')   # the fake's clock: after 19:00 New York time, when Alpaca takes opg orders for the next open
 
-# ---------------------------------------------------------------------------------------------------------------
-# The fake Alpaca
-
-ERRORS = {   # Alpaca's error bodies: JSON with a code and a message
-    401: {'code': 40110000, 'message': 'request is not authorized'},
-    404: {'code': 40410000, 'message': 'order not found'},
-    429: {'code': 42910000, 'message': 'rate limit exceeded'},
-    500: {'code': 50010000, 'message': 'internal server error'},
-    502: {'message': 'bad gateway'},
-    503: {'message': 'service unavailable'},
-}
-ORDER_FIELDS = {'symbol', 'qty', 'notional', 'side', 'type', 'time_in_force', 'limit_price', 'stop_price', 'trail_price',
-                'trail_percent', 'extended_hours', 'client_order_id', 'order_class', 'take_profit', 'stop_loss', 'position_intent', 'legs'}
-LIST_PARAMS = {'status', 'limit', 'after', 'until', 'direction', 'nested', 'side', 'symbols'}
-BARS_PARAMS = {'symbols', 'timeframe', 'start', 'end', 'limit', 'page_token', 'adjustment', 'feed', 'sort', 'asof', 'currency'}
-FINISHED = {'filled', 'canceled', 'expired', 'rejected', 'replaced'}
-
-def iso(t) -> str: return pd.Timestamp(t).tz_convert('UTC').strftime('%Y-%m-%dT%H:%M:%S.%fZ')
-
-@dataclass
-class Seen:
-    "One request as the server received it, and the status it answered."
-    method: str
-    path: str
-    params: dict[str, str]
-    body: dict | None
-    headers: dict[str, str]
-    status: int | None = None
-
-@dataclass
-class FakeAlpaca:
-    key: str = KEY
-    secret: str = SECRET
-    cash: float = 100_000.0
-    prices: dict[str, float] = field(default_factory=lambda: {'AAPL': 410.0, 'MSFT': 26.0, 'IBM': 180.0})
-    market_open: bool = False
-    now: pd.Timestamp = field(default_factory=lambda: pd.Timestamp.now(tz='UTC'))   # the server's clock (free-plan SIP rule)
-    free_plan: bool = False
-    orders: dict[str, dict] = field(default_factory=dict)        # id -> order JSON
-    positions: dict[str, list[float]] = field(default_factory=dict)   # symbol -> [signed qty, cost basis]
-    latest: dict[str, dict] = field(default_factory=dict)        # symbol -> latest minute bar
-    daily: dict[str, list[dict]] = field(default_factory=dict)   # symbol -> daily bars
-    faults: list = field(default_factory=list)   # one per request, consumed in order: None, an HTTP status, 'drop',
-                                                 # 'hang', 'echo' or 'accept-drop' (POST /v2/orders: accept, then hang up)
-    lookup_lag: int = 0       # answer this many coming by_client_order_id look-ups with 404 (the order not yet visible)
-    hang: float = 0.6
-    requests: list[Seen] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)
-    url: str = ''
-
-    def __post_init__(self): self._lock = threading.Lock()
-
-    def posts(self, cid=None) -> list[Seen]:
-        return [r for r in self.requests if r.method == 'POST' and (cid is None or (r.body or {}).get('client_order_id') == cid)]
-    def calls(self, method, path) -> list[Seen]:
-        return [r for r in self.requests if r.method == method and r.path == path]
-
-    # -- the market, driven by the tests ---------------------------------------------------------------------
-    def _fill(self, o:dict, price:float, t):
-        q = float(o['qty']) * (1 if o['side'] == 'buy' else -1)
-        self.cash -= q*price
-        pos = self.positions.setdefault(o['symbol'], [0.0, 0.0])
-        pos[1] = pos[1] + q*price if pos[0]*q >= 0 else pos[1]*(pos[0] + q)/pos[0]   # cost basis of what is left
-        pos[0] += q
-        if pos[0] == 0: del self.positions[o['symbol']]
-        o.update(status='filled', filled_qty=o['qty'], filled_avg_price=f'{price:.4f}', filled_at=iso(t), updated_at=iso(t))
-
-    def open_session(self, t, opens:dict[str, float]):
-        "The session opens: opg orders (and day orders queued overnight) fill at the open."
-        with self._lock:
-            self.market_open, self.prices = True, {**self.prices, **opens}
-            for o in sorted(self.orders.values(), key=lambda o: o['submitted_at']):
-                if o['status'] == 'accepted': self._fill(o, opens[o['symbol']], t)
-
-    def close_session(self, t, closes:dict[str, float]):
-        with self._lock:
-            self.market_open, self.prices = False, {**self.prices, **closes}
-            for o in self.orders.values():    # a day order not filled in the session expires
-                if o['status'] in ('new', 'pending_new') and o['time_in_force'] == 'day':
-                    o.update(status='expired', expired_at=iso(t), updated_at=iso(t))
-
-    # -- HTTP ----------------------------------------------------------------------------------------------------
-    def handle(self, h:BaseHTTPRequestHandler, method:str):
-        u = urlsplit(h.path)
-        q = parse_qs(u.query, keep_blank_values=True)
-        n = int(h.headers.get('Content-Length') or 0)
-        raw = h.rfile.read(n) if n else b''
-        body = None
-        if raw:
-            try: body = json.loads(raw)
-            except ValueError: self.problems.append(f'{method} {u.path}: body is not JSON')
-        seen = Seen(method, u.path, {k: v[-1] for k, v in q.items()}, body, dict(h.headers))
-        with self._lock:
-            self.requests.append(seen)
-            fault = self.faults.pop(0) if self.faults else None
-        if fault == 'hang':
-            time.sleep(self.hang); h.close_connection = True; return
-        if fault == 'drop':
-            h.close_connection = True; return
-        if fault == 'echo':        # a careless gateway: Alpaca-style JSON whose message quotes the request headers
-            return self._send(h, seen, 500, {'message': f'upstream failed for {dict(h.headers)}'})
-        if fault == 'echo-text':   # the same as plain text, secret first
-            return self._send(h, seen, 502, f"bad gateway: APCA-API-SECRET-KEY={h.headers.get('APCA-API-SECRET-KEY')} "
-                                            f"APCA-API-KEY-ID={h.headers.get('APCA-API-KEY-ID')}")
-        if isinstance(fault, int): return self._send(h, seen, fault, ERRORS[fault])
-        if h.headers.get('APCA-API-KEY-ID') != self.key or h.headers.get('APCA-API-SECRET-KEY') != self.secret:
-            return self._send(h, seen, 401, ERRORS[401])
-        if not h.headers.get('User-Agent', '').startswith('APCA-PY/'): self.problems.append(f'{method} {u.path}: not alpaca-py')
-        with self._lock:
-            status, out = self._route(method, u.path, q, body)
-            if fault == 'accept-drop' and status == 200 and method == 'POST':
-                h.close_connection = True; seen.status = 200; return
-        self._send(h, seen, status, out)
-
-    def _bad(self, what:str, status:int=422, code:int=40010001):
-        self.problems.append(what)
-        return status, {'code': code, 'message': what}
-
-    def _route(self, method, path, q, body):
-        if any(len(v) > 1 for v in q.values()): return self._bad(f'repeated query parameter in {path}', 400)
-        p = {k: v[0] for k, v in q.items()}
-        if (method, path) == ('POST', '/v2/orders'): return self._create(body or {})
-        if (method, path) == ('GET', '/v2/orders'): return self._list(p)
-        if (method, path) == ('GET', '/v2/orders:by_client_order_id'):
-            if set(p) != {'client_order_id'}: return self._bad(f'by_client_order_id takes client_order_id only, got {sorted(p)}')
-            if self.lookup_lag > 0:
-                self.lookup_lag -= 1; return 404, ERRORS[404]
-            o = next((o for o in self.orders.values() if o['client_order_id'] == p['client_order_id']), None)
-            return (200, o) if o else (404, ERRORS[404])
-        if path.startswith('/v2/orders/') and method in ('GET', 'DELETE'):
-            oid = path.rsplit('/', 1)[1]
-            try: uuid.UUID(oid)
-            except ValueError: return self._bad(f'order_id {oid!r} is not a UUID', 422, 40010001)
-            o = self.orders.get(oid)
-            if o is None: return 404, ERRORS[404]
-            if method == 'GET': return 200, o
-            if o['status'] in FINISHED: return 422, {'code': 42210000, 'message': f'order is already in "{o["status"]}" state'}
-            o.update(status='canceled', canceled_at=iso(pd.Timestamp.now(tz='UTC')), updated_at=iso(pd.Timestamp.now(tz='UTC')))
-            return 204, None
-        if (method, path) == ('GET', '/v2/positions'):
-            if p: return self._bad(f'positions takes no parameters, got {sorted(p)}', 400)
-            return 200, [self._position(s, q_, c) for s, (q_, c) in sorted(self.positions.items())]
-        if (method, path) == ('GET', '/v2/account'):
-            if p: return self._bad(f'account takes no parameters, got {sorted(p)}', 400)
-            return 200, self._account()
-        if (method, path) == ('GET', '/v2/stocks/bars/latest'): return self._latest(p)
-        if (method, path) == ('GET', '/v2/stocks/bars'): return self._bars(p)
-        return self._bad(f'no such endpoint: {method} {path}', 404, 40410000)
-
-    def _create(self, b:dict):
-        if set(b) - ORDER_FIELDS: return self._bad(f'unknown order fields {sorted(set(b) - ORDER_FIELDS)}')
-        missing = {'symbol', 'side', 'type', 'time_in_force'} - set(b)
-        if missing or ('qty' in b) == ('notional' in b): return self._bad(f'order fields missing: {sorted(missing) or "qty or notional"}')
-        if b['type'] != 'market': return self._bad(f"this server takes market orders only, got {b['type']!r}")
-        if b['side'] not in ('buy', 'sell'): return 422, {'code': 42210000, 'message': 'invalid side'}
-        if b['time_in_force'] not in ('day', 'gtc', 'opg', 'cls', 'ioc', 'fok'): return 422, {'code': 42210000, 'message': 'invalid time_in_force'}
-        try: qty = float(b['qty'])
-        except (TypeError, ValueError): return 422, {'code': 40010001, 'message': 'qty must be a number'}
-        if qty <= 0: return 422, {'code': 40010001, 'message': 'qty must be > 0'}
-        if b['symbol'] not in ASSETS: return 422, {'code': 40010001, 'message': f'asset "{b["symbol"]}" not found'}
-        if qty != int(qty) and b['time_in_force'] != 'day': return 422, {'code': 42210000, 'message': 'fractional orders must be DAY orders'}
-        cid = b.get('client_order_id') or str(uuid.uuid4())
-        if len(cid) > 128: return 422, {'code': 40010001, 'message': 'client_order_id must be no more than 128 characters'}
-        if any(o['client_order_id'] == cid for o in self.orders.values()):
-            return 422, {'code': 40010001, 'message': 'client_order_id must be unique'}
-        opens = [o for o in self.orders.values() if o['status'] not in FINISHED]
-        price = self.prices[b['symbol']]
-        if b['side'] == 'buy':
-            bp = self.cash - sum(float(o['qty'])*self.prices[o['symbol']] for o in opens if o['side'] == 'buy')
-            if qty*price > bp:
-                return 403, {'buying_power': f'{bp:.2f}', 'code': 40310000, 'cost_basis': f'{qty*price:.2f}', 'message': 'insufficient buying power'}
-        else:
-            held = self.positions.get(b['symbol'], [0.0])[0]
-            pending = sum(float(o['qty']) for o in opens if o['side'] == 'sell' and o['symbol'] == b['symbol'])
-            if qty > held - pending:
-                return 403, {'code': 40310000, 'existing_qty': f'{held:g}', 'held_for_orders': f'{pending:g}',
-                             'message': f'insufficient qty available for order (requested: {qty:g}, available: {held - pending:g})'}
-        t = iso(pd.Timestamp.now(tz='UTC'))
-        o = {'id': str(uuid.uuid4()), 'client_order_id': cid, 'created_at': t, 'updated_at': t, 'submitted_at': t,
-             'filled_at': None, 'expired_at': None, 'canceled_at': None, 'failed_at': None, 'replaced_at': None,
-             'replaced_by': None, 'replaces': None, 'asset_id': str(uuid.uuid5(uuid.NAMESPACE_DNS, b['symbol'])),
-             'symbol': b['symbol'], 'asset_class': 'us_equity', 'notional': None, 'qty': f'{qty:g}', 'filled_qty': '0',
-             'filled_avg_price': None, 'order_class': '', 'order_type': 'market', 'type': 'market', 'side': b['side'],
-             'position_intent': 'buy_to_open' if b['side'] == 'buy' else 'sell_to_close',
-             'time_in_force': b['time_in_force'], 'limit_price': None, 'stop_price': None, 'status': 'accepted',
-             'extended_hours': False, 'legs': None, 'trail_percent': None, 'trail_price': None, 'hwm': None}
-        self.orders[o['id']] = o
-        answer = dict(o)
-        if self.market_open and b['time_in_force'] == 'day':   # routed at once: the answer says pending_new, then it fills
-            answer['status'] = o['status'] = 'pending_new'
-            self._fill(o, price, pd.Timestamp.now(tz='UTC'))
-        return 200, answer
-
-    def _list(self, p):
-        if set(p) - LIST_PARAMS: return self._bad(f'unknown parameters {sorted(set(p) - LIST_PARAMS)}', 400)
-        status = p.get('status', 'open')
-        if status not in ('open', 'closed', 'all'): return self._bad(f'invalid status {status!r}')
-        limit = int(p.get('limit', 50))
-        if not 1 <= limit <= 500: return self._bad(f'limit {limit} out of range [1, 500]')
-        if p.get('direction', 'desc') not in ('asc', 'desc'): return self._bad(f"invalid direction {p['direction']!r}")
-        out = [o for o in self.orders.values()
-               if status == 'all' or (status == 'open') == (o['status'] not in FINISHED)]
-        out.sort(key=lambda o: o['submitted_at'], reverse=p.get('direction', 'desc') == 'desc')
-        return 200, out[:limit]
-
-    def _position(self, sym, qty, cost):
-        px = self.prices[sym]
-        return {'asset_id': str(uuid.uuid5(uuid.NAMESPACE_DNS, sym)), 'symbol': sym, 'exchange': ASSETS[sym], 'asset_class': 'us_equity',
-                'asset_marginable': True, 'avg_entry_price': f'{cost/qty:.4f}', 'qty': f'{qty:g}', 'side': 'long' if qty > 0 else 'short',
-                'market_value': f'{qty*px:.2f}', 'cost_basis': f'{cost:.2f}', 'unrealized_pl': f'{qty*px - cost:.2f}',
-                'unrealized_plpc': f'{(qty*px - cost)/abs(cost):.4f}', 'unrealized_intraday_pl': '0', 'unrealized_intraday_plpc': '0',
-                'current_price': f'{px:.2f}', 'lastday_price': f'{px:.2f}', 'change_today': '0', 'qty_available': f'{qty:g}'}
-
-    def _account(self):
-        long_ = sum(q*self.prices[s] for s, (q, _) in self.positions.items() if q > 0)
-        short = sum(q*self.prices[s] for s, (q, _) in self.positions.items() if q < 0)
-        eq = self.cash + long_ + short
-        return {'id': 'e6fe16f3-64a4-4921-8928-cadf02f92f98', 'account_number': 'PA3TEST00001', 'status': 'ACTIVE',
-                'crypto_status': 'ACTIVE', 'currency': 'USD', 'buying_power': f'{self.cash:.2f}', 'regt_buying_power': f'{self.cash:.2f}',
-                'daytrading_buying_power': '0', 'non_marginable_buying_power': f'{self.cash:.2f}', 'cash': f'{self.cash:.2f}',
-                'accrued_fees': '0', 'portfolio_value': f'{eq:.2f}', 'pattern_day_trader': False, 'trading_blocked': False,
-                'transfers_blocked': False, 'account_blocked': False, 'created_at': '2024-01-02T15:00:00Z',
-                'trade_suspended_by_user': False, 'multiplier': '1', 'shorting_enabled': False, 'equity': f'{eq:.2f}',
-                'last_equity': f'{eq:.2f}', 'long_market_value': f'{long_:.2f}', 'short_market_value': f'{short:.2f}',
-                'initial_margin': '0', 'maintenance_margin': '0', 'last_maintenance_margin': '0', 'sma': '0', 'daytrade_count': 0}
-
-    def _check_feed(self, p, end=None):
-        feed = p.get('feed')
-        if feed is not None and feed not in ('sip', 'iex', 'otc', 'boats', 'overnight', 'delayed_sip'): return self._bad(f'invalid feed {feed!r}')
-        if self.free_plan and feed != 'iex' and (end is None or end > self.now - pd.Timedelta(minutes=15)):
-            return 403, {'message': 'subscription does not permit querying recent SIP data'}
-        return None
-
-    def _latest(self, p):
-        if set(p) - {'symbols', 'feed', 'currency'}: return self._bad(f"unknown parameters {sorted(set(p) - {'symbols', 'feed', 'currency'})}", 400)
-        syms = p.get('symbols', '').split(',')
-        if not all(s and s == s.upper() for s in syms): return self._bad(f"invalid symbols {p.get('symbols')!r}", 400)
-        if (r := self._check_feed(p)) is not None: return r
-        return 200, {'bars': {s: self.latest[s] for s in syms if s in self.latest}}
-
-    def _bars(self, p):
-        if set(p) - BARS_PARAMS: return self._bad(f'unknown parameters {sorted(set(p) - BARS_PARAMS)}', 400)
-        syms = p.get('symbols', '').split(',')
-        if not all(s and s == s.upper() for s in syms): return self._bad(f"invalid symbols {p.get('symbols')!r}", 400)
-        if p.get('timeframe') != '1Day': return self._bad(f"this server has 1Day bars only, got {p.get('timeframe')!r}")
-        if p.get('adjustment', 'raw') not in ('raw', 'split', 'dividend', 'all'): return self._bad(f"invalid adjustment {p['adjustment']!r}")
-        bounds = {}
-        for k in ('start', 'end'):
-            if k not in p: continue
-            t = dt.datetime.fromisoformat(p[k])
-            if t.tzinfo is None: return self._bad(f'{k} {p[k]!r} has no UTC offset', 400)
-            bounds[k] = pd.Timestamp(t).tz_convert('UTC')
-        if (r := self._check_feed(p, bounds.get('end'))) is not None: return r
-        lo, hi = bounds.get('start', pd.Timestamp.min.tz_localize('UTC')), bounds.get('end', pd.Timestamp.max.tz_localize('UTC'))
-        out = {s: [b for b in self.daily.get(s, []) if lo <= pd.Timestamp(b['t']) <= hi] for s in sorted(set(syms))}
-        return 200, {'bars': {s: v for s, v in out.items() if v}, 'next_page_token': None}
-
-    @staticmethod
-    def _send(h, seen:Seen, status:int, body):
-        seen.status = status
-        h.send_response(status)
-        if status == 204:
-            h.end_headers(); return
-        data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
-        h.send_header('Content-Type', 'text/plain; charset=UTF-8' if isinstance(body, str) else 'application/json; charset=UTF-8')
-        h.send_header('Content-Length', str(len(data)))
-        h.end_headers()
-        h.wfile.write(data)
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = 'HTTP/1.1'   # keep-alive, as the real API
-    timeout = 5
-    def do_GET(self): self.server.fake.handle(self, 'GET')
-    def do_POST(self): self.server.fake.handle(self, 'POST')
-    def do_DELETE(self): self.server.fake.handle(self, 'DELETE')
-    def log_message(self, *a): pass
-
-class _Server(ThreadingHTTPServer):
-    block_on_close = False   # idle keep-alive connections must not hold up the fixture's teardown
 
 @pytest.fixture(autouse=True)
 def _env(monkeypatch):
@@ -327,8 +29,7 @@ def _env(monkeypatch):
 
 @pytest.fixture
 def server():
-    fake = FakeAlpaca()
-    with loopback_server(_Server, _Handler, fake): yield fake
+    with serve(FakeAlpaca(now=EVENING)) as fake: yield fake
     assert not fake.problems, f"requests the real Alpaca API would refuse: {fake.problems}"
 
 def settings_for(tmp_path, server, key=KEY, secret=SECRET, **alpaca):
@@ -543,14 +244,6 @@ def test_paper_only_and_url_from_the_environment(tmp_path, server, monkeypatch):
 # AlpacaFeed
 
 SAMPLE = load_sample(['AAPL', 'MSFT'], start='2012-01-03', end='2012-01-20', adjusted=False)[BAR_COLUMNS]
-
-def alpaca_daily(df) -> dict[str, list[dict]]:
-    "Daily bars as Alpaca serves them: stamped at midnight New York time."
-    return {s: [{'t': pd.Timestamp(r.ts.date()).tz_localize(NY).tz_convert('UTC').strftime('%Y-%m-%dT%H:%M:%SZ'),
-                 'o': r.open, 'h': r.high, 'l': r.low, 'c': r.close, 'v': int(r.volume), 'n': 1000, 'vw': r.close}
-                for r in g.itertuples()] for s, g in df.groupby('symbol')}
-
-def ny(t) -> pd.Timestamp: return pd.Timestamp(t, tz=NY).tz_convert('UTC')
 
 def sample_row(sym, day):
     r = SAMPLE[(SAMPLE.symbol == sym) & (SAMPLE.ts == pd.Timestamp(day, tz='UTC'))].iloc[0]
