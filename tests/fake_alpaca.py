@@ -23,9 +23,10 @@ Rules it enforces (each one a documented Alpaca rule):
 * Buying power and shares held are checked (403 code 40310000 with Alpaca's figures: insufficient buying power /
   insufficient qty available).
 * Fills: at `open_session`, waiting `opg` and DAY orders fill at the open price; `fill_share(order)` (a test's rule, default
-  all) says which share of an order fills (whole shares for whole-share orders). An `opg` order's unfilled rest is canceled
-  right after the opening auction ('canceled' when part filled or not, filled_qty kept); a DAY order's rest stays
-  'partially_filled' and expires at `close_session` ('expired', filled_qty kept). A DAY order sent while the market is
+  all) says which share of an order fills (whole shares for whole-share orders). An `opg` order's unfilled rest ends with
+  the opening auction: status 'expired', filled_qty kept (Alpaca's docs say such orders are canceled after the open
+  without naming the status field; the fake says 'expired', and the broker books the filled part either way); a DAY
+  order's rest stays 'partially_filled' and expires at `close_session` ('expired', filled_qty kept). A DAY order sent while the market is
   open fills at once at the current price (the answer says 'pending_new').
 * Cancel (DELETE /v2/orders/{id}): 204; a finished order cannot be canceled (422 code 42210000); the filled part stays.
 * Order listing (GET /v2/orders): status open/closed/all, limit 1..500 (default 50), after/until (exclusive bounds on
@@ -115,7 +116,7 @@ class FakeAlpaca:
     bars_page: int = BARS_MAX_PAGE                               # the most bars one page holds (tests lower it to page)
     on_accept: Callable[[dict], None] | None = None              # called when an order is accepted, before the answer is sent
     faults: list = field(default_factory=list)   # one per request, consumed in order: None, an HTTP status, 'drop',
-                                                 # 'hang', 'echo' or 'accept-drop' (POST /v2/orders: accept, then hang up)
+                                                 # 'hang', 'echo', (status, body) or 'accept-drop' (POST /v2/orders: accept, then hang up)
     lookup_lag: int = 0       # answer this many coming by_client_order_id look-ups with 404 (the order not yet visible)
     hang: float = 0.6
     requests: list[Seen] = field(default_factory=list)
@@ -167,8 +168,8 @@ class FakeAlpaca:
             for o in sorted(self.orders.values(), key=lambda o: o['submitted_at']):
                 if o['status'] != 'accepted': continue
                 self._fill(o, self._share(o), opens[o['symbol']], t)
-                if o['time_in_force'] == 'opg' and o['status'] != 'filled':   # unfilled after the opening auction: canceled
-                    o.update(status='canceled', canceled_at=iso(t), updated_at=iso(t))
+                if o['time_in_force'] == 'opg' and o['status'] != 'filled':   # not filled in the opening auction: it ends there
+                    o.update(status='expired', expired_at=iso(t), updated_at=iso(t))
                 elif o['status'] == 'accepted': o['status'] = 'new'
 
     def close_session(self, t, closes:dict[str, float]):
@@ -179,13 +180,15 @@ class FakeAlpaca:
                 if o['status'] in ('new', 'pending_new', 'partially_filled') and o['time_in_force'] == 'day':
                     o.update(status='expired', expired_at=iso(t), updated_at=iso(t))
 
-    def add_orders(self, n:int, start, symbol:str='IBM', prefix:str='old'):
-        "`n` finished orders of another strategy, one a minute from `start` (an account with a history)."
+    def add_orders(self, n:int, start, step=pd.Timedelta(minutes=1), symbol:str='IBM', prefix:str='old', status:str='canceled'):
+        "`n` orders of another strategy (1 share of `symbol`, in `status`), submitted `step` apart from `start` (an account with a history)."
         with self._lock:
+            k = sum(o['client_order_id'].startswith(prefix + '-') for o in self.orders.values())
             for i in range(n):
-                t = iso(pd.Timestamp(start) + pd.Timedelta(minutes=i))
-                o = self._order({'symbol': symbol, 'side': 'buy', 'time_in_force': 'day'}, 1.0, f'{prefix}-{i:05d}', t)
-                o.update(status='canceled', canceled_at=t)
+                t = iso(pd.Timestamp(start) + i*step)
+                o = self._order({'symbol': symbol, 'side': 'buy', 'time_in_force': 'day'}, 1.0, f'{prefix}-{k + i:05d}', t)
+                o['status'] = status
+                if status == 'canceled': o['canceled_at'] = t
                 self.orders[o['id']] = o
 
     # -- HTTP ----------------------------------------------------------------------------------------------------
@@ -212,6 +215,7 @@ class FakeAlpaca:
             return self._send(h, seen, 502, f"bad gateway: APCA-API-SECRET-KEY={h.headers.get('APCA-API-SECRET-KEY')} "
                                             f"APCA-API-KEY-ID={h.headers.get('APCA-API-KEY-ID')}")
         if isinstance(fault, int): return self._send(h, seen, fault, ERRORS[fault])
+        if isinstance(fault, tuple): return self._send(h, seen, *fault)        # (status, body): an answer of the test's choosing
         if h.headers.get('APCA-API-KEY-ID') != self.key or h.headers.get('APCA-API-SECRET-KEY') != self.secret:
             return self._send(h, seen, 401, ERRORS[401])
         if not h.headers.get('User-Agent', '').startswith('APCA-PY/'): self.problems.append(f'{method} {u.path}: not alpaca-py')
@@ -432,7 +436,7 @@ class FakeAlpaca:
         for a in self.actions:
             ex = pd.Timestamp(a['ex_date']).date()
             if a['type'] not in types or (syms is not None and a['symbol'] not in syms) or not lo <= ex <= hi: continue
-            common = {'symbol': a['symbol'], 'process_date': str(ex), 'ex_date': str(ex), 'record_date': str(ex + dt.timedelta(days=1)),
+            common = {'id': str(uuid.uuid5(uuid.NAMESPACE_URL, f"{a['type']}/{a['symbol']}/{ex}")), 'symbol': a['symbol'], 'process_date': str(ex), 'ex_date': str(ex), 'record_date': str(ex + dt.timedelta(days=1)),
                       'payable_date': str(ex + dt.timedelta(days=7))}
             if a['type'] == 'forward_split':
                 rec = {**common, 'cusip': '037833100', 'new_rate': a['new_rate'], 'old_rate': a['old_rate']}

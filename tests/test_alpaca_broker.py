@@ -6,7 +6,7 @@ what alpaca-py sent over the wire as well as what the broker and the feed made o
 refuse as malformed are collected by the fake in `problems`, which must be empty at the end of each test.
 """
 from __future__ import annotations
-import datetime as dt, logging, time, traceback, uuid
+import datetime as dt, json, logging, time, traceback, uuid
 
 import pandas as pd, pytest
 from conftest import free_port
@@ -164,7 +164,6 @@ def test_insufficient_buying_power_and_shares(tmp_path, server):
         b.submit(Order('run1-short', 'MSFT', 'sell', 5, 'opg'))
 
 @pytest.mark.parametrize('order,expect', [
-    (Order('bad-frac', 'AAPL', 'buy', 1.5, 'opg'), 'HTTP 422: fractional orders must be DAY orders'),
     (Order('bad-asset', 'ZZZZ', 'buy', 1, 'opg'), 'HTTP 422: asset "ZZZZ" not found'),
     (Order('x'*129, 'AAPL', 'buy', 1, 'opg'), 'HTTP 422: client_order_id must be no more than 128 characters'),
 ])
@@ -275,9 +274,11 @@ def test_daily_feed_returns_final_bars_once(tmp_path, server, clock):
     assert feed.next_bar() is None                     # nothing new
     clock.t = ny('2012-01-05 16:10')
     assert feed.next_bar() is None                     # closed, but not settled yet
-    clock.t = ny('2012-01-05 16:15')
+    clock.t = ny('2012-01-05 18:59')
+    assert feed.next_bar() is None                     # final, but Alpaca would refuse opg orders decided on it until 19:00
+    clock.t = ny('2012-01-05 19:00')
     assert feed.next_bar().ts == pd.Timestamp('2012-01-05', tz='UTC')
-    clock.t = ny('2012-01-09 17:00')                   # Monday: Friday's and Monday's bars are final; the latest comes
+    clock.t = ny('2012-01-09 19:30')                   # Monday: Friday's and Monday's bars are final; the latest comes
     b = feed.next_bar()
     assert b.ts == pd.Timestamp('2012-01-09', tz='UTC') and b.prices() == {s: sample_row(s, '2012-01-09')[3] for s in b.symbols}
     assert feed.next_bar() is None
@@ -286,11 +287,11 @@ def test_daily_feed_needs_every_symbol_at_one_time(tmp_path, server, clock):
     feed = daily_feed(tmp_path, server, clock)
     server.daily['MSFT'] = [x for x in server.daily['MSFT'] if not x['t'].startswith('2012-01-04')]
     assert feed.next_bar() is None                     # MSFT's latest final bar is 01-03, AAPL's 01-04
-    clock.t = ny('2012-01-05 17:00')
+    clock.t = ny('2012-01-05 19:00')
     assert feed.next_bar().ts == pd.Timestamp('2012-01-05', tz='UTC')
 
 def test_daily_feed_resumes_after(tmp_path, server, clock):
-    clock.t = ny('2012-01-06 18:00')
+    clock.t = ny('2012-01-06 20:00')
     assert daily_feed(tmp_path, server, clock, after='2012-01-06').next_bar() is None
     assert daily_feed(tmp_path, server, clock, after='2012-01-05').next_bar().ts == pd.Timestamp('2012-01-06', tz='UTC')
 
@@ -335,3 +336,215 @@ def test_feed_connection_refused_and_resilient_fallback(tmp_path, clock):
     with pytest.raises(FeedError, match='cannot reach'): feed.next_bar()
     rf = ResilientFeed(feed, cache=None)
     assert rf.next_bar() is None and rf.state == 'down' and 'cannot reach' in rf.last_error
+
+# ---------------------------------------------------------------------------------------------------------------
+# Alpaca's order rules: sizes, the opg window, partial fills, expiries, duplicates by code, pagination
+
+def test_fractional_opg_is_refused_before_sending(tmp_path, server):
+    b = broker_for(tmp_path, server)
+    with pytest.raises(BrokerError, match='fractional quantities on DAY orders only, so an opg .* must be whole shares') as e:
+        b.submit(Order('run1-frac', 'AAPL', 'buy', 184.10555385087451, 'opg'))
+    assert not isinstance(e.value, BrokerUnavailable) and server.requests == []
+    # what Alpaca itself says to such an order (sent past the broker's check): 422, code 42210000
+    from alpaca.common.exceptions import APIError
+    from alpaca.trading.requests import MarketOrderRequest
+    with pytest.raises(APIError) as e:
+        b.client.submit_order(MarketOrderRequest(symbol='AAPL', qty=1.5, side='buy', time_in_force='opg', client_order_id='raw-frac'))
+    assert e.value.status_code == 422 and json.loads(str(e.value)) == {'code': 42210000, 'message': 'fractional orders must be DAY orders'}
+
+def test_fractional_day_order_goes_with_9_decimals(tmp_path, server):
+    b = broker_for(tmp_path, server)
+    server.open_session(T1, {'AAPL': 100.0})
+    o = b.submit(Order('run1-day', 'AAPL', 'buy', 184.10555385087451, 'market'))
+    assert server.posts()[0].body['qty'] == 184.105553851 and server.posts()[0].body['time_in_force'] == 'day'
+    got = b.get_order('run1-day')
+    assert (got.status, got.qty, got.filled_qty, got.fill_price) == ('filled', 184.105553851, 184.105553851, 100.0)
+    assert b.positions() == {'AAPL': 184.105553851} and b.account().cash == pytest.approx(100_000 - 18_410.5553851)
+    assert o.order_type == 'market'
+
+def test_opg_orders_only_outside_the_auction_window(tmp_path, server):
+    "Alpaca refuses opg orders submitted between 09:28 and 19:00 New York time."
+    b = broker_for(tmp_path, server)
+    server.now = ny('2024-01-03 10:00')
+    with pytest.raises(BrokerError, match='HTTP 422: opg orders are not accepted between 9:28am and 7:00pm ET'):
+        b.submit(Order('run1-late', 'AAPL', 'buy', 1, 'opg'))
+    server.now = ny('2024-01-03 09:27')
+    assert b.submit(Order('run1-early', 'AAPL', 'buy', 1, 'opg')).status == 'new'
+
+def test_partial_fill_then_expiry_books_what_filled(tmp_path, server):
+    "An opg order filled 60 of 100 in the auction, the rest expires; a DAY order part-filled expires at the close."
+    b = broker_for(tmp_path, server)
+    server.fill_share = lambda o: 0.6 if o['client_order_id'].endswith('AAPL') else 0.25
+    b.submit(Order('run1-d1-AAPL', 'AAPL', 'buy', 100, 'opg'))
+    b.submit(Order('run1-d1-MSFT', 'MSFT', 'buy', 10.5, 'market'))       # a DAY order sent overnight: queued for the open
+    server.open_session(T1, {'AAPL': 400.0, 'MSFT': 26.0})
+    a, m = b.get_order('run1-d1-AAPL'), b.get_order('run1-d1-MSFT')
+    assert (a.status, a.qty, a.filled_qty, a.fill_price) == ('expired', 100.0, 60.0, 400.0)
+    assert (m.status, m.filled_qty, m.fill_price) == ('partially_filled', 2.625, 26.0)
+    assert [o.client_order_id for o in b.open_orders()] == ['run1-d1-MSFT']
+    server.close_session(T1 + pd.Timedelta(hours=6.5), {'AAPL': 401.0, 'MSFT': 26.5})
+    m = b.get_order('run1-d1-MSFT')
+    assert (m.status, m.filled_qty, m.fill_price) == ('expired', 2.625, 26.0) and b.open_orders() == []
+    assert b.positions() == {'AAPL': 60.0, 'MSFT': 2.625}
+    assert b.account().cash == pytest.approx(100_000 - 60*400.0 - 2.625*26.0)
+
+def test_partial_fill_then_cancel(tmp_path, server):
+    b = broker_for(tmp_path, server)
+    server.open_session(T1, {'MSFT': 26.0})
+    server.fill_share = lambda o: 0.5
+    b.submit(Order('run1-part', 'MSFT', 'buy', 40, 'market'))
+    assert b.get_order('run1-part').status == 'partially_filled'
+    assert b.cancel('run1-part') is True
+    c = b.get_order('run1-part')
+    assert (c.status, c.filled_qty, c.fill_price) == ('canceled', 20.0, 26.0) and b.positions() == {'MSFT': 20.0}
+    assert b.cancel('run1-part') is False
+
+def test_average_price_of_fills(tmp_path, server):
+    "A DAY order filled in two parts at two prices reports their weighted average."
+    b = broker_for(tmp_path, server)
+    server.fill_share = lambda o: 0.25
+    b.submit(Order('run1-avg', 'IBM', 'buy', 8, 'market'))
+    server.open_session(T1, {'IBM': 100.0})                   # 2 of 8 at 100
+    server.fill_share, server.prices['IBM'] = None, 110.0
+    with server._lock: server._fill(server.by_cid('run1-avg'), 6.0, 110.0, T1 + pd.Timedelta(hours=1))   # the other 6 at 110
+    got = b.get_order('run1-avg')
+    assert (got.status, got.filled_qty) == ('filled', 8.0) and got.fill_price == pytest.approx((2*100 + 6*110)/8)
+
+def test_duplicate_recognised_by_code_not_text(tmp_path, server):
+    b = broker_for(tmp_path, server)
+    first = b.submit(Order('run1-dup', 'IBM', 'buy', 1, 'opg'))
+    server.lookup_lag = 1                                     # the look-up misses it; the post is refused, reworded
+    server.faults = [None, (422, {'code': 40010001, 'message': 'an order with this id exists (reworded)'})]
+    assert b.submit(Order('run1-dup', 'IBM', 'buy', 1, 'opg')).broker_order_id == first.broker_order_id
+    # the same code for another reason (no order has the id): Alpaca's refusal is raised, nothing is adopted
+    server.faults = [None, (422, {'code': 40010001, 'message': 'qty is required'})]
+    with pytest.raises(BrokerError, match='HTTP 422: qty is required.*rejected the request as invalid'):
+        b.submit(Order('run1-other', 'IBM', 'buy', 1, 'opg'))
+    # the words without the code are not a duplicate either
+    server.lookup_lag = 1
+    server.faults = [None, (422, {'code': 42210000, 'message': 'client_order_id must be unique'})]
+    with pytest.raises(BrokerError, match='HTTP 422: client_order_id must be unique'):
+        b.submit(Order('run1-dup', 'IBM', 'buy', 1, 'opg'))
+    assert len([o for o in server.orders.values() if o['client_order_id'] == 'run1-dup']) == 1
+
+def test_orders_page_through_a_large_account(tmp_path, server):
+    "1,234 orders of another strategy, then ours: `orders(since)` reads after `since`, 500 a page, until done."
+    b = broker_for(tmp_path, server)
+    t0 = pd.Timestamp('2024-01-02 15:00', tz='UTC')
+    server.add_orders(1234, t0)
+    server.now = ny('2024-01-03 20:00')
+    b.submit(Order('run1-ours', 'AAPL', 'buy', 1, 'opg'))
+    n = len(server.requests)
+    everything = b.orders()
+    assert len(everything) == 1235 and everything[-1].client_order_id == 'run1-ours'
+    assert len({o.broker_order_id for o in everything}) == 1235
+    lists = [r.params for r in server.requests[n:]]
+    assert len(lists) == 3 and all(p['status'] == 'all' and p['limit'] == '500' and p['direction'] == 'asc' for p in lists)
+    assert 'after' not in lists[0] and pd.Timestamp(lists[1]['after']) < pd.Timestamp(lists[2]['after'])
+    since = t0 + pd.Timedelta(minutes=1000)                   # reconciliation: only what came after the last committed bar
+    n = len(server.requests)
+    recent = b.orders(since)
+    assert [o.client_order_id for o in recent][-1] == 'run1-ours' and len(recent) == 1234 - 1001 + 1
+    assert pd.Timestamp(server.requests[n].params['after']) == since and len(server.requests) - n == 1
+
+def test_orders_at_one_instant_across_a_page_boundary(tmp_path, server):
+    b = broker_for(tmp_path, server)
+    t0 = pd.Timestamp('2024-01-02 15:00', tz='UTC')
+    server.add_orders(499, t0)
+    server.add_orders(10, t0 + pd.Timedelta(minutes=499), step=pd.Timedelta(0))      # 10 orders submitted at the same instant
+    got = b.orders()
+    assert len(got) == 509 and len({o.broker_order_id for o in got}) == 509
+    server.add_orders(501, t0 + pd.Timedelta(days=1), step=pd.Timedelta(0), prefix='burst')
+    with pytest.raises(BrokerError, match='more than 500 orders submitted at .*cannot page past them'): b.orders()
+
+def test_open_orders_page_too(tmp_path, server):
+    b = broker_for(tmp_path, server)
+    server.add_orders(730, pd.Timestamp('2024-01-02 15:00', tz='UTC'), status='accepted')
+    assert len(b.open_orders()) == 730 and len(server.calls('GET', '/v2/orders')) == 2
+
+def test_forbidden_and_rate_limited_bodies(tmp_path, server):
+    b = broker_for(tmp_path, server)
+    server.faults = [403]
+    with pytest.raises(BrokerError, match='HTTP 403: forbidden.*APCA_API_KEY_ID') as e: b.account()
+    assert not isinstance(e.value, BrokerUnavailable)
+    server.faults = [429]
+    with pytest.raises(BrokerUnavailable, match='HTTP 429: rate limit exceeded'): b.positions()
+
+def test_a_split_changes_positions_at_the_open(tmp_path, server):
+    b = broker_for(tmp_path, server)
+    server.positions = {'AAPL': [10.0, 4000.0]}
+    server.actions = [{'type': 'forward_split', 'symbol': 'AAPL', 'ex_date': '2024-01-03', 'new_rate': 4.0, 'old_rate': 1.0}]
+    server.open_session(T1, {'AAPL': 100.0})
+    assert b.positions() == {'AAPL': 40.0} and b.account().equity == pytest.approx(100_000 + 40*100.0)
+
+# ---------------------------------------------------------------------------------------------------------------
+# The minute feed: regular sessions only
+
+@pytest.mark.parametrize('t,kept', [('2024-01-02T14:29:00Z', False),    # 09:29 New York: pre-market
+                                    ('2024-01-02T14:30:00Z', True),     # 09:30: the open
+                                    ('2024-01-02T20:59:00Z', True),     # 15:59: the last regular minute
+                                    ('2024-01-02T21:00:00Z', False),    # 16:00: after hours
+                                    ('2024-07-03T17:05:00Z', False),    # 13:05 on a half day (closed at 13:00)
+                                    ('2024-07-03T16:59:00Z', True),     # 12:59 on the half day
+                                    ('2024-07-04T15:00:00Z', False),    # Independence Day
+                                    ('2024-01-06T15:00:00Z', False)])   # a Saturday
+def test_minute_feed_keeps_regular_session_bars_only(tmp_path, server, t, kept):
+    server.latest = {'AAPL': minute_bar(t, 185.5)}
+    b = AlpacaFeed('AAPL', settings_for(tmp_path, server), timeframe='1Min').next_bar()
+    assert (b is not None) == kept and (b is None or b.ts == pd.Timestamp(t))
+
+# ---------------------------------------------------------------------------------------------------------------
+# Corporate actions: history on the live basis; bars paginate
+
+JULY = load_sample(['AAPL', 'MSFT'], start='2012-06-01', end='2012-07-13')[BAR_COLUMNS]
+SPLIT = pd.Timestamp('2012-07-02', tz='UTC')        # a synthetic 2:1 split of AAPL on the first session after the stored history
+
+def split_market(server):
+    "Alpaca's raw bars with AAPL split 2:1 from 2012-07-02 (prices halved, volume doubled), and the split in corporate actions."
+    raw = JULY.copy()
+    m = (raw.symbol == 'AAPL') & (raw.ts >= SPLIT)
+    raw.loc[m, ['open', 'high', 'low', 'close']] /= 2
+    raw.loc[m, 'volume'] *= 2
+    server.daily = alpaca_daily(raw)
+    server.actions = [{'type': 'forward_split', 'symbol': 'AAPL', 'ex_date': '2012-07-02', 'new_rate': 2.0, 'old_rate': 1.0}]
+    return raw
+
+def test_history_is_rebased_through_a_split(tmp_path, server):
+    from trader.core.quality import DataQualityGate
+    from trader.core.store import Store
+    from trader.live.feeds import feed_history
+    split_market(server)
+    store = Store(f'sqlite:///{tmp_path}/s.db')
+    store.ingest(DataQualityGate().check(JULY[JULY.ts < SPLIT], source='sample'))        # the stored history ends 2012-06-29
+    server.now = ny('2012-07-05 20:00')
+    feed = AlpacaFeed('AAPL,MSFT', settings_for(tmp_path, server), clock=lambda: server.now)
+    first_live = feed.next_bar()
+    assert first_live.ts == pd.Timestamp('2012-07-05', tz='UTC')
+    h = feed_history(ResilientFeed(feed, None), store, ('AAPL', 'MSFT'), end=pd.Timestamp('2012-07-03', tz='UTC'))
+    aapl = h[h.symbol == 'AAPL'].set_index('ts').close
+    assert aapl.index[-1] == pd.Timestamp('2012-07-03', tz='UTC')     # 07-02 and 07-03 came from Alpaca (not in the store)
+    want = JULY[(JULY.symbol == 'AAPL') & (JULY.ts <= '2012-07-03')].set_index('ts').close/2
+    assert (aapl - want).abs().max() < 1e-9                            # all of it on the post-split basis
+    closes = list(aapl) + [first_live.prices()['AAPL']]
+    assert max(abs(b/a - 1) for a, b in zip(closes, closes[1:])) < 0.1  # no 50% "move" anywhere, first live bar included
+    report = DataQualityGate().check(h, source='alpaca')
+    assert not report.blocked and [c.name for c in report.checks if not (c.passed or c.skipped)] == []
+    naive = pd.concat([store.read_bars(('AAPL', 'MSFT')), h[h.ts > '2012-06-29']]).sort_values(['symbol', 'ts'], ignore_index=True)
+    assert [c.name for c in DataQualityGate().check(naive, source='alpaca').checks if not (c.passed or c.skipped)] != []   # a split flagged
+    assert h[h.symbol == 'MSFT'].close.tolist() == JULY[(JULY.symbol == 'MSFT') & (JULY.ts <= '2012-07-03')].close.tolist()
+    ca = server.calls('GET', '/v1/corporate-actions')[-1].params
+    assert (ca['symbols'], ca['start'], ca['end']) == ('AAPL,MSFT', '2012-06-30', '2012-07-05') and 'forward_split' in ca['types']
+    # without the re-basing, the stored bars and the first live bar are 50% apart
+    stored = store.read_bars('AAPL').close.iloc[-1]
+    assert first_live.prices()['AAPL']/stored < 0.55
+
+def test_bars_paginate_with_page_tokens(tmp_path, server):
+    from trader.core.data import alpaca_bars
+    split_market(server)
+    server.bars_page, server.now = 7, ny('2012-07-20 20:00')
+    df = alpaca_bars('AAPL,MSFT', '2012-06-01', '2012-07-13', adjustment='split', settings=settings_for(tmp_path, server))
+    calls = server.calls('GET', '/v2/stocks/bars')
+    assert len(calls) == -(-len(JULY)//7) and 'page_token' not in calls[0].params and all('page_token' in c.params for c in calls[1:])
+    assert len(df) == len(JULY)
+    got = df[df.symbol == 'AAPL'].close.to_numpy()
+    assert abs(got - JULY[JULY.symbol == 'AAPL'].close.to_numpy()/2).max() < 1e-9     # adjustment='split': the whole range on today's basis
