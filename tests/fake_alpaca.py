@@ -36,6 +36,7 @@ Rules it enforces (each one a documented Alpaca rule):
   to pass back as `page_token`; on a free plan, SIP data of the last 15 minutes is refused (403).
 * Corporate actions (GET /v1/corporate-actions): forward/reverse splits and cash dividends, filtered by symbols, types and
   ex_date in [start, end]; a split also changes positions at the open of its ex date (qty times new/old, same cost basis).
+* Fills execute at whole cents (the price given, rounded); filled_avg_price is the average of an order's fills.
 * Positions and account follow the fills: cash moves by qty x price, positions are signed, equity marks them at the last
   price.
 
@@ -136,6 +137,7 @@ class FakeAlpaca:
     def _fill(self, o:dict, qty:float, price:float, t):
         "Fill `qty` more of `o` at `price`: cash, position, filled_qty and the average price move."
         if qty <= 0: return
+        price = round(price, 2)          # executions at whole cents (prices of $1 and more: no sub-penny quotes)
         q = qty * (1 if o['side'] == 'buy' else -1)
         self.cash -= q*price
         pos = self.positions.setdefault(o['symbol'], [0.0, 0.0])
@@ -145,7 +147,7 @@ class FakeAlpaca:
         done = float(o['filled_qty'])
         avg = ((float(o['filled_avg_price'] or 0)*done + qty*price)/(done + qty))
         filled = round(done + qty, 9)
-        o.update(filled_qty=_qty(filled), filled_avg_price=f'{avg:.6f}', updated_at=iso(t),
+        o.update(filled_qty=_qty(filled), filled_avg_price=repr(avg), updated_at=iso(t),
                  status='filled' if filled >= float(o['qty']) else 'partially_filled')
         if o['status'] == 'filled': o['filled_at'] = iso(t)
 
@@ -470,6 +472,10 @@ class Handler(BaseHTTPRequestHandler):
 class Server(ThreadingHTTPServer):
     block_on_close = False   # idle keep-alive connections must not hold up the fixture's teardown
     daemon_threads = True
+    def handle_error(self, request, client_address):
+        import sys
+        if not isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):   # a client killed mid-request: expected
+            super().handle_error(request, client_address)
 
 @contextmanager
 def serve(fake:FakeAlpaca|None=None):

@@ -183,8 +183,13 @@ def test_trading_loop_end_to_end_on_alpaca_rules(world, monkeypatch, tmp_path):
         statuses = collections.Counter((o['status'], float(o['filled_qty']) > 0) for o in ours)
         assert statuses[('expired', True)] >= 1 and statuses[('expired', False)] >= 1, statuses   # a partial fill; an expired order
         assert not fake.problems, fake.problems
-        lists = [r for r in fake.calls('GET', '/v2/orders') if r.params.get('status') == 'all']
-        assert all('after' in r.params for r in lists) and len(lists) > N_SESSIONS   # time-filtered; paged after the crowd
+        lists = [r.params for r in fake.calls('GET', '/v2/orders') if r.params.get('status') == 'all']
+        print('order listings:', [(p.get('after'), p['limit']) for p in lists])
+        assert [p for p in lists if 'after' not in p] == lists[:1]        # only the first bar reads the whole account (650 orders: 2 pages)
+        assert pd.Timestamp(lists[1]['after']) < pd.Timestamp(days[0])
+        assert all(p['limit'] == '500' and p['direction'] == 'asc' for p in lists)
+        crowd = pd.Timestamp(f'{days[CROWD]:%Y-%m-%d}', tz='UTC')        # the bar after the crowd reads 520 + ours since its last bar: 2 pages
+        assert sum(pd.Timestamp(p['after']) >= crowd for p in lists if 'after' in p) >= 2
         # ---- one price basis: the split between the stored history and the first live bar is not a move ---------
         aapl = first_history[:, SYMS.index('AAPL')]
         r = aapl[1:]/aapl[:-1] - 1
