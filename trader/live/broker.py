@@ -12,7 +12,7 @@ from ..research.book import Book
 from ..core.store import Store, register_schema
 
 # %% auto #0
-__all__ = ['BrokerError', 'BrokerUnavailable', 'Order', 'OrderStatus', 'Account', 'Broker', 'SimBroker']
+__all__ = ['BrokerError', 'BrokerUnavailable', 'Order', 'OrderStatus', 'Account', 'Broker', 'check_qty', 'SimBroker']
 
 # %% ../../nbs/19_broker.ipynb #ac7e1c6c
 class BrokerError(TraderError):
@@ -78,6 +78,14 @@ register_schema('live.broker', [
             last_bar_ts {ts}, last_prices {json} NOT NULL, connected INTEGER NOT NULL)""",
     ]),
 ])
+
+def check_qty(order:Order):
+    "Refuse what Alpaca refuses: a non-positive quantity, more than 9 decimals, a fractional market-on-open (opg) order."
+    q, c = order.qty, order.client_order_id
+    if not q > 0: raise BrokerError(f"order {c}: quantity must be positive, got {q}")
+    if order.order_type == 'opg' and abs(q - round(q)) > 1e-13*max(1.0, q):
+        raise BrokerError(f"order {c}: {q!r} shares is fractional; market-on-open (opg) orders take whole shares only (fractional: day orders)")
+    if abs(q - round(q, 9)) > 1e-13*max(1.0, q): raise BrokerError(f"order {c}: quantity {q!r} has more than 9 decimals")
 
 class SimBroker:
     "A deterministic simulated broker whose state lives in the store."
@@ -154,7 +162,7 @@ class SimBroker:
     def submit(self, order:Order) -> OrderStatus:
         "Accept an order (idempotent by client_order_id); an immediate order fills at the current price."
         self._check()
-        if order.qty <= 0: raise BrokerError(f"order {order.client_order_id}: quantity must be positive, got {order.qty}")
+        check_qty(order)
         if order.side not in ('buy', 'sell'): raise BrokerError(f"order {order.client_order_id}: side must be buy or sell")
         with self.store.transaction():
             have = self._get(order.client_order_id)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 from ..core.domain import Decision, OrderState, OrderType, Side
 from ..research.engine import EngineOrder, Step, TradingEngine
-from .broker import Broker, BrokerUnavailable, Order, OrderStatus
+from .broker import Broker, BrokerError, BrokerUnavailable, Order, OrderStatus, check_qty
 from .feeds import BarSet
 
 log = logging.getLogger(__name__)
@@ -78,11 +78,15 @@ class BrokerExecution:
 
 # %% ../../nbs/23a_execution.ipynb #dc7eab69
 def submit(self:BrokerExecution, orders:list[EngineOrder], order_type:OrderType) -> list[OrderStatus]:
-    "Send orders (sells first); idempotent by client_order_id; returns the broker's statuses."
+    "Send orders (sells first); idempotent by client_order_id; returns the broker's statuses. Quantities a broker would refuse stop the bar before anything is sent."
     out, ts = [], self.rec.ts
-    for o in sorted(orders, key=lambda o: o.qty > 0):
-        sym = self.symbols[o.asset]
-        order = Order(self.cid(ts, sym, o.tag), sym, str(o.side), abs(o.qty), str(order_type), reference_price=o.reference, bar_ts=ts)
+    todo = [Order(self.cid(ts, self.symbols[o.asset], o.tag), self.symbols[o.asset], str(o.side), abs(o.qty), str(order_type), reference_price=o.reference, bar_ts=ts)
+            for o in sorted(orders, key=lambda o: o.qty > 0)]
+    for order in todo:
+        try: check_qty(order)
+        except BrokerError as e: raise BrokerError(f"{e} (orders are sized by env.lot: 1, whole shares, is what a broker takes at the open)") from None
+    for order in todo:
+        sym = order.symbol
         t0 = time.perf_counter()
         st = self.broker.submit(order)
         if self.metrics is not None: self.metrics.order_latency.observe(time.perf_counter() - t0)
