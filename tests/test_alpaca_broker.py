@@ -1,32 +1,16 @@
 """Contract test of `AlpacaBroker` and `AlpacaFeed` (`trader.live.alpaca`, nbs/19a_alpaca.ipynb).
 
-Nothing here reaches Alpaca. A stateful HTTP server on 127.0.0.1 (a free port, one per test) speaks the documented
-shapes of Alpaca's trading API v2 (POST/GET /v2/orders, GET /v2/orders:by_client_order_id, DELETE /v2/orders/{id},
-GET /v2/positions, GET /v2/account) and market-data API v2 (GET /v2/stocks/bars/latest, GET /v2/stocks/bars), and is
-strict the way Alpaca is:
-
-* every request must carry the key id and secret in APCA-API-KEY-ID / APCA-API-SECRET-KEY, else 401;
-* a second order with a client_order_id it already has is refused with 422 "client_order_id must be unique";
-* orders are validated (side, time in force, qty > 0, fractional qty only for DAY orders, known asset, id length)
-  and checked against buying power and the shares held (403, with Alpaca's error bodies);
-* an `opg` order waits ('accepted') until the test opens a session (`open_session`), then fills at the open and moves
-  cash and positions; a `day` market order sent while the market is open fills at once;
-* a filled or canceled order cannot be canceled (422); cancel answers 204;
-* on a free plan, SIP data of the last 15 minutes is refused (403), as Alpaca does.
-
-It fails on purpose when a test asks (HTTP statuses, dropped connections, an accepted order whose answer is lost, a
-server that hangs, error bodies that echo the request headers with the secret), and it records every request, so the tests
-can count what alpaca-py sent. Requests the real API would refuse as malformed (unknown paths or parameters, missing
-fields) are collected in `problems`, which must be empty at the end of each test.
+Nothing here reaches Alpaca. Each test gets its own `FakeAlpaca` (tests/fake_alpaca.py: a loopback fake of Alpaca's
+documented trading and market-data REST shapes and rules, listed in its docstring) on a free 127.0.0.1 port, and checks
+what alpaca-py sent over the wire as well as what the broker and the feed made of the answers. Requests the real API would
+refuse as malformed are collected by the fake in `problems`, which must be empty at the end of each test.
 """
 from __future__ import annotations
-import datetime as dt, json, logging, threading, time, traceback, uuid
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, urlsplit
+import datetime as dt, json, logging, time, traceback, uuid
 
 import pandas as pd, pytest
-from conftest import free_port, loopback_server
+from conftest import free_port
+from fake_alpaca import KEY, SECRET, NY, FakeAlpaca, alpaca_daily, ny, serve
 
 from trader.live.alpaca import AlpacaBroker, AlpacaFeed
 from trader.live.broker import Broker, BrokerError, BrokerUnavailable, Order
@@ -34,290 +18,8 @@ from trader.core.config import ConfigError, load_settings
 from trader.core.data import BAR_COLUMNS, load_sample
 from trader.live.feeds import BarSet, Feed, FeedError, ResilientFeed
 
-KEY = 'PKTEST7Q2L9XC4VB0N'
-SECRET = 'sk-test-Zq8f3T1vR6yW2uP0aN5m'   # distinctive: a leak cannot be mistaken for ordinary words
-NY = 'America/New_York'
-ASSETS = {'AAPL': 'NASDAQ', 'MSFT': 'NASDAQ', 'IBM': 'NYSE'}
+EVENING = ny('2024-01-02 20:00')   # the fake's clock: after 19:00 New York time, when Alpaca takes opg orders for the next open
 
-# ---------------------------------------------------------------------------------------------------------------
-# The fake Alpaca
-
-ERRORS = {   # Alpaca's error bodies: JSON with a code and a message
-    401: {'code': 40110000, 'message': 'request is not authorized'},
-    404: {'code': 40410000, 'message': 'order not found'},
-    429: {'code': 42910000, 'message': 'rate limit exceeded'},
-    500: {'code': 50010000, 'message': 'internal server error'},
-    502: {'message': 'bad gateway'},
-    503: {'message': 'service unavailable'},
-}
-ORDER_FIELDS = {'symbol', 'qty', 'notional', 'side', 'type', 'time_in_force', 'limit_price', 'stop_price', 'trail_price',
-                'trail_percent', 'extended_hours', 'client_order_id', 'order_class', 'take_profit', 'stop_loss', 'position_intent', 'legs'}
-LIST_PARAMS = {'status', 'limit', 'after', 'until', 'direction', 'nested', 'side', 'symbols'}
-BARS_PARAMS = {'symbols', 'timeframe', 'start', 'end', 'limit', 'page_token', 'adjustment', 'feed', 'sort', 'asof', 'currency'}
-FINISHED = {'filled', 'canceled', 'expired', 'rejected', 'replaced'}
-
-def iso(t) -> str: return pd.Timestamp(t).tz_convert('UTC').strftime('%Y-%m-%dT%H:%M:%S.%fZ')
-
-@dataclass
-class Seen:
-    "One request as the server received it, and the status it answered."
-    method: str
-    path: str
-    params: dict[str, str]
-    body: dict | None
-    headers: dict[str, str]
-    status: int | None = None
-
-@dataclass
-class FakeAlpaca:
-    key: str = KEY
-    secret: str = SECRET
-    cash: float = 100_000.0
-    prices: dict[str, float] = field(default_factory=lambda: {'AAPL': 410.0, 'MSFT': 26.0, 'IBM': 180.0})
-    market_open: bool = False
-    now: pd.Timestamp = field(default_factory=lambda: pd.Timestamp.now(tz='UTC'))   # the server's clock (free-plan SIP rule)
-    free_plan: bool = False
-    orders: dict[str, dict] = field(default_factory=dict)        # id -> order JSON
-    positions: dict[str, list[float]] = field(default_factory=dict)   # symbol -> [signed qty, cost basis]
-    latest: dict[str, dict] = field(default_factory=dict)        # symbol -> latest minute bar
-    daily: dict[str, list[dict]] = field(default_factory=dict)   # symbol -> daily bars
-    faults: list = field(default_factory=list)   # one per request, consumed in order: None, an HTTP status, 'drop',
-                                                 # 'hang', 'echo' or 'accept-drop' (POST /v2/orders: accept, then hang up)
-    lookup_lag: int = 0       # answer this many coming by_client_order_id look-ups with 404 (the order not yet visible)
-    hang: float = 0.6
-    requests: list[Seen] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)
-    url: str = ''
-
-    def __post_init__(self): self._lock = threading.Lock()
-
-    def posts(self, cid=None) -> list[Seen]:
-        return [r for r in self.requests if r.method == 'POST' and (cid is None or (r.body or {}).get('client_order_id') == cid)]
-    def calls(self, method, path) -> list[Seen]:
-        return [r for r in self.requests if r.method == method and r.path == path]
-
-    # -- the market, driven by the tests ---------------------------------------------------------------------
-    def _fill(self, o:dict, price:float, t):
-        q = float(o['qty']) * (1 if o['side'] == 'buy' else -1)
-        self.cash -= q*price
-        pos = self.positions.setdefault(o['symbol'], [0.0, 0.0])
-        pos[1] = pos[1] + q*price if pos[0]*q >= 0 else pos[1]*(pos[0] + q)/pos[0]   # cost basis of what is left
-        pos[0] += q
-        if pos[0] == 0: del self.positions[o['symbol']]
-        o.update(status='filled', filled_qty=o['qty'], filled_avg_price=f'{price:.4f}', filled_at=iso(t), updated_at=iso(t))
-
-    def open_session(self, t, opens:dict[str, float]):
-        "The session opens: opg orders (and day orders queued overnight) fill at the open."
-        with self._lock:
-            self.market_open, self.prices = True, {**self.prices, **opens}
-            for o in sorted(self.orders.values(), key=lambda o: o['submitted_at']):
-                if o['status'] == 'accepted': self._fill(o, opens[o['symbol']], t)
-
-    def close_session(self, t, closes:dict[str, float]):
-        with self._lock:
-            self.market_open, self.prices = False, {**self.prices, **closes}
-            for o in self.orders.values():    # a day order not filled in the session expires
-                if o['status'] in ('new', 'pending_new') and o['time_in_force'] == 'day':
-                    o.update(status='expired', expired_at=iso(t), updated_at=iso(t))
-
-    # -- HTTP ----------------------------------------------------------------------------------------------------
-    def handle(self, h:BaseHTTPRequestHandler, method:str):
-        u = urlsplit(h.path)
-        q = parse_qs(u.query, keep_blank_values=True)
-        n = int(h.headers.get('Content-Length') or 0)
-        raw = h.rfile.read(n) if n else b''
-        body = None
-        if raw:
-            try: body = json.loads(raw)
-            except ValueError: self.problems.append(f'{method} {u.path}: body is not JSON')
-        seen = Seen(method, u.path, {k: v[-1] for k, v in q.items()}, body, dict(h.headers))
-        with self._lock:
-            self.requests.append(seen)
-            fault = self.faults.pop(0) if self.faults else None
-        if fault == 'hang':
-            time.sleep(self.hang); h.close_connection = True; return
-        if fault == 'drop':
-            h.close_connection = True; return
-        if fault == 'echo':        # a careless gateway: Alpaca-style JSON whose message quotes the request headers
-            return self._send(h, seen, 500, {'message': f'upstream failed for {dict(h.headers)}'})
-        if fault == 'echo-text':   # the same as plain text, secret first
-            return self._send(h, seen, 502, f"bad gateway: APCA-API-SECRET-KEY={h.headers.get('APCA-API-SECRET-KEY')} "
-                                            f"APCA-API-KEY-ID={h.headers.get('APCA-API-KEY-ID')}")
-        if isinstance(fault, int): return self._send(h, seen, fault, ERRORS[fault])
-        if h.headers.get('APCA-API-KEY-ID') != self.key or h.headers.get('APCA-API-SECRET-KEY') != self.secret:
-            return self._send(h, seen, 401, ERRORS[401])
-        if not h.headers.get('User-Agent', '').startswith('APCA-PY/'): self.problems.append(f'{method} {u.path}: not alpaca-py')
-        with self._lock:
-            status, out = self._route(method, u.path, q, body)
-            if fault == 'accept-drop' and status == 200 and method == 'POST':
-                h.close_connection = True; seen.status = 200; return
-        self._send(h, seen, status, out)
-
-    def _bad(self, what:str, status:int=422, code:int=40010001):
-        self.problems.append(what)
-        return status, {'code': code, 'message': what}
-
-    def _route(self, method, path, q, body):
-        if any(len(v) > 1 for v in q.values()): return self._bad(f'repeated query parameter in {path}', 400)
-        p = {k: v[0] for k, v in q.items()}
-        if (method, path) == ('POST', '/v2/orders'): return self._create(body or {})
-        if (method, path) == ('GET', '/v2/orders'): return self._list(p)
-        if (method, path) == ('GET', '/v2/orders:by_client_order_id'):
-            if set(p) != {'client_order_id'}: return self._bad(f'by_client_order_id takes client_order_id only, got {sorted(p)}')
-            if self.lookup_lag > 0:
-                self.lookup_lag -= 1; return 404, ERRORS[404]
-            o = next((o for o in self.orders.values() if o['client_order_id'] == p['client_order_id']), None)
-            return (200, o) if o else (404, ERRORS[404])
-        if path.startswith('/v2/orders/') and method in ('GET', 'DELETE'):
-            oid = path.rsplit('/', 1)[1]
-            try: uuid.UUID(oid)
-            except ValueError: return self._bad(f'order_id {oid!r} is not a UUID', 422, 40010001)
-            o = self.orders.get(oid)
-            if o is None: return 404, ERRORS[404]
-            if method == 'GET': return 200, o
-            if o['status'] in FINISHED: return 422, {'code': 42210000, 'message': f'order is already in "{o["status"]}" state'}
-            o.update(status='canceled', canceled_at=iso(pd.Timestamp.now(tz='UTC')), updated_at=iso(pd.Timestamp.now(tz='UTC')))
-            return 204, None
-        if (method, path) == ('GET', '/v2/positions'):
-            if p: return self._bad(f'positions takes no parameters, got {sorted(p)}', 400)
-            return 200, [self._position(s, q_, c) for s, (q_, c) in sorted(self.positions.items())]
-        if (method, path) == ('GET', '/v2/account'):
-            if p: return self._bad(f'account takes no parameters, got {sorted(p)}', 400)
-            return 200, self._account()
-        if (method, path) == ('GET', '/v2/stocks/bars/latest'): return self._latest(p)
-        if (method, path) == ('GET', '/v2/stocks/bars'): return self._bars(p)
-        return self._bad(f'no such endpoint: {method} {path}', 404, 40410000)
-
-    def _create(self, b:dict):
-        if set(b) - ORDER_FIELDS: return self._bad(f'unknown order fields {sorted(set(b) - ORDER_FIELDS)}')
-        missing = {'symbol', 'side', 'type', 'time_in_force'} - set(b)
-        if missing or ('qty' in b) == ('notional' in b): return self._bad(f'order fields missing: {sorted(missing) or "qty or notional"}')
-        if b['type'] != 'market': return self._bad(f"this server takes market orders only, got {b['type']!r}")
-        if b['side'] not in ('buy', 'sell'): return 422, {'code': 42210000, 'message': 'invalid side'}
-        if b['time_in_force'] not in ('day', 'gtc', 'opg', 'cls', 'ioc', 'fok'): return 422, {'code': 42210000, 'message': 'invalid time_in_force'}
-        try: qty = float(b['qty'])
-        except (TypeError, ValueError): return 422, {'code': 40010001, 'message': 'qty must be a number'}
-        if qty <= 0: return 422, {'code': 40010001, 'message': 'qty must be > 0'}
-        if b['symbol'] not in ASSETS: return 422, {'code': 40010001, 'message': f'asset "{b["symbol"]}" not found'}
-        if qty != int(qty) and b['time_in_force'] != 'day': return 422, {'code': 42210000, 'message': 'fractional orders must be DAY orders'}
-        cid = b.get('client_order_id') or str(uuid.uuid4())
-        if len(cid) > 128: return 422, {'code': 40010001, 'message': 'client_order_id must be no more than 128 characters'}
-        if any(o['client_order_id'] == cid for o in self.orders.values()):
-            return 422, {'code': 40010001, 'message': 'client_order_id must be unique'}
-        opens = [o for o in self.orders.values() if o['status'] not in FINISHED]
-        price = self.prices[b['symbol']]
-        if b['side'] == 'buy':
-            bp = self.cash - sum(float(o['qty'])*self.prices[o['symbol']] for o in opens if o['side'] == 'buy')
-            if qty*price > bp:
-                return 403, {'buying_power': f'{bp:.2f}', 'code': 40310000, 'cost_basis': f'{qty*price:.2f}', 'message': 'insufficient buying power'}
-        else:
-            held = self.positions.get(b['symbol'], [0.0])[0]
-            pending = sum(float(o['qty']) for o in opens if o['side'] == 'sell' and o['symbol'] == b['symbol'])
-            if qty > held - pending:
-                return 403, {'code': 40310000, 'existing_qty': f'{held:g}', 'held_for_orders': f'{pending:g}',
-                             'message': f'insufficient qty available for order (requested: {qty:g}, available: {held - pending:g})'}
-        t = iso(pd.Timestamp.now(tz='UTC'))
-        o = {'id': str(uuid.uuid4()), 'client_order_id': cid, 'created_at': t, 'updated_at': t, 'submitted_at': t,
-             'filled_at': None, 'expired_at': None, 'canceled_at': None, 'failed_at': None, 'replaced_at': None,
-             'replaced_by': None, 'replaces': None, 'asset_id': str(uuid.uuid5(uuid.NAMESPACE_DNS, b['symbol'])),
-             'symbol': b['symbol'], 'asset_class': 'us_equity', 'notional': None, 'qty': f'{qty:g}', 'filled_qty': '0',
-             'filled_avg_price': None, 'order_class': '', 'order_type': 'market', 'type': 'market', 'side': b['side'],
-             'position_intent': 'buy_to_open' if b['side'] == 'buy' else 'sell_to_close',
-             'time_in_force': b['time_in_force'], 'limit_price': None, 'stop_price': None, 'status': 'accepted',
-             'extended_hours': False, 'legs': None, 'trail_percent': None, 'trail_price': None, 'hwm': None}
-        self.orders[o['id']] = o
-        answer = dict(o)
-        if self.market_open and b['time_in_force'] == 'day':   # routed at once: the answer says pending_new, then it fills
-            answer['status'] = o['status'] = 'pending_new'
-            self._fill(o, price, pd.Timestamp.now(tz='UTC'))
-        return 200, answer
-
-    def _list(self, p):
-        if set(p) - LIST_PARAMS: return self._bad(f'unknown parameters {sorted(set(p) - LIST_PARAMS)}', 400)
-        status = p.get('status', 'open')
-        if status not in ('open', 'closed', 'all'): return self._bad(f'invalid status {status!r}')
-        limit = int(p.get('limit', 50))
-        if not 1 <= limit <= 500: return self._bad(f'limit {limit} out of range [1, 500]')
-        if p.get('direction', 'desc') not in ('asc', 'desc'): return self._bad(f"invalid direction {p['direction']!r}")
-        out = [o for o in self.orders.values()
-               if status == 'all' or (status == 'open') == (o['status'] not in FINISHED)]
-        out.sort(key=lambda o: o['submitted_at'], reverse=p.get('direction', 'desc') == 'desc')
-        return 200, out[:limit]
-
-    def _position(self, sym, qty, cost):
-        px = self.prices[sym]
-        return {'asset_id': str(uuid.uuid5(uuid.NAMESPACE_DNS, sym)), 'symbol': sym, 'exchange': ASSETS[sym], 'asset_class': 'us_equity',
-                'asset_marginable': True, 'avg_entry_price': f'{cost/qty:.4f}', 'qty': f'{qty:g}', 'side': 'long' if qty > 0 else 'short',
-                'market_value': f'{qty*px:.2f}', 'cost_basis': f'{cost:.2f}', 'unrealized_pl': f'{qty*px - cost:.2f}',
-                'unrealized_plpc': f'{(qty*px - cost)/abs(cost):.4f}', 'unrealized_intraday_pl': '0', 'unrealized_intraday_plpc': '0',
-                'current_price': f'{px:.2f}', 'lastday_price': f'{px:.2f}', 'change_today': '0', 'qty_available': f'{qty:g}'}
-
-    def _account(self):
-        long_ = sum(q*self.prices[s] for s, (q, _) in self.positions.items() if q > 0)
-        short = sum(q*self.prices[s] for s, (q, _) in self.positions.items() if q < 0)
-        eq = self.cash + long_ + short
-        return {'id': 'e6fe16f3-64a4-4921-8928-cadf02f92f98', 'account_number': 'PA3TEST00001', 'status': 'ACTIVE',
-                'crypto_status': 'ACTIVE', 'currency': 'USD', 'buying_power': f'{self.cash:.2f}', 'regt_buying_power': f'{self.cash:.2f}',
-                'daytrading_buying_power': '0', 'non_marginable_buying_power': f'{self.cash:.2f}', 'cash': f'{self.cash:.2f}',
-                'accrued_fees': '0', 'portfolio_value': f'{eq:.2f}', 'pattern_day_trader': False, 'trading_blocked': False,
-                'transfers_blocked': False, 'account_blocked': False, 'created_at': '2024-01-02T15:00:00Z',
-                'trade_suspended_by_user': False, 'multiplier': '1', 'shorting_enabled': False, 'equity': f'{eq:.2f}',
-                'last_equity': f'{eq:.2f}', 'long_market_value': f'{long_:.2f}', 'short_market_value': f'{short:.2f}',
-                'initial_margin': '0', 'maintenance_margin': '0', 'last_maintenance_margin': '0', 'sma': '0', 'daytrade_count': 0}
-
-    def _check_feed(self, p, end=None):
-        feed = p.get('feed')
-        if feed is not None and feed not in ('sip', 'iex', 'otc', 'boats', 'overnight', 'delayed_sip'): return self._bad(f'invalid feed {feed!r}')
-        if self.free_plan and feed != 'iex' and (end is None or end > self.now - pd.Timedelta(minutes=15)):
-            return 403, {'message': 'subscription does not permit querying recent SIP data'}
-        return None
-
-    def _latest(self, p):
-        if set(p) - {'symbols', 'feed', 'currency'}: return self._bad(f"unknown parameters {sorted(set(p) - {'symbols', 'feed', 'currency'})}", 400)
-        syms = p.get('symbols', '').split(',')
-        if not all(s and s == s.upper() for s in syms): return self._bad(f"invalid symbols {p.get('symbols')!r}", 400)
-        if (r := self._check_feed(p)) is not None: return r
-        return 200, {'bars': {s: self.latest[s] for s in syms if s in self.latest}}
-
-    def _bars(self, p):
-        if set(p) - BARS_PARAMS: return self._bad(f'unknown parameters {sorted(set(p) - BARS_PARAMS)}', 400)
-        syms = p.get('symbols', '').split(',')
-        if not all(s and s == s.upper() for s in syms): return self._bad(f"invalid symbols {p.get('symbols')!r}", 400)
-        if p.get('timeframe') != '1Day': return self._bad(f"this server has 1Day bars only, got {p.get('timeframe')!r}")
-        if p.get('adjustment', 'raw') not in ('raw', 'split', 'dividend', 'all'): return self._bad(f"invalid adjustment {p['adjustment']!r}")
-        bounds = {}
-        for k in ('start', 'end'):
-            if k not in p: continue
-            t = dt.datetime.fromisoformat(p[k])
-            if t.tzinfo is None: return self._bad(f'{k} {p[k]!r} has no UTC offset', 400)
-            bounds[k] = pd.Timestamp(t).tz_convert('UTC')
-        if (r := self._check_feed(p, bounds.get('end'))) is not None: return r
-        lo, hi = bounds.get('start', pd.Timestamp.min.tz_localize('UTC')), bounds.get('end', pd.Timestamp.max.tz_localize('UTC'))
-        out = {s: [b for b in self.daily.get(s, []) if lo <= pd.Timestamp(b['t']) <= hi] for s in sorted(set(syms))}
-        return 200, {'bars': {s: v for s, v in out.items() if v}, 'next_page_token': None}
-
-    @staticmethod
-    def _send(h, seen:Seen, status:int, body):
-        seen.status = status
-        h.send_response(status)
-        if status == 204:
-            h.end_headers(); return
-        data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
-        h.send_header('Content-Type', 'text/plain; charset=UTF-8' if isinstance(body, str) else 'application/json; charset=UTF-8')
-        h.send_header('Content-Length', str(len(data)))
-        h.end_headers()
-        h.wfile.write(data)
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = 'HTTP/1.1'   # keep-alive, as the real API
-    timeout = 5
-    def do_GET(self): self.server.fake.handle(self, 'GET')
-    def do_POST(self): self.server.fake.handle(self, 'POST')
-    def do_DELETE(self): self.server.fake.handle(self, 'DELETE')
-    def log_message(self, *a): pass
-
-class _Server(ThreadingHTTPServer):
-    block_on_close = False   # idle keep-alive connections must not hold up the fixture's teardown
 
 @pytest.fixture(autouse=True)
 def _env(monkeypatch):
@@ -327,8 +29,7 @@ def _env(monkeypatch):
 
 @pytest.fixture
 def server():
-    fake = FakeAlpaca()
-    with loopback_server(_Server, _Handler, fake): yield fake
+    with serve(FakeAlpaca(now=EVENING)) as fake: yield fake
     assert not fake.problems, f"requests the real Alpaca API would refuse: {fake.problems}"
 
 def settings_for(tmp_path, server, key=KEY, secret=SECRET, **alpaca):
@@ -463,7 +164,6 @@ def test_insufficient_buying_power_and_shares(tmp_path, server):
         b.submit(Order('run1-short', 'MSFT', 'sell', 5, 'opg'))
 
 @pytest.mark.parametrize('order,expect', [
-    (Order('bad-frac', 'AAPL', 'buy', 1.5, 'opg'), 'HTTP 422: fractional orders must be DAY orders'),
     (Order('bad-asset', 'ZZZZ', 'buy', 1, 'opg'), 'HTTP 422: asset "ZZZZ" not found'),
     (Order('x'*129, 'AAPL', 'buy', 1, 'opg'), 'HTTP 422: client_order_id must be no more than 128 characters'),
 ])
@@ -544,14 +244,6 @@ def test_paper_only_and_url_from_the_environment(tmp_path, server, monkeypatch):
 
 SAMPLE = load_sample(['AAPL', 'MSFT'], start='2012-01-03', end='2012-01-20', adjusted=False)[BAR_COLUMNS]
 
-def alpaca_daily(df) -> dict[str, list[dict]]:
-    "Daily bars as Alpaca serves them: stamped at midnight New York time."
-    return {s: [{'t': pd.Timestamp(r.ts.date()).tz_localize(NY).tz_convert('UTC').strftime('%Y-%m-%dT%H:%M:%SZ'),
-                 'o': r.open, 'h': r.high, 'l': r.low, 'c': r.close, 'v': int(r.volume), 'n': 1000, 'vw': r.close}
-                for r in g.itertuples()] for s, g in df.groupby('symbol')}
-
-def ny(t) -> pd.Timestamp: return pd.Timestamp(t, tz=NY).tz_convert('UTC')
-
 def sample_row(sym, day):
     r = SAMPLE[(SAMPLE.symbol == sym) & (SAMPLE.ts == pd.Timestamp(day, tz='UTC'))].iloc[0]
     return (r.open, r.high, r.low, r.close, r.volume)
@@ -582,9 +274,11 @@ def test_daily_feed_returns_final_bars_once(tmp_path, server, clock):
     assert feed.next_bar() is None                     # nothing new
     clock.t = ny('2012-01-05 16:10')
     assert feed.next_bar() is None                     # closed, but not settled yet
-    clock.t = ny('2012-01-05 16:15')
+    clock.t = ny('2012-01-05 18:59')
+    assert feed.next_bar() is None                     # final, but Alpaca would refuse opg orders decided on it until 19:00
+    clock.t = ny('2012-01-05 19:00')
     assert feed.next_bar().ts == pd.Timestamp('2012-01-05', tz='UTC')
-    clock.t = ny('2012-01-09 17:00')                   # Monday: Friday's and Monday's bars are final; the latest comes
+    clock.t = ny('2012-01-09 19:30')                   # Monday: Friday's and Monday's bars are final; the latest comes
     b = feed.next_bar()
     assert b.ts == pd.Timestamp('2012-01-09', tz='UTC') and b.prices() == {s: sample_row(s, '2012-01-09')[3] for s in b.symbols}
     assert feed.next_bar() is None
@@ -593,11 +287,11 @@ def test_daily_feed_needs_every_symbol_at_one_time(tmp_path, server, clock):
     feed = daily_feed(tmp_path, server, clock)
     server.daily['MSFT'] = [x for x in server.daily['MSFT'] if not x['t'].startswith('2012-01-04')]
     assert feed.next_bar() is None                     # MSFT's latest final bar is 01-03, AAPL's 01-04
-    clock.t = ny('2012-01-05 17:00')
+    clock.t = ny('2012-01-05 19:00')
     assert feed.next_bar().ts == pd.Timestamp('2012-01-05', tz='UTC')
 
 def test_daily_feed_resumes_after(tmp_path, server, clock):
-    clock.t = ny('2012-01-06 18:00')
+    clock.t = ny('2012-01-06 20:00')
     assert daily_feed(tmp_path, server, clock, after='2012-01-06').next_bar() is None
     assert daily_feed(tmp_path, server, clock, after='2012-01-05').next_bar().ts == pd.Timestamp('2012-01-06', tz='UTC')
 
@@ -642,3 +336,215 @@ def test_feed_connection_refused_and_resilient_fallback(tmp_path, clock):
     with pytest.raises(FeedError, match='cannot reach'): feed.next_bar()
     rf = ResilientFeed(feed, cache=None)
     assert rf.next_bar() is None and rf.state == 'down' and 'cannot reach' in rf.last_error
+
+# ---------------------------------------------------------------------------------------------------------------
+# Alpaca's order rules: sizes, the opg window, partial fills, expiries, duplicates by code, pagination
+
+def test_fractional_opg_is_refused_before_sending(tmp_path, server):
+    b = broker_for(tmp_path, server)
+    with pytest.raises(BrokerError, match='fractional quantities on DAY orders only, so an opg .* must be whole shares') as e:
+        b.submit(Order('run1-frac', 'AAPL', 'buy', 184.10555385087451, 'opg'))
+    assert not isinstance(e.value, BrokerUnavailable) and server.requests == []
+    # what Alpaca itself says to such an order (sent past the broker's check): 422, code 42210000
+    from alpaca.common.exceptions import APIError
+    from alpaca.trading.requests import MarketOrderRequest
+    with pytest.raises(APIError) as e:
+        b.client.submit_order(MarketOrderRequest(symbol='AAPL', qty=1.5, side='buy', time_in_force='opg', client_order_id='raw-frac'))
+    assert e.value.status_code == 422 and json.loads(str(e.value)) == {'code': 42210000, 'message': 'fractional orders must be DAY orders'}
+
+def test_fractional_day_order_goes_with_9_decimals(tmp_path, server):
+    b = broker_for(tmp_path, server)
+    server.open_session(T1, {'AAPL': 100.0})
+    o = b.submit(Order('run1-day', 'AAPL', 'buy', 184.10555385087451, 'market'))
+    assert server.posts()[0].body['qty'] == 184.105553851 and server.posts()[0].body['time_in_force'] == 'day'
+    got = b.get_order('run1-day')
+    assert (got.status, got.qty, got.filled_qty, got.fill_price) == ('filled', 184.105553851, 184.105553851, 100.0)
+    assert b.positions() == {'AAPL': 184.105553851} and b.account().cash == pytest.approx(100_000 - 18_410.5553851)
+    assert o.order_type == 'market'
+
+def test_opg_orders_only_outside_the_auction_window(tmp_path, server):
+    "Alpaca refuses opg orders submitted between 09:28 and 19:00 New York time."
+    b = broker_for(tmp_path, server)
+    server.now = ny('2024-01-03 10:00')
+    with pytest.raises(BrokerError, match='HTTP 422: opg orders are not accepted between 9:28am and 7:00pm ET'):
+        b.submit(Order('run1-late', 'AAPL', 'buy', 1, 'opg'))
+    server.now = ny('2024-01-03 09:27')
+    assert b.submit(Order('run1-early', 'AAPL', 'buy', 1, 'opg')).status == 'new'
+
+def test_partial_fill_then_expiry_books_what_filled(tmp_path, server):
+    "An opg order filled 60 of 100 in the auction, the rest expires; a DAY order part-filled expires at the close."
+    b = broker_for(tmp_path, server)
+    server.fill_share = lambda o: 0.6 if o['client_order_id'].endswith('AAPL') else 0.25
+    b.submit(Order('run1-d1-AAPL', 'AAPL', 'buy', 100, 'opg'))
+    b.submit(Order('run1-d1-MSFT', 'MSFT', 'buy', 10.5, 'market'))       # a DAY order sent overnight: queued for the open
+    server.open_session(T1, {'AAPL': 400.0, 'MSFT': 26.0})
+    a, m = b.get_order('run1-d1-AAPL'), b.get_order('run1-d1-MSFT')
+    assert (a.status, a.qty, a.filled_qty, a.fill_price) == ('expired', 100.0, 60.0, 400.0)
+    assert (m.status, m.filled_qty, m.fill_price) == ('partially_filled', 2.625, 26.0)
+    assert [o.client_order_id for o in b.open_orders()] == ['run1-d1-MSFT']
+    server.close_session(T1 + pd.Timedelta(hours=6.5), {'AAPL': 401.0, 'MSFT': 26.5})
+    m = b.get_order('run1-d1-MSFT')
+    assert (m.status, m.filled_qty, m.fill_price) == ('expired', 2.625, 26.0) and b.open_orders() == []
+    assert b.positions() == {'AAPL': 60.0, 'MSFT': 2.625}
+    assert b.account().cash == pytest.approx(100_000 - 60*400.0 - 2.625*26.0)
+
+def test_partial_fill_then_cancel(tmp_path, server):
+    b = broker_for(tmp_path, server)
+    server.open_session(T1, {'MSFT': 26.0})
+    server.fill_share = lambda o: 0.5
+    b.submit(Order('run1-part', 'MSFT', 'buy', 40, 'market'))
+    assert b.get_order('run1-part').status == 'partially_filled'
+    assert b.cancel('run1-part') is True
+    c = b.get_order('run1-part')
+    assert (c.status, c.filled_qty, c.fill_price) == ('canceled', 20.0, 26.0) and b.positions() == {'MSFT': 20.0}
+    assert b.cancel('run1-part') is False
+
+def test_average_price_of_fills(tmp_path, server):
+    "A DAY order filled in two parts at two prices reports their weighted average."
+    b = broker_for(tmp_path, server)
+    server.fill_share = lambda o: 0.25
+    b.submit(Order('run1-avg', 'IBM', 'buy', 8, 'market'))
+    server.open_session(T1, {'IBM': 100.0})                   # 2 of 8 at 100
+    server.fill_share, server.prices['IBM'] = None, 110.0
+    with server._lock: server._fill(server.by_cid('run1-avg'), 6.0, 110.0, T1 + pd.Timedelta(hours=1))   # the other 6 at 110
+    got = b.get_order('run1-avg')
+    assert (got.status, got.filled_qty) == ('filled', 8.0) and got.fill_price == pytest.approx((2*100 + 6*110)/8)
+
+def test_duplicate_recognised_by_code_not_text(tmp_path, server):
+    b = broker_for(tmp_path, server)
+    first = b.submit(Order('run1-dup', 'IBM', 'buy', 1, 'opg'))
+    server.lookup_lag = 1                                     # the look-up misses it; the post is refused, reworded
+    server.faults = [None, (422, {'code': 40010001, 'message': 'an order with this id exists (reworded)'})]
+    assert b.submit(Order('run1-dup', 'IBM', 'buy', 1, 'opg')).broker_order_id == first.broker_order_id
+    # the same code for another reason (no order has the id): Alpaca's refusal is raised, nothing is adopted
+    server.faults = [None, (422, {'code': 40010001, 'message': 'qty is required'})]
+    with pytest.raises(BrokerError, match='HTTP 422: qty is required.*rejected the request as invalid'):
+        b.submit(Order('run1-other', 'IBM', 'buy', 1, 'opg'))
+    # the words without the code are not a duplicate either
+    server.lookup_lag = 1
+    server.faults = [None, (422, {'code': 42210000, 'message': 'client_order_id must be unique'})]
+    with pytest.raises(BrokerError, match='HTTP 422: client_order_id must be unique'):
+        b.submit(Order('run1-dup', 'IBM', 'buy', 1, 'opg'))
+    assert len([o for o in server.orders.values() if o['client_order_id'] == 'run1-dup']) == 1
+
+def test_orders_page_through_a_large_account(tmp_path, server):
+    "1,234 orders of another strategy, then ours: `orders(since)` reads after `since`, 500 a page, until done."
+    b = broker_for(tmp_path, server)
+    t0 = pd.Timestamp('2024-01-02 15:00', tz='UTC')
+    server.add_orders(1234, t0)
+    server.now = ny('2024-01-03 20:00')
+    b.submit(Order('run1-ours', 'AAPL', 'buy', 1, 'opg'))
+    n = len(server.requests)
+    everything = b.orders()
+    assert len(everything) == 1235 and everything[-1].client_order_id == 'run1-ours'
+    assert len({o.broker_order_id for o in everything}) == 1235
+    lists = [r.params for r in server.requests[n:]]
+    assert len(lists) == 3 and all(p['status'] == 'all' and p['limit'] == '500' and p['direction'] == 'asc' for p in lists)
+    assert 'after' not in lists[0] and pd.Timestamp(lists[1]['after']) < pd.Timestamp(lists[2]['after'])
+    since = t0 + pd.Timedelta(minutes=1000)                   # reconciliation: only what came after the last committed bar
+    n = len(server.requests)
+    recent = b.orders(since)
+    assert [o.client_order_id for o in recent][-1] == 'run1-ours' and len(recent) == 1234 - 1001 + 1
+    assert pd.Timestamp(server.requests[n].params['after']) == since and len(server.requests) - n == 1
+
+def test_orders_at_one_instant_across_a_page_boundary(tmp_path, server):
+    b = broker_for(tmp_path, server)
+    t0 = pd.Timestamp('2024-01-02 15:00', tz='UTC')
+    server.add_orders(499, t0)
+    server.add_orders(10, t0 + pd.Timedelta(minutes=499), step=pd.Timedelta(0))      # 10 orders submitted at the same instant
+    got = b.orders()
+    assert len(got) == 509 and len({o.broker_order_id for o in got}) == 509
+    server.add_orders(501, t0 + pd.Timedelta(days=1), step=pd.Timedelta(0), prefix='burst')
+    with pytest.raises(BrokerError, match='more than 500 orders submitted at .*cannot page past them'): b.orders()
+
+def test_open_orders_page_too(tmp_path, server):
+    b = broker_for(tmp_path, server)
+    server.add_orders(730, pd.Timestamp('2024-01-02 15:00', tz='UTC'), status='accepted')
+    assert len(b.open_orders()) == 730 and len(server.calls('GET', '/v2/orders')) == 2
+
+def test_forbidden_and_rate_limited_bodies(tmp_path, server):
+    b = broker_for(tmp_path, server)
+    server.faults = [403]
+    with pytest.raises(BrokerError, match='HTTP 403: forbidden.*APCA_API_KEY_ID') as e: b.account()
+    assert not isinstance(e.value, BrokerUnavailable)
+    server.faults = [429]
+    with pytest.raises(BrokerUnavailable, match='HTTP 429: rate limit exceeded'): b.positions()
+
+def test_a_split_changes_positions_at_the_open(tmp_path, server):
+    b = broker_for(tmp_path, server)
+    server.positions = {'AAPL': [10.0, 4000.0]}
+    server.actions = [{'type': 'forward_split', 'symbol': 'AAPL', 'ex_date': '2024-01-03', 'new_rate': 4.0, 'old_rate': 1.0}]
+    server.open_session(T1, {'AAPL': 100.0})
+    assert b.positions() == {'AAPL': 40.0} and b.account().equity == pytest.approx(100_000 + 40*100.0)
+
+# ---------------------------------------------------------------------------------------------------------------
+# The minute feed: regular sessions only
+
+@pytest.mark.parametrize('t,kept', [('2024-01-02T14:29:00Z', False),    # 09:29 New York: pre-market
+                                    ('2024-01-02T14:30:00Z', True),     # 09:30: the open
+                                    ('2024-01-02T20:59:00Z', True),     # 15:59: the last regular minute
+                                    ('2024-01-02T21:00:00Z', False),    # 16:00: after hours
+                                    ('2024-07-03T17:05:00Z', False),    # 13:05 on a half day (closed at 13:00)
+                                    ('2024-07-03T16:59:00Z', True),     # 12:59 on the half day
+                                    ('2024-07-04T15:00:00Z', False),    # Independence Day
+                                    ('2024-01-06T15:00:00Z', False)])   # a Saturday
+def test_minute_feed_keeps_regular_session_bars_only(tmp_path, server, t, kept):
+    server.latest = {'AAPL': minute_bar(t, 185.5)}
+    b = AlpacaFeed('AAPL', settings_for(tmp_path, server), timeframe='1Min').next_bar()
+    assert (b is not None) == kept and (b is None or b.ts == pd.Timestamp(t))
+
+# ---------------------------------------------------------------------------------------------------------------
+# Corporate actions: history on the live basis; bars paginate
+
+JULY = load_sample(['AAPL', 'MSFT'], start='2012-06-01', end='2012-07-13')[BAR_COLUMNS]
+SPLIT = pd.Timestamp('2012-07-02', tz='UTC')        # a synthetic 2:1 split of AAPL on the first session after the stored history
+
+def split_market(server):
+    "Alpaca's raw bars with AAPL split 2:1 from 2012-07-02 (prices halved, volume doubled), and the split in corporate actions."
+    raw = JULY.copy()
+    m = (raw.symbol == 'AAPL') & (raw.ts >= SPLIT)
+    raw.loc[m, ['open', 'high', 'low', 'close']] /= 2
+    raw.loc[m, 'volume'] *= 2
+    server.daily = alpaca_daily(raw)
+    server.actions = [{'type': 'forward_split', 'symbol': 'AAPL', 'ex_date': '2012-07-02', 'new_rate': 2.0, 'old_rate': 1.0}]
+    return raw
+
+def test_history_is_rebased_through_a_split(tmp_path, server):
+    from trader.core.quality import DataQualityGate
+    from trader.core.store import Store
+    from trader.live.feeds import feed_history
+    split_market(server)
+    store = Store(f'sqlite:///{tmp_path}/s.db')
+    store.ingest(DataQualityGate().check(JULY[JULY.ts < SPLIT], source='sample'))        # the stored history ends 2012-06-29
+    server.now = ny('2012-07-05 20:00')
+    feed = AlpacaFeed('AAPL,MSFT', settings_for(tmp_path, server), clock=lambda: server.now)
+    first_live = feed.next_bar()
+    assert first_live.ts == pd.Timestamp('2012-07-05', tz='UTC')
+    h = feed_history(ResilientFeed(feed, None), store, ('AAPL', 'MSFT'), end=pd.Timestamp('2012-07-03', tz='UTC'))
+    aapl = h[h.symbol == 'AAPL'].set_index('ts').close
+    assert aapl.index[-1] == pd.Timestamp('2012-07-03', tz='UTC')     # 07-02 and 07-03 came from Alpaca (not in the store)
+    want = JULY[(JULY.symbol == 'AAPL') & (JULY.ts <= '2012-07-03')].set_index('ts').close/2
+    assert (aapl - want).abs().max() < 1e-9                            # all of it on the post-split basis
+    closes = list(aapl) + [first_live.prices()['AAPL']]
+    assert max(abs(b/a - 1) for a, b in zip(closes, closes[1:])) < 0.1  # no 50% "move" anywhere, first live bar included
+    report = DataQualityGate().check(h, source='alpaca')
+    assert not report.blocked and [c.name for c in report.checks if not (c.passed or c.skipped)] == []
+    naive = pd.concat([store.read_bars(('AAPL', 'MSFT')), h[h.ts > '2012-06-29']]).sort_values(['symbol', 'ts'], ignore_index=True)
+    assert [c.name for c in DataQualityGate().check(naive, source='alpaca').checks if not (c.passed or c.skipped)] != []   # a split flagged
+    assert h[h.symbol == 'MSFT'].close.tolist() == JULY[(JULY.symbol == 'MSFT') & (JULY.ts <= '2012-07-03')].close.tolist()
+    ca = server.calls('GET', '/v1/corporate-actions')[-1].params
+    assert (ca['symbols'], ca['start'], ca['end']) == ('AAPL,MSFT', '2012-06-30', '2012-07-05') and 'forward_split' in ca['types']
+    # without the re-basing, the stored bars and the first live bar are 50% apart
+    stored = store.read_bars('AAPL').close.iloc[-1]
+    assert first_live.prices()['AAPL']/stored < 0.55
+
+def test_bars_paginate_with_page_tokens(tmp_path, server):
+    from trader.core.data import alpaca_bars
+    split_market(server)
+    server.bars_page, server.now = 7, ny('2012-07-20 20:00')
+    df = alpaca_bars('AAPL,MSFT', '2012-06-01', '2012-07-13', adjustment='split', settings=settings_for(tmp_path, server))
+    calls = server.calls('GET', '/v2/stocks/bars')
+    assert len(calls) == -(-len(JULY)//7) and 'page_token' not in calls[0].params and all('page_token' in c.params for c in calls[1:])
+    assert len(df) == len(JULY)
+    got = df[df.symbol == 'AAPL'].close.to_numpy()
+    assert abs(got - JULY[JULY.symbol == 'AAPL'].close.to_numpy()/2).max() < 1e-9     # adjustment='split': the whole range on today's basis

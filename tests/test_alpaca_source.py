@@ -8,7 +8,7 @@ AAPL and MSFT bars of 2012-01-03..2012-01-20 from the embedded sample, stamped a
 winter, 04:00Z in summer) as Alpaca stamps daily bars.
 """
 from __future__ import annotations
-import base64, datetime as dt, json, logging, os, subprocess, threading, time
+import base64, datetime as dt, json, logging, os, subprocess, sys, threading, time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -22,7 +22,7 @@ from trader.core.data import BAR_COLUMNS, DataError, alpaca_bars, load_sample
 from trader.core.store import Store
 
 REPO = Path(__file__).resolve().parents[1]
-TRADER = REPO/'.venv'/'bin'/'trader'
+TRADER = Path(sys.executable).parent/'trader'     # the console script of the interpreter running the tests
 KEY = 'PKTEST7Q2L9XC4VB0N'
 SECRET = 'sk-test-Zq8f3T1vR6yW2uP0aN5m'   # distinctive: a leak cannot be mistaken for ordinary words
 START, END = '2012-01-03', '2012-01-20'   # 13 XNYS sessions; 2012-01-16 (Martin Luther King Jr. Day) was a holiday

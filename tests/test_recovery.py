@@ -25,6 +25,11 @@ every bar, the decisions, the risk events, the per-bar audit entries, the orders
 no client_order_id twice at the broker, every filled broker order in the ledger exactly once, the run 'done', one paper run
 only, >= 10 processes that died by SIGKILL, `trader audit verify` exit 0. Two variants: guardian off (orders keep flowing
 all through the replay) and guardian on (it fires mid-replay: flatten, halt, rollback; kills are aimed at that bar too).
+
+A third run has partial fills: the simulated broker (`PartialSimBroker`, patched in for `SimBroker` in the forked processes)
+fills half of each market-on-open order at the open and expires the rest at the close; kills land right after a partial
+fill, right after an expiry, inside and after the commit; the ledger must book exactly each order's filled half, once, at
+its price, as the uninterrupted run with the same broker does.
 """
 import json, math, multiprocessing as mp, os, random, re, shutil, signal, sqlite3, subprocess, sys, time
 from pathlib import Path
@@ -60,11 +65,23 @@ def _ctx():
 def _die(): os.kill(os.getpid(), signal.SIGKILL)
 
 def _arm(hook:dict):
-    "In the child: send ourselves SIGKILL at an exact point of the first bar at or after hook['from_ns']."
+    "In the child: the broker of hook['partial'] (if given), and SIGKILL at an exact point of the first bar at or after hook['from_ns']."
     from trader.live import broker as B, journal as J
     from trader.core import registry as R, runs as RU
+    if hook.get('partial'):       # `trader paper --broker sim` gets a broker that fills part of each market-on-open order
+        import functools
+        from trader.live import loop as L
+        L.SimBroker = functools.partial(B.PartialSimBroker, **hook['partial'])
+    if 'at' not in hook: return
     t0, at = pd.Timestamp(hook['from_ns'], tz='UTC'), hook['at']
-    if at == 'order':            # the broker has accepted (committed) an order of a bar the loop has not committed
+    if at == 'expire':           # the broker has expired the unfilled rest of orders at the close; the ledger does not know yet
+        orig_close = B.PartialSimBroker.on_close
+        def on_close(self, ts, closes):
+            n = len(self._orders(('new', 'partially_filled')))
+            orig_close(self, ts, closes)
+            if pd.Timestamp(ts) >= t0 and len(self._orders(('new', 'partially_filled'))) < n: _die()
+        B.PartialSimBroker.on_close = on_close
+    elif at == 'order':            # the broker has accepted (committed) an order of a bar the loop has not committed
         orig_submit = B.SimBroker.submit
         def submit(self, o):
             st = orig_submit(self, o)
@@ -272,7 +289,7 @@ class Probe:
         last = [t for t, i in self.idx.items() if i == c]
         ahead = self.c.execute('SELECT client_order_id, status, order_type FROM broker_orders WHERE broker = ? AND bar_ts > ?',
                                (f'sim-{self.rid}', last[0] if last else -1)).fetchall()
-        unledgered = self.c.execute("SELECT COUNT(*) FROM broker_orders b WHERE b.broker = ? AND b.status = 'filled' AND NOT EXISTS "
+        unledgered = self.c.execute("SELECT COUNT(*) FROM broker_orders b WHERE b.broker = ? AND b.filled_qty > 0 AND NOT EXISTS "
                                     "(SELECT 1 FROM run_orders r WHERE r.run_id = ? AND r.client_order_id = b.client_order_id)",
                                     (f'sim-{self.rid}', self.rid)).fetchone()[0]
         champ = self.c.execute('SELECT model_id FROM champion_history ORDER BY seq DESC LIMIT 1').fetchone()[0]
@@ -303,8 +320,8 @@ def plan_kills(rng, n_bars, events, n=10, guardian_bar=None) -> list[dict]:
     return [{'kind': 'startup', 'delay': rng.uniform(0.02, 0.3)}] + \
            [{'kind': k, 'target': t, 'jitter': rng.uniform(0.0, 0.008)} for k, t in zip(kinds, targets)]
 
-def crash_loop(home, ref, plan, logdir, events) -> list[dict]:
-    "Start, kill, restart as planned; returns one record per process."
+def crash_loop(home, ref, plan, logdir, events, extra:dict|None=None) -> list[dict]:
+    "Start, kill, restart as planned (every process armed with `extra` too, e.g. a partial-fill broker); returns one record per process."
     times = bar_times(ref)
     probe = Probe(home, times)
     records = []
@@ -312,14 +329,14 @@ def crash_loop(home, ref, plan, logdir, events) -> list[dict]:
         for k, spec in enumerate(plan):
             c0 = probe.committed()
             kind, hook, how = spec['kind'], None, ''
-            if kind in ('order', 'fill', 'mid_commit', 'after_commit', 'rollback'):
+            if kind in ('order', 'fill', 'mid_commit', 'after_commit', 'rollback', 'expire'):
                 # the first bar at or after the target (and after the last committed one) where the reference had that event
                 frm = [i for i in events[kind] if i >= max(spec['target'], c0 + 1)]
                 if frm: hook = {'at': kind, 'from_ns': times[frm[0]]}; how = f"in-process at '{kind}' from bar {frm[0]}"
                 else: kind = 'timed'
             log = Path(logdir)/f'run{k:02d}.log'
             t_start = time.perf_counter()
-            p = fork_trader(home, [*PAPER, '--speed', SPEED], log, hook)
+            p = fork_trader(home, [*PAPER, '--speed', SPEED], log, {**(extra or {}), **(hook or {})} or None)
             deadline = t_start + 30
             if kind == 'startup':
                 time.sleep(spec['delay']); how = f"{spec['delay']*1e3:.0f} ms after start"
@@ -433,3 +450,72 @@ def test_kill_and_resume_guardian_on(prepared):
     if not fired: pytest.skip('the guardian does not fire with this model over the holdout')
     assert isinstance(fired[0][3].get('rollback'), dict), f"the reference's guardian did not roll back: {fired[0]}"
     crash_and_check(prepared, ref, True, 'guardian-on')
+
+# ---------------------------------------------------------------------------------------------------------------------
+PARTIAL = {'fraction': 0.5, 'then': 'expired'}
+
+def run_forked_with(home, argv, log, hook, timeout=180):
+    p = fork_trader(home, argv, log, hook)
+    p.join(timeout)
+    if p.is_alive(): p.kill(); p.join(5); pytest.fail(f"`trader {' '.join(argv)}` did not end within {timeout}s")
+    if p.exitcode != 0: pytest.fail(f"`trader {' '.join(argv)}` exited {p.exitcode}:\n{Path(log).read_text()[-3000:]}")
+
+def broker_fills(home, rid) -> dict:
+    "Per client_order_id at the broker: (qty, filled_qty, average fill price, fees, status)."
+    return {c: (q_, f, p, fe, st) for c, q_, f, p, fe, st in
+            q(home, 'SELECT client_order_id, qty, filled_qty, fill_price, fees, status FROM broker_orders WHERE broker = ?', (f'sim-{rid}',))}
+
+def check_partial_ledger(home, snap):
+    "The ledger books each order's filled quantity exactly once (in parts that add up), at its average price; the loop's cash is the broker's."
+    fills = broker_fills(home, snap['run_id'])
+    per = {}
+    for r in snap['ledger']:     # (seq, ts, symbol, side, qty, price, fees, slippage, client_order_id, ...)
+        v = per.setdefault(r[8].replace('RUN', snap['run_id']), [0.0, 0.0, 0.0]); v[0] += r[4]; v[1] += r[4]*r[5]; v[2] += r[6]
+    assert set(per) == {c for c, v in fills.items() if v[1] > 0}
+    for c, (qty, filled, price, fees, status) in fills.items():
+        if filled > 0:
+            assert math.isclose(per[c][0], filled, rel_tol=1e-12), (c, per[c], filled)
+            assert math.isclose(per[c][1]/filled, price, rel_tol=1e-9) and math.isclose(per[c][2], fees, rel_tol=1e-9, abs_tol=1e-12)
+    assert close(snap['state']['cash'], snap['broker_cash'], 1e-9)
+    assert close(dict(zip(('AAPL', 'MSFT'), snap['state']['shares'])), {s: snap['broker_pos'].get(s, 0.0) for s in ('AAPL', 'MSFT')})
+    return fills
+
+def test_partial_fills_kill_and_resume(prepared):
+    "Half of each market-on-open order fills at the open, the rest expires at the close; killed around that, the resumed run's ledger is the uninterrupted one's."
+    root = prepared['root']
+    ref_home = copy_home(prepared['base'], root/'partial-ref', False)
+    run_forked_with(ref_home, [*PAPER, '--speed', 'max'], root/'partial-ref.log', {'partial': PARTIAL})
+    ref = snapshot(ref_home)
+    assert ref['status'] == 'done'
+    fills = check_partial_ledger(ref_home, ref)
+    part = [c for c, (qty, filled, *_ , st) in fills.items() if st == 'expired' and 0 < filled < qty]
+    assert len(part) >= 10, f"only {len(part)} partially filled and expired orders"
+    assert all(v[1] == math.floor(v[0]*0.5) for v in fills.values() if v[4] == 'expired')     # whole shares, half rounded down
+    times = bar_times(ref)
+    idx = {t: i for i, t in enumerate(times)}
+    opg = sorted({idx[o[8]] for o in ref['broker'] if o[4] == 'opg' and o[8] in idx})       # bars whose open filled part of an order
+    events = {'fill': opg, 'expire': opg, 'mid_commit': sorted({idx[r[1]] for r in ref['ledger'] if r[1] in idx}), 'after_commit': list(range(len(times)))}
+    rng = random.Random(f'{SEED}-partial')
+    kinds = ['fill', 'expire', 'mid_commit', 'after_commit', 'fill', 'expire', 'poll_open', 'timed']
+    edges = [2 + (len(times) - 8)*k//len(kinds) for k in range(len(kinds) + 1)]
+    plan = [{'kind': 'startup', 'delay': rng.uniform(0.02, 0.3)}] + \
+           [{'kind': k, 'target': rng.randrange(edges[i], edges[i + 1]), 'jitter': rng.uniform(0.0, 0.008)} for i, k in enumerate(kinds)]
+    home = copy_home(prepared['base'], root/'partial-crash', False)
+    logdir = root/'logs-partial'; logdir.mkdir()
+    print(f"\npartial fills: {len(times)} bars, reference {len(ref['ledger'])} booked fills, {len(part)} orders partly filled then expired")
+    records = crash_loop(home, ref, plan, logdir, events, extra={'partial': PARTIAL})
+    run_forked_with(home, [*PAPER, '--speed', SPEED], logdir/'final.log', {'partial': PARTIAL})
+    crash = snapshot(home)
+    assert crash['status'] == 'done' and len(paper_runs(home)) == 1
+    assert sum(r['rc'] == -signal.SIGKILL for r in records) >= 8
+    assert sum(r['kind'] in ('fill', 'expire') for r in records) >= 3, [r['kind'] for r in records]
+    assert any(r.get('fills_not_in_ledger') for r in records), 'no kill landed with a partial fill at the broker and not in the ledger'
+    check_partial_ledger(home, crash)
+    assert close(crash['ledger'], ref['ledger']), 'ledger differs: ' + first_diff(crash['ledger'], ref['ledger'])
+    assert len(crash['broker_ids']) == len(set(crash['broker_ids']))
+    assert close(crash['broker'], ref['broker']), 'broker orders differ: ' + first_diff(crash['broker'], ref['broker'])
+    for name in ref['series']:
+        assert close([v for _, v in crash['series'][name]], [v for _, v in ref['series'][name]]), name
+    assert close(crash['audit_per_bar'], ref['audit_per_bar']), 'audit entries differ: ' + first_diff(crash['audit_per_bar'], ref['audit_per_bar'])
+    r = trader(home, 'audit', 'verify')
+    assert r.returncode == 0, r.stdout + r.stderr

@@ -98,6 +98,9 @@ class EnvSettings(_Section):
     dsr_eta: float = Field(0.01, gt=0, lt=1, description="the differential Sharpe ratio's adaptation rate (about 1/100 bars)")
     portfolio_features: bool = Field(False, description="add rolling correlation, portfolio beta and concentration to the observation")
     corr_window: int = Field(30, ge=5, description="bars in the rolling correlation / beta (the plans: 30)")
+    lot: float = Field(1.0, ge=0, description="share increment of orders: traded quantities are rounded toward zero to it (a close sells the whole position). "
+                       "1 = whole shares, what Alpaca's market-on-open (OPG) orders take and what the loop sends; 0 = fractional, rounded to 9 decimals "
+                       "(Alpaca takes those only on DAY orders): research only. Recorded with each model (models from before this field: whole shares)")
 
 class TrainSettings(_Section):
     "RecurrentPPO hyperparameters and windows (`trader.research.train`); all of it is recorded with each model."

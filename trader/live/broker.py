@@ -4,6 +4,7 @@
 
 # %% ../../nbs/19_broker.ipynb #358b5347
 from __future__ import annotations
+import math
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 import pandas as pd
@@ -12,7 +13,8 @@ from ..research.book import Book
 from ..core.store import Store, register_schema
 
 # %% auto #0
-__all__ = ['BrokerError', 'BrokerUnavailable', 'Order', 'OrderStatus', 'Account', 'Broker', 'SimBroker']
+__all__ = ['BrokerError', 'BrokerUnavailable', 'Order', 'OrderStatus', 'Account', 'Broker', 'check_qty', 'SimBroker',
+           'PartialSimBroker']
 
 # %% ../../nbs/19_broker.ipynb #ac7e1c6c
 class BrokerError(TraderError):
@@ -38,15 +40,16 @@ class OrderStatus:
     client_order_id: str
     symbol: str
     side: str
-    qty: float
+    qty: float                 # shares ordered
     order_type: str
-    status: str                # 'new', 'filled', 'canceled', 'rejected'
-    fill_price: float|None = None
-    fees: float = 0.0
-    filled_ts: pd.Timestamp|None = None
+    status: str                # 'new', 'partially_filled', 'filled', 'canceled', 'expired', 'rejected' (`OrderState`)
+    fill_price: float|None = None        # the average price of the filled quantity
+    fees: float = 0.0                    # fees of the filled quantity
+    filled_ts: pd.Timestamp|None = None  # the last fill
     reference_price: float|None = None
     bar_ts: pd.Timestamp|None = None
     broker_order_id: str|None = None
+    filled_qty: float = 0.0              # shares filled so far (qty when 'filled'; part of it when partially filled, then maybe canceled or expired)
 
 @dataclass
 class Account:
@@ -66,7 +69,7 @@ class Broker(Protocol):
     def account(self) -> Account: ...
 
 # %% ../../nbs/19_broker.ipynb #9029d610
-register_schema('live.broker', [
+_SCHEMA = [
     (1, "the simulated broker's orders, positions and accounts", [
         """CREATE TABLE IF NOT EXISTS broker_orders (
             broker TEXT NOT NULL, client_order_id TEXT NOT NULL, symbol TEXT NOT NULL, side TEXT NOT NULL, qty {real} NOT NULL,
@@ -77,7 +80,20 @@ register_schema('live.broker', [
         """CREATE TABLE IF NOT EXISTS broker_accounts (broker TEXT PRIMARY KEY, cash {real} NOT NULL, initial_cash {real} NOT NULL,
             last_bar_ts {ts}, last_prices {json} NOT NULL, connected INTEGER NOT NULL)""",
     ]),
-])
+    (2, "the filled quantity of an order (partial fills)", [
+        "ALTER TABLE broker_orders ADD COLUMN filled_qty {real}",
+        "UPDATE broker_orders SET filled_qty = CASE WHEN status = 'filled' THEN qty ELSE 0 END",
+    ]),
+]
+register_schema('live.broker', _SCHEMA)
+
+def check_qty(order:Order):
+    "Refuse what Alpaca refuses: a non-positive quantity, more than 9 decimals, a fractional market-on-open (opg) order."
+    q, c = order.qty, order.client_order_id
+    if not q > 0: raise BrokerError(f"order {c}: quantity must be positive, got {q}")
+    if order.order_type == 'opg' and abs(q - round(q)) > 1e-13*max(1.0, q):
+        raise BrokerError(f"order {c}: {q!r} shares is fractional; market-on-open (opg) orders take whole shares only (fractional: day orders)")
+    if abs(q - round(q, 9)) > 1e-13*max(1.0, q): raise BrokerError(f"order {c}: quantity {q!r} has more than 9 decimals")
 
 class SimBroker:
     "A deterministic simulated broker whose state lives in the store."
@@ -114,17 +130,19 @@ class SimBroker:
     def _row(self, r) -> OrderStatus:
         conv = self.store.ts_value
         return OrderStatus(r[0], r[1], r[2], float(r[3]), r[4], r[5], None if r[6] is None else float(r[6]), float(r[7] or 0.0),
-                           conv(r[8]), None if r[9] is None else float(r[9]), conv(r[10]), r[11])
-    _COLS = 'client_order_id, symbol, side, qty, order_type, status, fill_price, fees, filled_ts, reference_price, bar_ts, broker_order_id'
+                           conv(r[8]), None if r[9] is None else float(r[9]), conv(r[10]), r[11], float(r[12] or 0.0))
+    _COLS = 'client_order_id, symbol, side, qty, order_type, status, fill_price, fees, filled_ts, reference_price, bar_ts, broker_order_id, filled_qty'
 
     # -- reads (the simulated exchange uses these directly; the protocol methods below check the connection) ----------
     def _get(self, client_order_id:str) -> OrderStatus|None:
         r = self.store.query(f'SELECT {self._COLS} FROM broker_orders WHERE broker = ? AND client_order_id = ?', (self.name, client_order_id))
         return self._row(r[0]) if r else None
 
-    def _orders(self, status:str|None=None, since_bar_ts=None) -> list[OrderStatus]:
+    def _orders(self, status:str|tuple|None=None, since_bar_ts=None) -> list[OrderStatus]:
         q, p = f'SELECT {self._COLS} FROM broker_orders WHERE broker = ?', [self.name]
-        if status is not None: q += ' AND status = ?'; p.append(status)
+        if status is not None:
+            st = (status,) if isinstance(status, str) else tuple(status)
+            q += f" AND status IN ({', '.join('?'*len(st))})"; p += list(st)
         if since_bar_ts is not None: q += ' AND bar_ts >= ?'; p.append(self.store.ts_param(since_bar_ts))
         return [self._row(r) for r in self.store.query(q + ' ORDER BY submitted, client_order_id', p)]
 
@@ -136,7 +154,7 @@ class SimBroker:
         self._check(); return self._get(client_order_id)
 
     def open_orders(self) -> list[OrderStatus]:
-        self._check(); return self._orders('new')
+        self._check(); return self._orders(('new', 'partially_filled'))
 
     def orders(self, since_bar_ts=None) -> list[OrderStatus]:
         "Every order of this account (decided on bars at or after `since_bar_ts`, if given): for reconciliation and tests."
@@ -154,16 +172,16 @@ class SimBroker:
     def submit(self, order:Order) -> OrderStatus:
         "Accept an order (idempotent by client_order_id); an immediate order fills at the current price."
         self._check()
-        if order.qty <= 0: raise BrokerError(f"order {order.client_order_id}: quantity must be positive, got {order.qty}")
+        check_qty(order)
         if order.side not in ('buy', 'sell'): raise BrokerError(f"order {order.client_order_id}: side must be buy or sell")
         with self.store.transaction():
             have = self._get(order.client_order_id)
             if have is not None: return have
-            self.store.execute('''INSERT INTO broker_orders (broker, client_order_id, symbol, side, qty, order_type, status, submitted, bar_ts, reference_price)
-                                   VALUES (?,?,?,?,?,?,?,?,?,?)''',
+            self.store.execute('''INSERT INTO broker_orders (broker, client_order_id, symbol, side, qty, order_type, status, submitted, bar_ts, reference_price, filled_qty)
+                                   VALUES (?,?,?,?,?,?,?,?,?,?,?)''',
                                (self.name, order.client_order_id, order.symbol, order.side, float(order.qty), order.order_type, 'new',
                                 pd.Timestamp.now(tz='UTC').isoformat(timespec='microseconds'),
-                                self.store.ts_param(order.bar_ts), order.reference_price))
+                                self.store.ts_param(order.bar_ts), order.reference_price, 0.0))
             if order.order_type == 'market':
                 px = self._prices()
                 if order.symbol not in px: raise BrokerError(f"order {order.client_order_id}: no current price for {order.symbol}")
@@ -174,7 +192,7 @@ class SimBroker:
         self._check()
         with self.store.transaction():
             o = self._get(client_order_id)
-            if o is None or o.status != 'new': return False
+            if o is None or o.status not in ('new', 'partially_filled'): return False
             self.store.execute("UPDATE broker_orders SET status = 'canceled' WHERE broker = ? AND client_order_id = ?", (self.name, client_order_id))
         return True
 
@@ -183,17 +201,26 @@ class SimBroker:
         v = self.store.query('SELECT last_bar_ts FROM broker_accounts WHERE broker = ?', (self.name,))[0][0]
         return self.store.ts_value(v)
 
+    def _fill_qty(self, o:OrderStatus) -> float:
+        "How much of `o` fills now: everything left (a subclass may fill less)."
+        return o.qty - o.filled_qty
+
     def _fill(self, orders:list[OrderStatus], prices:dict, ts) -> list[OrderStatus]:
-        "Fill `orders` at `prices` with the Book rule, sells first."
+        "Fill `orders` (what `_fill_qty` says of each) at `prices` with the Book rule, sells first; the fill price is the average of the order's fills."
         if not orders: return []
         symbols = sorted(set(self._positions()) | {o.symbol for o in orders})
         book = self._book(symbols)
         out = []
         for o in sorted(orders, key=lambda o: (o.side == 'buy', o.client_order_id)):
+            q = self._fill_qty(o)
+            if q <= 0: continue
             i = symbols.index(o.symbol)
-            f = book.execute(i, o.qty if o.side == 'buy' else -o.qty, prices[o.symbol])
-            self.store.execute("UPDATE broker_orders SET status = 'filled', fill_price = ?, fees = ?, filled_ts = ? WHERE broker = ? AND client_order_id = ?",
-                               (f.price, f.fees, self.store.ts_param(ts), self.name, o.client_order_id))
+            f = book.execute(i, q if o.side == 'buy' else -q, prices[o.symbol])
+            done = o.filled_qty + q
+            avg = f.price if not o.filled_qty else (o.filled_qty*o.fill_price + q*f.price)/done
+            self.store.execute("UPDATE broker_orders SET status = ?, filled_qty = ?, fill_price = ?, fees = ?, filled_ts = ? WHERE broker = ? AND client_order_id = ?",
+                               ('filled' if done >= o.qty - 1e-9 else 'partially_filled', done, avg, o.fees + f.fees, self.store.ts_param(ts),
+                                self.name, o.client_order_id))
             out.append(o.client_order_id)
         self._save_book(book, symbols)
         return [self._get(c) for c in out]
@@ -213,3 +240,30 @@ class SimBroker:
     def on_close(self, ts, closes:dict[str, float]):
         "Mark to the bar's close (the current price until the next open; kept in memory, the next open is persisted)."
         self._closes = {k: float(v) for k, v in closes.items()}
+
+# %% ../../nbs/19_broker.ipynb #7e722a33
+class PartialSimBroker(SimBroker):
+    "A `SimBroker` whose market-on-open orders fill `fraction` at the open (rounded down to whole shares, or to 9 decimals for a fractional order); at the bar's close the rest is `then`: 'expired', 'canceled' or 'filled' (at the close)."
+    def __init__(self, *args, fraction:float=0.5, then:str='expired', **kw):
+        if then not in ('expired', 'canceled', 'filled'): raise ValueError(f"then must be 'expired', 'canceled' or 'filled', got {then!r}")
+        super().__init__(*args, **kw)
+        self.fraction, self.then, self._closing = float(fraction), then, False
+
+    def _fill_qty(self, o:OrderStatus) -> float:
+        if o.order_type != 'opg' or o.filled_qty or self._closing: return super()._fill_qty(o)
+        q = o.qty*self.fraction
+        return float(math.floor(q)) if o.qty == round(o.qty) else math.floor(q*1e9)/1e9
+
+    def on_close(self, ts, closes:dict[str, float]):
+        "The rest of the market-on-open orders due at this bar's open: expired, canceled or filled at the close."
+        super().on_close(ts, closes)
+        t = pd.Timestamp(ts)
+        with self.store.transaction():
+            due = [o for o in self._orders(('new', 'partially_filled')) if o.order_type == 'opg' and o.bar_ts is not None and o.bar_ts < t]
+            if self.then == 'filled':
+                self._closing = True
+                try: self._fill(due, self._closes, t)
+                finally: self._closing = False
+            else:
+                for o in due:
+                    self.store.execute('UPDATE broker_orders SET status = ? WHERE broker = ? AND client_order_id = ?', (self.then, self.name, o.client_order_id))

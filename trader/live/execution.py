@@ -5,11 +5,11 @@
 # %% ../../nbs/23a_execution.ipynb #d9dcb984
 from __future__ import annotations
 import logging, time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 import pandas as pd
 from ..core.domain import Decision, OrderState, OrderType, Side
 from ..research.engine import EngineOrder, Step, TradingEngine
-from .broker import Broker, BrokerUnavailable, Order, OrderStatus
+from .broker import Broker, BrokerError, BrokerUnavailable, Order, OrderStatus, check_qty
 from .feeds import BarSet
 
 log = logging.getLogger(__name__)
@@ -24,7 +24,7 @@ class BarRecord:
     ts: pd.Timestamp
     audit: list = field(default_factory=list)       # (kind, payload) audit entries
     events: list = field(default_factory=list)      # `RiskEvent`s
-    fills: list = field(default_factory=list)       # the broker's `OrderStatus` of every fill booked in this bar
+    fills: list = field(default_factory=list)       # what was booked in this bar: the broker's `OrderStatus` with qty, fill_price and fees of the part booked
     orders: list = field(default_factory=list)      # `OrderStatus` of the decision's orders sent in this bar
     sent: set = field(default_factory=set)          # client_order_ids (re)sent by this process in this bar
     decision: Decision|None = None
@@ -50,7 +50,7 @@ class BrokerExecution:
         self.broker, self.market, self.run_id, self.symbols = broker, market, run_id, tuple(symbols)
         self.book, self.metrics = book, metrics
         self.available, self.rec, self.bar, self.since = True, None, None, None
-        self.in_ledger = lambda ids: set()                # client_order_ids already in the ledger (set by the loop)
+        self.in_ledger = lambda ids: {}                   # {client_order_id: (shares, value, fees)} the ledger has booked (set by the loop)
 
     def begin(self, rec:BarRecord, bar:BarSet, since):
         "Start a bar: its record, its prices, and the last committed bar (orders decided since then are reconciled)."
@@ -78,46 +78,62 @@ class BrokerExecution:
 
 # %% ../../nbs/23a_execution.ipynb #dc7eab69
 def submit(self:BrokerExecution, orders:list[EngineOrder], order_type:OrderType) -> list[OrderStatus]:
-    "Send orders (sells first); idempotent by client_order_id; returns the broker's statuses."
+    "Send orders (sells first); idempotent by client_order_id; returns the broker's statuses. Quantities a broker would refuse stop the bar before anything is sent."
     out, ts = [], self.rec.ts
-    for o in sorted(orders, key=lambda o: o.qty > 0):
-        sym = self.symbols[o.asset]
-        order = Order(self.cid(ts, sym, o.tag), sym, str(o.side), abs(o.qty), str(order_type), reference_price=o.reference, bar_ts=ts)
+    todo = [Order(self.cid(ts, self.symbols[o.asset], o.tag), self.symbols[o.asset], str(o.side), abs(o.qty), str(order_type), reference_price=o.reference, bar_ts=ts)
+            for o in sorted(orders, key=lambda o: o.qty > 0)]
+    for order in todo:
+        try: check_qty(order)
+        except BrokerError as e: raise BrokerError(f"{e} (orders are sized by env.lot: 1, whole shares, is what a broker takes at the open)") from None
+    for order in todo:
+        sym = order.symbol
         t0 = time.perf_counter()
         st = self.broker.submit(order)
         if self.metrics is not None: self.metrics.order_latency.observe(time.perf_counter() - t0)
         self.rec.sent.add(order.client_order_id)
         self.rec.audit.append(('order', {'client_order_id': order.client_order_id, 'symbol': sym, 'side': order.side, 'qty': order.qty,
                                          'type': order.order_type, 'reference_price': order.reference_price, 'bar_ts': str(ts), 'status': st.status}))
-        if st.status == OrderState.NEW and order.client_order_id not in self.book.open_orders: self.book.open_orders.append(order.client_order_id)
+        if st.status in (OrderState.NEW, OrderState.PARTIALLY_FILLED) and order.client_order_id not in self.book.open_orders:
+            self.book.open_orders.append(order.client_order_id)
         out.append(st)
     return out
 
+def _filled(o:OrderStatus) -> float:
+    "Shares filled of `o` (a broker that reports no filled quantity for a filled order filled all of it)."
+    return o.filled_qty or (o.qty if o.status == OrderState.FILLED else 0.0)
+
 def reconcile(self:BrokerExecution, engine:TradingEngine, step:Step) -> list[OrderStatus]:
-    "Book into the engine every fill of this run the broker has and the ledger lacks; track open and closed orders."
+    "Book into the engine what the broker filled of this run's orders and the ledger lacks (by quantity: partial fills too); track open and closed orders."
     b, rec = self.book, self.rec
     pre = self.run_id + '-'
     cand = [o for o in self.broker.orders(self.since) if o.client_order_id.startswith(pre)]
     have = {o.client_order_id for o in cand}
     cand += [x for x in (self.broker.get_order(c) for c in list(b.open_orders) if c not in have) if x is not None]
     cand = [o for o in cand if o.bar_ts is None or o.bar_ts < rec.ts or o.client_order_id in rec.sent]
-    filled = [o.client_order_id for o in cand if o.status == OrderState.FILLED]
-    booked = (self.in_ledger(filled) if filled else set()) | {o.client_order_id for o in rec.fills}
+    ids = [o.client_order_id for o in cand if _filled(o) > 0]
+    booked = {c: list(v) for c, v in (self.in_ledger(ids) if ids else {}).items()}      # (shares, value, fees) booked of each order
+    for f in rec.fills:                                                                  # ... and in this bar, not yet in the ledger
+        v = booked.setdefault(f.client_order_id, [0.0, 0.0, 0.0])
+        v[0] += f.qty; v[1] += f.qty*f.fill_price; v[2] += f.fees
     new = []
     for o in cand:
         c = o.client_order_id
-        if o.status == OrderState.FILLED and c not in booked:
+        q0, v0, f0 = booked.get(c, (0.0, 0.0, 0.0))
+        dq = _filled(o) - q0
+        if dq > 1e-9:      # the part not booked yet, at its own price: the filled value less the value booked
+            px, fees = (o.fill_price, o.fees) if q0 == 0 else ((_filled(o)*o.fill_price - v0)/dq, o.fees - f0)
+            part = replace(o, qty=dq, fill_price=px, fees=fees)
             i = self.symbols.index(o.symbol)
-            q = o.qty if o.side == Side.BUY else -o.qty
-            step.fills.append(engine.book_fill(i, q, o.fill_price, o.fees, o.reference_price or o.fill_price, _tag(c, self.run_id), o.reference_price))
+            step.fills.append(engine.book_fill(i, dq if o.side == Side.BUY else -dq, px, fees, o.reference_price or px, _tag(c, self.run_id), o.reference_price))
+            booked[c] = [q0 + dq, v0 + dq*px, f0 + fees]
+            new.append(part); rec.fills.append(part)
+            rec.audit.append(('fill', {'client_order_id': c, 'symbol': o.symbol, 'side': o.side, 'qty': dq, 'price': px, 'fees': fees,
+                                       'filled_ts': str(o.filled_ts), 'filled_qty': _filled(o), 'order_qty': o.qty}))
+        elif dq < -1e-9: log.warning('order %s: the ledger has %s shares booked, the broker reports %s filled', c, q0, _filled(o))
+        if o.status in (OrderState.FILLED, OrderState.CANCELED, OrderState.REJECTED, OrderState.EXPIRED):
             if c in b.open_orders: b.open_orders.remove(c)
-            new.append(o); booked.add(c); rec.fills.append(o)
-            rec.audit.append(('fill', {'client_order_id': c, 'symbol': o.symbol, 'side': o.side, 'qty': o.qty,
-                                       'price': o.fill_price, 'fees': o.fees, 'filled_ts': str(o.filled_ts)}))
-        elif o.status in (OrderState.CANCELED, OrderState.REJECTED, OrderState.EXPIRED):
-            if c in b.open_orders: b.open_orders.remove(c)
-            if c not in b.closed_orders: b.closed_orders = (b.closed_orders + [c])[-200:]
-        elif o.status == OrderState.NEW and c not in b.open_orders:
+            if o.status != OrderState.FILLED and c not in b.closed_orders: b.closed_orders = (b.closed_orders + [c])[-200:]
+        elif o.status in (OrderState.NEW, OrderState.PARTIALLY_FILLED) and c not in b.open_orders:
             b.open_orders.append(c)     # adopted: the broker has it, the ledger did not know
     return new
 

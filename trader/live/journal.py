@@ -22,12 +22,13 @@ class Journal:
         self.store, self.run_id, self.symbols, self.registry = store, run_id, tuple(symbols), registry
         self.runs, self.audit = Runs(store), Audit(store)
 
-    def in_ledger(self, ids) -> set[str]:
-        "Which of these client_order_ids the ledger already has."
+    def in_ledger(self, ids) -> dict[str, tuple[float, float, float]]:
+        "What the ledger already has of these client_order_ids: {id: (shares, value = sum of shares x price, fees)}, partial fills added up."
         ids = list(ids)
-        if not ids: return set()
-        q = f"SELECT client_order_id FROM run_orders WHERE run_id = ? AND client_order_id IN ({', '.join('?'*len(ids))})"
-        return {r[0] for r in self.store.query(q, [self.run_id, *ids])}
+        if not ids: return {}
+        q = (f"SELECT client_order_id, SUM(qty), SUM(qty*price), SUM(fees) FROM run_orders WHERE run_id = ? "
+             f"AND client_order_id IN ({', '.join('?'*len(ids))}) GROUP BY client_order_id")
+        return {r[0]: (float(r[1]), float(r[2]), float(r[3])) for r in self.store.query(q, [self.run_id, *ids])}
 
     def row(self, equity:float, cash:float, shares, weights, closes, prev_closes, fills) -> dict:
         "The run's series at this bar: equity, cash, weight and shares per symbol, and P&L per symbol after costs."

@@ -58,6 +58,7 @@ class BacktestResult:
 # %% ../../nbs/14_backtest.ipynb #d46c7ddb
 def simulate(policy:Policy, fs, start, end, limits:RiskSettings, cash:float, fees_bps:float, slippage_bps:float,
              guardian:bool=True, # simulate the guardian and the emergency levels
+             lot:float|None=None, # share increment of orders; default: the lot the model was trained with
             ):
     "Walk `policy` over [start, end] on the engine; returns per-bar frames, fills, decisions and risk events."
     env = policy.make_env(fs, start, end)
@@ -66,7 +67,8 @@ def simulate(policy:Policy, fs, start, end, limits:RiskSettings, cash:float, fee
     n, syms = fs.n_assets, list(fs.symbols)
     table = action_table(n)
     sizes, allow_short = env.sizes, policy.env_settings.allow_short
-    eng = TradingEngine(n, cash, limits, fees_bps, slippage_bps, guardian=guardian, names=tuple(syms))
+    eng = TradingEngine(n, cash, limits, fees_bps, slippage_bps, guardian=guardian, names=tuple(syms),
+                        lot=policy.env_settings.lot if lot is None else lot)
     ex = SimExecution()
     state = policy.initial_state()
     rows, fills, decisions, events = [], [], [], []
@@ -121,11 +123,11 @@ def vectorbt_portfolio(fs, frame:pd.DataFrame, orders:pd.DataFrame, cash:float, 
     return vbt.Portfolio.from_orders(close, size=size, size_type='amount', price=price, fees=fees_bps*1e-4, slippage=slippage_bps*1e-4,
                                      init_cash=cash, cash_sharing=True, group_by=True, direction='both', call_seq='auto', freq='1D')
 
-def buy_and_hold(fs, start, end, cash:float, fees_bps:float, slippage_bps:float) -> pd.Series:
-    "Equal-weight buy-and-hold: bought at the open after the first close of the window, held to the end."
+def buy_and_hold(fs, start, end, cash:float, fees_bps:float, slippage_bps:float, lot:float|None=1.0) -> pd.Series:
+    "Equal-weight buy-and-hold: bought at the open after the first close of the window (in the lot's increments), held to the end."
     w = fs.window(start, end)
     n = fs.n_assets
-    book = Book.empty(cash, n, fees_bps, slippage_bps)
+    book = Book.empty(cash, n, fees_bps, slippage_bps, lot)
     eq = [cash]
     for t in range(w.start + 1, w.stop):
         if t == w.start + 1: book.rebalance(tuple(1.0/n for _ in range(n)), fs.open[t].tolist())
@@ -163,6 +165,7 @@ def backtest(model:str='champion', # a model id or 'champion'
              cash:float=100_000.0,
              baselines:bool=True, # add buy-and-hold and the best MA crossover (chosen on the two years before the window)
              guardian:bool|None=None, # simulate the guardian and emergency levels; default: settings.risk.guardian, as paper trading
+             lot:float|None=None, # share increment of orders (1 whole shares, 0 fractional); default: settings.env.lot, as paper trading
              settings:Settings|None=None, store:Store|None=None, save:bool=True,
              _allow_holdout:bool=False, # internal: set only by `trader.research.holdout.holdout`, which audits and counts the look
             ) -> BacktestResult:
@@ -180,10 +183,11 @@ def backtest(model:str='champion', # a model id or 'champion'
     fees = s.env.fees_bps if fees_bps is None else fees_bps
     slip = s.env.slippage_bps if slippage_bps is None else slippage_bps
     guard = s.risk.guardian if guardian is None else bool(guardian)
+    lot = s.env.lot if lot is None else float(lot)
     bars = store.read_bars(syms, end=w[1])
     if bars.empty or bars.ts.max() < w[0]: raise BacktestError(f"no stored bars of {','.join(syms)} in {w[0]:%Y-%m-%d}..{w[1]:%Y-%m-%d}")
     fs = build_features(bars, syms)
-    frame, orders, decisions, events = simulate(policy, fs, w[0], w[1], s.risk, cash, fees, slip, guard)
+    frame, orders, decisions, events = simulate(policy, fs, w[0], w[1], s.risk, cash, fees, slip, guard, lot)
     pf = vectorbt_portfolio(fs, frame, orders, cash, fees, slip)
     gap = float(np.max(np.abs(pf.value().to_numpy()[2::3] - frame.equity.to_numpy())/frame.equity.to_numpy()))
     if gap > 1e-9: raise BacktestError(f"internal check failed: vectorbt and the book disagree by {gap:.2e} (relative)")
@@ -191,7 +195,7 @@ def backtest(model:str='champion', # a model id or 'champion'
     bases: dict[str, pd.Series] = {}
     ma = None
     if baselines:
-        bases['buy_hold'] = buy_and_hold(fs, w[0], w[1], cash, fees, slip).reindex(frame.index)
+        bases['buy_hold'] = buy_and_hold(fs, w[0], w[1], cash, fees, slip, lot).reindex(frame.index)
         ma = best_ma(bars, syms, w[0], fees, slip)
         if ma is not None:
             from trader.research.sweep import ma_baseline_equity
@@ -208,7 +212,7 @@ def backtest(model:str='champion', # a model id or 'champion'
                'ma_cross_params': ma, 'attribution': attribution,
                'mean_confidence': float(decisions.confidence.mean()) if len(decisions) else None,
                'risk_breaches': int(sum(len(b) for b in decisions.breaches)) if len(decisions) else 0,
-               'vectorbt_check_max_rel_diff': gap, 'guardian': guard,
+               'vectorbt_check_max_rel_diff': gap, 'guardian': guard, 'lot': lot,
                'risk_events': _records(events.assign(detail=events.detail.map(str))) if len(events) else [],
                'guardian_fired': [str(r.bar_ts) for r in events.itertuples() if r.kind in ('guardian', 'kill_switch')]}
     res = BacktestResult('', policy.id, syms, (f"{w[0]:%Y-%m-%d}", f"{w[1]:%Y-%m-%d}"), frame.equity, bases, weights,
@@ -216,7 +220,7 @@ def backtest(model:str='champion', # a model id or 'champion'
     if save:
         runs = Runs(store)
         params = {'model': model, 'model_id': policy.id, 'window': f"{w[0]:%Y-%m-%d}:{w[1]:%Y-%m-%d}", 'fees_bps': fees, 'slippage_bps': slip,
-                  'cash': cash, 'risk': s.risk.model_dump(), 'guardian': guard,
+                  'cash': cash, 'risk': s.risk.model_dump(), 'guardian': guard, 'lot': lot,
                   'execution': 'next open, slippage against the trader; simulated (backtest)'}
         rid = runs.create(RunKind.BACKTEST, syms, policy.id, frame.index[0], frame.index[-1], params)
         try:

@@ -4,11 +4,13 @@
 
 # %% ../../nbs/13_book.ipynb #1d9288aa
 from __future__ import annotations
+import math
 from dataclasses import dataclass
+from numba import njit
 from ..core.domain import Side
 
 # %% auto #0
-__all__ = ['Fill', 'Book']
+__all__ = ['Fill', 'lot_qty', 'Book']
 
 # %% ../../nbs/13_book.ipynb #a2d56a2f
 @dataclass
@@ -26,6 +28,18 @@ class Fill:
     @property
     def slippage_cost(self) -> float: return abs(self.qty)*abs(self.price - self.reference)
 
+@njit(cache=True)
+def lot_qty(x:float, # the exact quantity (signed shares) that would reach the target
+            held:float, # shares held
+            target:float, # the target weight
+            lot:float, # share increment: 1 whole shares; 0 fractional to 9 decimals
+           ) -> float:
+    "The quantity a broker accepts: `x` rounded toward zero to the lot (9 decimals for lot 0); a close (target 0) trades all of `held`."
+    if target == 0.0: return -held
+    if lot > 0: q = math.floor(abs(x)/lot + 1e-9)*lot      # 1e-9: 299.99999999999994 shares is 300
+    else: q = math.floor(abs(x)*1e9 + 1e-6)/1e9
+    return q if x > 0 else -q
+
 @dataclass
 class Book:
     "Cash and shares; sizes and books fills with one rule."
@@ -33,10 +47,11 @@ class Book:
     shares: list[float]
     fees: float = 0.0       # fraction of filled value
     slippage: float = 0.0   # fraction of the reference price
+    lot: float|None = None  # share increment of orders (`lot_qty`); None: exact quantities
 
     @classmethod
-    def empty(cls, cash:float, n_assets:int, fees_bps:float=0.0, slippage_bps:float=0.0) -> 'Book':
-        return cls(float(cash), [0.0]*n_assets, fees_bps*1e-4, slippage_bps*1e-4)
+    def empty(cls, cash:float, n_assets:int, fees_bps:float=0.0, slippage_bps:float=0.0, lot:float|None=None) -> 'Book':
+        return cls(float(cash), [0.0]*n_assets, fees_bps*1e-4, slippage_bps*1e-4, lot)
 
     def value(self, prices) -> float:
         "Equity at `prices`."
@@ -47,12 +62,14 @@ class Book:
         return tuple((q*p/v if v else 0.0) for q, p in zip(self.shares, prices))
 
     def orders_for(self, targets, prices, assets=None) -> list[tuple[int, float]]:
-        "(asset, signed qty) bringing `assets` (default all) to `targets` weights, valued at `prices`."
+        "(asset, signed qty) bringing `assets` (default all) to `targets` weights, valued at `prices`, rounded to the lot."
         v = self.value(prices)
         out = []
         for i in (range(len(targets)) if assets is None else assets):
             qty = targets[i]*v/prices[i] - self.shares[i]
-            if abs(qty)*prices[i] > 1e-9*max(abs(v), 1.0): out.append((i, qty))
+            if abs(qty)*prices[i] > 1e-9*max(abs(v), 1.0):
+                if self.lot is not None: qty = float(lot_qty(float(qty), float(self.shares[i]), float(targets[i]), float(self.lot)))
+                if qty != 0: out.append((i, qty))
         return out
 
     @staticmethod

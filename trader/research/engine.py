@@ -146,9 +146,13 @@ class TradingEngine:
                  guardian:bool|None=None, # simulate the guardian and emergency levels (default: risk.guardian)
                  risk_checks:bool=True, # False: targets are not checked by the pre-trade rules (research only)
                  names:tuple[str, ...]|None=None, # asset names for messages
-                 state:EngineState|None=None):
+                 state:EngineState|None=None,
+                 lot:float|None=None, # share increment of orders (1 whole shares, 0 fractional to 9 decimals); default: the settings' env.lot
+                ):
         from trader.core.config import load_settings
-        self.limits = risk or load_settings().risk
+        s = load_settings() if risk is None or lot is None else None
+        self.limits = risk or s.risk
+        self.lot = float(s.env.lot if lot is None else lot)
         self.n, self.names = n_assets, tuple(names) if names else tuple(str(i) for i in range(n_assets))
         self.fees, self.slippage = fees_bps*1e-4, slippage_bps*1e-4
         self.guardian_on = self.limits.guardian if guardian is None else bool(guardian)
@@ -165,8 +169,8 @@ class TradingEngine:
         v = self.value(prices)
         return tuple((q*p/v if v else 0.0) for q, p in zip(self.state.shares, prices))
     def orders_for(self, targets, prices, assets, order_type:OrderType, tag:str='') -> list[EngineOrder]:
-        "Orders bringing `assets` to `targets` weights, sized at `prices`."
-        b = Book(self.state.cash, self.state.shares)
+        "Orders bringing `assets` to `targets` weights, sized at `prices`, in the lot's increments."
+        b = Book(self.state.cash, self.state.shares, lot=self.lot)
         return [EngineOrder(i, q, order_type, prices[i], tag) for i, q in b.orders_for(targets, prices, assets)]
 
     def book_fill(self, asset:int, qty:float, price:float, fees:float, reference:float, tag:str='', order_price:float|None=None) -> Fill:
@@ -276,20 +280,23 @@ TradingEngine.decide = decide
 # %% ../../nbs/13a_engine.ipynb #0998c3ec
 import numpy as np
 from numba import njit
+from .book import lot_qty
 
 # scalar state slots
 _CASH, _PEAK, _INIT, _DAY, _DSTART, _DHIGH, _LEVEL, _HALT, _BAR, _NCL, _C0 = range(11)
 _NSTATE = _C0 + 4           # four closes for the 3-day rule
 # limit slots
 (_FEES, _SLIP, _CHECKS, _GUARD, _MAXPOS, _MAXDD, _PTR, _ATRSTOP, _DLOSS, _CORRCAP, _CORRMAX, _GDD, _GPNL3, _GBASE,
- _LD0, _LD1, _LD2, _LDD0, _LDD1, _TACT, _CORE) = range(21)
+ _LD0, _LD1, _LD2, _LDD0, _LDD1, _TACT, _CORE, _LOT) = range(22)
 
-def kernel_params(limits:RiskSettings, fees_bps:float, slippage_bps:float, guardian:bool, risk_checks:bool=True) -> np.ndarray:
-    "The engine's limits and costs as the kernel's parameter array."
+def kernel_params(limits:RiskSettings, fees_bps:float, slippage_bps:float, guardian:bool, risk_checks:bool=True,
+                  lot:float=1.0, # share increment of orders, as `TradingEngine`'s
+                 ) -> np.ndarray:
+    "The engine's limits, costs and lot as the kernel's parameter array."
     L = limits
     return np.array([fees_bps*1e-4, slippage_bps*1e-4, float(risk_checks), float(guardian), L.max_position, L.max_drawdown, L.per_trade_risk,
                      L.atr_stop, L.daily_loss_limit, L.correlation_cap, L.correlated_gross_max, L.guardian_day_drawdown, L.guardian_pnl_3d,
-                     L.guardian_pnl_base_equity or 0.0, *L.level_drawdown, *L.level_day_drawdown, L.tactical_bars, L.core_weight], dtype=np.float64)
+                     L.guardian_pnl_base_equity or 0.0, *L.level_drawdown, *L.level_day_drawdown, L.tactical_bars, L.core_weight, lot], dtype=np.float64)
 
 @dataclass
 class KernelState:
@@ -335,10 +342,10 @@ def _execute_nb(s, shares, opened, qty, px, P):
     return traded
 
 @njit(cache=True)
-def _order_qty(targets, shares, px, v, i):
-    "Shares bringing asset i to `targets[i]` at `px` with equity `v` (the `Book.orders_for` rule); 0 when too small to trade."
+def _order_qty(targets, shares, px, v, i, P):
+    "Shares bringing asset i to `targets[i]` at `px` with equity `v`, rounded to the lot (the `Book.orders_for` rule); 0 when too small to trade."
     x = targets[i]*v/px[i] - shares[i]
-    return x if abs(x)*px[i] > 1e-9*max(abs(v), 1.0) else 0.0
+    return lot_qty(x, shares[i], targets[i], P[_LOT]) if abs(x)*px[i] > 1e-9*max(abs(v), 1.0) else 0.0
 
 @njit(cache=True)
 def _guardian_nb(equity, day_high, e3, peak, P):
@@ -474,7 +481,7 @@ def engine_advance_nb(s, shares, targets, opened, pending, t, open_, close, day,
                 if has:
                     anyq = False
                     for i in range(n):       # pending is empty after the open: it holds the cut quantities
-                        pending[i] = _order_qty(forced, shares, close[t], v, i) if abs(forced[i]) < abs(w[i]) - 1e-9 else 0.0
+                        pending[i] = _order_qty(forced, shares, close[t], v, i, P) if abs(forced[i]) < abs(w[i]) - 1e-9 else 0.0
                         if pending[i] != 0: anyq = True
                     if anyq:
                         traded += _execute_nb(s, shares, opened, pending, close[t], P)
@@ -495,7 +502,7 @@ def engine_decide_nb(s, shares, targets, pending, wanted, t, close, atr, corr, P
         nb, halt = _pre_trade_nb(wanted, shares, close[t], equity, s[_PEAK], s[_HALT] > 0, s[_DSTART], s[_LEVEL], atr[t], corr[t], P)
         if halt and s[_HALT] == 0: s[_HALT] = 1.0; s[_LEVEL] = 6.0
     for i in range(n):
-        if wanted[i] != targets[i]: pending[i] = _order_qty(wanted, shares, close[t], equity, i)
+        if wanted[i] != targets[i]: pending[i] = _order_qty(wanted, shares, close[t], equity, i, P)
     for i in range(n): targets[i] = wanted[i]
     return nb
 

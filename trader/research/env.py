@@ -150,7 +150,7 @@ class TradingEnv(gym.Env):
         "A fresh engine (its compiled kernel's state) with this environment's costs and rules."
         s = self.settings
         self.engine = KernelState.new(self.initial_cash, self.n_assets)
-        self._P = kernel_params(self.risk_settings, s.fees_bps, s.slippage_bps, self.guardian, self.risk_checks)
+        self._P = kernel_params(self.risk_settings, s.fees_bps, s.slippage_bps, self.guardian, self.risk_checks, s.lot)
 
     @property
     def equity(self) -> float: return float(_value_nb(self.engine.s, self.engine.shares, self._close[self._t]))
