@@ -171,6 +171,7 @@ class ServiceSettings(_Section):
     bar_final_after: float = Field(900.0, ge=0, description="seconds after the XNYS close (13:00 New York on half days) before a daily bar counts as final (AlpacaFeed's settle)")
     poll_initial: float = Field(15.0, gt=0, description="seconds before re-polling a due bar that is not final yet; doubled at each miss")
     poll_max: float = Field(600.0, gt=0, description="longest wait between polls of a due bar")
+    release: str = Field('19:00', pattern=r'^\d{2}:\d{2}$', description="live daily bars (Alpaca) are handed over from this New York time: Alpaca takes market-on-open orders for the next session only outside 09:28-19:00, so the schedule makes them due then")
 
 # %% ../../nbs/00_config.ipynb #f19097e2
 class AuditSettings(_Section):

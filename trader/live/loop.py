@@ -126,9 +126,9 @@ class TradingLoop:
         return p
 
     def _load_history(self, end):
-        "Bars from the start of the store's data up to `end` (the loop appends each new bar)."
-        bars = self.store.read_bars(self.symbols, end=end)
-        from trader.live.feeds import barsets_from_frame
+        "Bars from the start of the store's data up to `end`, on the feed's price basis (a live feed re-bases them through corporate actions since; the loop appends each new bar)."
+        from trader.live.feeds import barsets_from_frame, feed_history
+        bars = feed_history(self.feed, self.store, self.symbols, end)
         sets = barsets_from_frame(bars, self.symbols) if len(bars) else []
         self._h = {k: np.full((len(sets) + 100_000, len(self.symbols)), np.nan) for k in ('open', 'high', 'low', 'close', 'volume')}
         for i, b in enumerate(sets):
@@ -363,7 +363,7 @@ def paper_session(broker:str='sim', # sim or alpaca
         lease.renew(run_id=run_id)
         b = make_broker(broker, store, run_id, s, cash, fees, slip)
         service = replay is None or pace is not None or clock is not None
-        sched = BarSchedule(s) if service else None
+        sched = BarSchedule(s, release=None if replay else s.service.release) if service else None
         last = Journal(store, run_id, syms, reg).load_state()
         last_ts = None if last is None else last.get('last_ts')
         paced = None
@@ -383,8 +383,11 @@ def paper_session(broker:str='sim', # sim or alpaca
             from trader.live.alpaca import AlpacaFeed
             clock = clock or WallClock()
             # daily bars: the schedule decides when one is late (polled with backoff), so no staleness timer here
-            feed = ResilientFeed(AlpacaFeed(syms, settings=s, after=last_ts, clock=clock.now, settle=s.service.bar_final_after), None)
-            hist_end = None
+            # a new session starts after the last stored bar: the history ends there and the feed hands over only later bars
+            stored = store.query(f"SELECT MIN(m) FROM (SELECT MAX(ts) AS m FROM bars WHERE timeframe = '1Day' AND symbol IN ({', '.join('?'*len(syms))}) GROUP BY symbol) x", list(syms))[0][0]
+            hist_end = None if stored is None else store.ts_value(stored)
+            feed = ResilientFeed(AlpacaFeed(syms, settings=s, after=last_ts or hist_end, clock=clock.now, settle=s.service.bar_final_after,
+                                            release=s.service.release), None)
         metrics = LoopMetrics(metrics_port) if metrics_port is not None else LoopMetrics()
         loop = TradingLoop(store, b, feed, run_id, syms, model, s, metrics, hist_end, SimulatedMarket(b) if broker == 'sim' else LiveMarket())
         with store.transaction():
@@ -455,7 +458,7 @@ def service_status(store:Store, run_id:str, last_ts=None, settings:Settings|None
     last_hb = r[0][0] if r and r[0][0] is not None else None
     age = None if last_hb is None else (now - pd.Timestamp(last_hb)).total_seconds()
     meta = Runs(store).meta(run_id)
-    due = None if meta.status != 'running' else (mine[0].detail.get('next_due') if mine else None) or str(BarSchedule(s).next_due(last_ts, now))
+    due = None if meta.status != 'running' else (mine[0].detail.get('next_due') if mine else None) or str(BarSchedule(s, release=None if meta.end else s.service.release).next_due(last_ts, now))
     return {'lease': lease, 'next_bar_due': due, 'last_heartbeat': last_hb, 'heartbeat_age_s': age,
             'heartbeat_stale': (age or 0) > heartbeat_timeout(s) and meta.status == 'running'}
 

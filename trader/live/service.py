@@ -202,15 +202,21 @@ def session_of(ts) -> pd.Timestamp:
     return to_utc(ts).tz_localize(None).normalize()
 
 class BarSchedule:
-    "When each daily bar is due: the session's close on the exchange calendar plus `final_after` seconds."
-    def __init__(self, settings:Settings|None=None, calendar:str|None=None, final_after:float|None=None):
+    "When each daily bar is due: the session's close on the exchange calendar plus `final_after` seconds (and not before `release`, New York time, when given)."
+    def __init__(self, settings:Settings|None=None, calendar:str|None=None, final_after:float|None=None,
+                 release:str|None=None, # e.g. '19:00': the live feed hands daily bars over from then (Alpaca's opg window)
+                ):
         s = settings or load_settings()
         self.cal = _calendar(calendar or s.quality.calendar, s.quality.calendar_start)
         self.final_after = float(s.service.bar_final_after if final_after is None else final_after)
+        self.release = release
 
     def due(self, session) -> pd.Timestamp:
         "When the bar of `session` is final (UTC)."
-        return self.cal.session_close(session) + pd.Timedelta(seconds=self.final_after)
+        t = self.cal.session_close(session) + pd.Timedelta(seconds=self.final_after)
+        if self.release is None: return t
+        r = pd.Timestamp(f"{pd.Timestamp(session).date()} {self.release}", tz='America/New_York').tz_convert('UTC')
+        return max(t, r)
 
     def next_session(self, last_ts=None, now=None) -> pd.Timestamp:
         "The session of the bar after the last committed one (`last_ts`); with none yet, the first session whose bar is not due before `now`."
