@@ -101,7 +101,8 @@ class TradingLoop:
         self.journal = Journal(store, run_id, self.symbols, self.registry)
         self.controls = Controls(store, self.registry, run_id, model)
         self.state = self._load_state()
-        self.engine = TradingEngine(len(self.symbols), risk=self.s.risk, guardian=self.s.risk.guardian, names=self.symbols, state=self.state.engine)
+        self.engine = TradingEngine(len(self.symbols), risk=self.s.risk, guardian=self.s.risk.guardian, names=self.symbols, state=self.state.engine,
+                                    lot=self.s.env.lot)   # the broker's order rule (whole shares for opg orders), as the backtest applies it
         self.execution = BrokerExecution(broker, market or LiveMarket(), run_id, self.symbols, self.state, self.metrics)
         self.execution.in_ledger = self.journal.in_ledger
         self._load_history(pd.Timestamp(self.state.last_ts) if self.state.last_ts else history_end)
