@@ -136,7 +136,8 @@ def test_live_service_on_alpaca_fake_weekend_holiday_sigterm_resume(world, tmp_p
             _test_eq(rc, 0)
             after = bar_days(home, rid)
             print(f"\nfirst run: stopped {stop_s:.2f}s after SIGTERM, sent at {fake.now.tz_convert(NY):%a %Y-%m-%d %H:%M} New York; bars {after}")
-            assert len(after) - len(before) <= 1 and stop_s < DAY_S, (before, after, stop_s)    # within one bar
+            assert len(after) - len(before) <= 1, (before, after)       # within one bar: the bar in progress, no more
+            assert stop_s < 20, stop_s                                  # promptly (2-4 s measured: the summary, then the interpreter's exit)
             assert 'rehearsal: simulated clock from 2012-06-29 19:00:00+00:00' in out1 and 'stopped (SIGTERM)' in out1, out1
             _test_eq(after, SESSIONS[:len(after)])             # a bar per session: none on the weekend or on July 4th, none skipped
             assert SESSIONS.index('2012-07-05') < len(after) < len(SESSIONS), after

@@ -249,9 +249,9 @@ class ScaledClock(WallClock):
         if not rate > 0: raise ValueError(f"clock rate must be > 0, got {rate}")
         self.start, self.rate, self._t0, self.epoch = to_utc(start), float(rate), None, epoch
     def now(self) -> pd.Timestamp:
-        if self.epoch is not None: return self.start + pd.Timedelta(seconds=max(0.0, time.time() - self.epoch)*self.rate)
+        if self.epoch is not None: return (self.start + pd.Timedelta(seconds=max(0.0, time.time() - self.epoch)*self.rate)).floor('us')
         if self._t0 is None: self._t0 = time.monotonic()
-        return self.start + pd.Timedelta(seconds=(time.monotonic() - self._t0)*self.rate)
+        return (self.start + pd.Timedelta(seconds=(time.monotonic() - self._t0)*self.rate)).floor('us')   # microseconds, as a real clock
     def sleep(self, seconds:float) -> None:
         self.now()
         if seconds > 0 and not self._wake.is_set():     # before its epoch the clock stands still: wait for it to start, then `seconds`
