@@ -5,7 +5,10 @@ reached from here).
 bodies ({"code": ..., "message": ...}) of the trading API v2 (POST/GET /v2/orders, GET /v2/orders:by_client_order_id,
 GET/DELETE /v2/orders/{id}, GET /v2/positions, GET /v2/account) and the market-data API (GET /v2/stocks/bars,
 GET /v2/stocks/bars/latest, GET /v1/corporate-actions). A test drives the market (`open_session`, `close_session`) and the
-clock (`now`); the fake holds orders, positions and cash the way Alpaca's paper account does.
+clock (`now`), or lets a running clock (`clock_fn`, e.g. one shared with a service in another process) drive both: with
+`auto_market`, each XNYS session opens and closes at its calendar times as that clock passes them (`tick`, called on every
+request and by a test's ticker thread), at the prices of the day's bar in `daily`. The fake holds orders, positions and cash
+the way Alpaca's paper account does.
 
 Rules it enforces (each one a documented Alpaca rule):
 
@@ -105,7 +108,10 @@ class FakeAlpaca:
     cash: float = 100_000.0
     prices: dict[str, float] = field(default_factory=lambda: {'AAPL': 410.0, 'MSFT': 26.0, 'IBM': 180.0, 'GOOG': 600.0})
     market_open: bool = False
-    now: pd.Timestamp | None = None      # the server's clock; None: the wall clock
+    now: pd.Timestamp | None = None      # the server's clock; None: the wall clock (or `clock_fn`)
+    clock_fn: Callable[[], pd.Timestamp] | None = None   # a running clock (e.g. a ScaledClock's `now` shared with the service under test)
+    auto_market: bool = False            # sessions open and close by the clock (XNYS calendar, prices from `daily`): see `tick`
+    market_log: list = field(default_factory=list)               # (event, time) of the sessions `tick` opened and closed
     opg_window: bool = True              # refuse opg orders between 09:28 and 19:00 New York time (by `now`)
     free_plan: bool = False
     orders: dict[str, dict] = field(default_factory=dict)        # id -> order JSON
@@ -124,9 +130,33 @@ class FakeAlpaca:
     problems: list[str] = field(default_factory=list)
     url: str = ''
 
-    def __post_init__(self): self._lock = threading.RLock()
+    def __post_init__(self): self._lock, self._ticked = threading.RLock(), None
 
-    def clock(self) -> pd.Timestamp: return self.now if self.now is not None else pd.Timestamp.now(tz='UTC')
+    def clock(self) -> pd.Timestamp:
+        if self.now is not None: return self.now
+        return self.clock_fn() if self.clock_fn is not None else pd.Timestamp.now(tz='UTC')
+
+    def tick(self) -> list[tuple[str, pd.Timestamp]]:
+        "With `auto_market`: open and close the XNYS sessions the clock has passed since the last tick (each at its own time, half days' early close included), at the prices of their bars in `daily`; returns the events applied."
+        if not self.auto_market: return []
+        import exchange_calendars as xcals
+        with self._lock:
+            now = self.clock()
+            last, self._ticked = self._ticked, now
+            if last is None or now <= last: return []
+            cal = xcals.get_calendar('XNYS', start='2000-01-01')
+            events = []
+            for ses in cal.sessions_in_range((last - pd.Timedelta(days=1)).tz_convert(NY).date(), now.tz_convert(NY).date()):
+                day = pd.Timestamp(ses.date()).tz_localize(NY).tz_convert('UTC').strftime('%Y-%m-%dT%H:%M:%SZ')
+                bars = {s: b for s, bs in self.daily.items() for b in bs if b['t'] == day}
+                for kind, t in (('open', cal.session_open(ses)), ('close', cal.session_close(ses))):
+                    if last < t <= now and bars: events.append((t, kind, bars))
+            for t, kind, bars in sorted(events, key=lambda e: e[0]):
+                if kind == 'open': self.open_session(t, {s: b['o'] for s, b in bars.items()})
+                else: self.close_session(t, {s: b['c'] for s, b in bars.items()})
+            done = [(k, t) for t, k, _ in sorted(events, key=lambda e: e[0])]
+            self.market_log += done
+            return done
     def posts(self, cid=None) -> list[Seen]:
         return [r for r in self.requests if r.method == 'POST' and (cid is None or (r.body or {}).get('client_order_id') == cid)]
     def calls(self, method, path) -> list[Seen]:
@@ -204,6 +234,7 @@ class FakeAlpaca:
             try: body = json.loads(raw)
             except ValueError: self.problems.append(f'{method} {u.path}: body is not JSON')
         seen = Seen(method, u.path, {k: v[-1] for k, v in q.items()}, body, dict(h.headers))
+        self.tick()           # with `auto_market`: the sessions passed since the last request (or tick) open and close first
         with self._lock:
             self.requests.append(seen)
             fault = self.faults.pop(0) if self.faults else None

@@ -22,7 +22,6 @@ shows no split "move".
 from __future__ import annotations
 import collections, json, os, signal, subprocess, sys, time
 from pathlib import Path
-from unittest.mock import patch
 
 import numpy as np, pandas as pd, pytest
 from fake_alpaca import KEY, SECRET, FakeAlpaca, alpaca_daily, ny, serve
@@ -37,21 +36,15 @@ PARTIAL, EXPIRE, CROWD, KILL = 2, 4, 5, 7      # session indexes of the events
 # the loop, built as paper_session builds it for broker 'alpaca'
 
 def build_loop(s, store, run_id:str, clock):
-    "TradingLoop on AlpacaBroker (make_broker) and AlpacaFeed, its history from `feed_history` (the feed's price basis)."
+    "TradingLoop on AlpacaBroker (make_broker) and AlpacaFeed; the loop takes its history from `feed_history` (the feed's price basis)."
     from trader.live.loop import LiveMarket, TradingLoop, make_broker
     from trader.live.alpaca import AlpacaFeed
-    from trader.live.feeds import ResilientFeed, feed_history
+    from trader.live.feeds import ResilientFeed
     from trader.live.monitor import LoopMetrics
-
-    class Loop(TradingLoop):
-        def _load_history(self, end):
-            # what 23_live's _load_history should do: `bars = feed_history(self.feed, self.store, self.symbols, end)`
-            bars = feed_history(self.feed, self.store, self.symbols, end)
-            with patch.object(self.store, 'read_bars', lambda *a, **k: bars): super()._load_history(end)
 
     broker = make_broker('alpaca', store, run_id, s, 100_000.0, 0.0, 0.0)
     feed = ResilientFeed(AlpacaFeed(SYMS, settings=s, clock=clock), None, stale_after=300)
-    return Loop(store, broker, feed, run_id, SYMS, 'champion', s, LoopMetrics(), HIST_END, LiveMarket())
+    return TradingLoop(store, broker, feed, run_id, SYMS, 'champion', s, LoopMetrics(), HIST_END, LiveMarket())   # its history: feed_history
 
 def child_main():
     "In a subprocess: process the bar due at the clock given in argv (the test kills it with SIGKILL mid-bar)."

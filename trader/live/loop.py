@@ -329,7 +329,7 @@ def paper_session(broker:str='sim', # sim or alpaca
                   max_bars:int|None=None, on_bar=None, drill:dict|None=None, tag:str='',
                   metrics_linger:float=3.0, # seconds the metrics endpoint stays up after the last bar (one scrape or two)
                   pace:float|None=None, # a replay as a service: each bar when it is due on a clock running `pace` times real time (1: wall-clock pace)
-                  clock=None, # the service clock (tests: `ManualClock`, `ScaledClock`); default: the wall clock (live) or a `ScaledClock` (pace)
+                  clock=None, # the service clock (tests: `ManualClock`, `ScaledClock`; a live rehearsal: `rehearsal_clock`, named in the audit trail); default: the wall clock (live) or a `ScaledClock` (pace)
                   stop:StopFlag|None=None, # set it (or send SIGTERM/SIGINT once `signals`) to stop after the bar in progress
                   signals:bool=False, # route SIGTERM and SIGINT to `stop` for the session's duration (the CLI)
                  ) -> dict:
@@ -394,7 +394,8 @@ def paper_session(broker:str='sim', # sim or alpaca
         with store.transaction():
             loop.journal.audit.append_many([('session', {'run_id': run_id, 'event': 'resumed' if resumed else 'started', 'params': params,
                                                                  'history_sha256': loop.history_sha256, 'history_bars': int(loop._n),
-                                                                 'host': lease.host, 'pid': lease.pid, 'lease_taken_over': lease.taken_over}),
+                                                                 'host': lease.host, 'pid': lease.pid, 'lease_taken_over': lease.taken_over,
+                                                                 **({'rehearsal_clock': clock.spec()} if replay is None and getattr(clock, 'epoch', None) is not None else {})}),
                                     ('model_load', {'run_id': run_id, 'model_id': loop.policy.id, 'artifact_sha256': loop.policy.meta.get('artifact_sha256')})])
             look = None
             # a replay of the holdout reads it: a look, audited and counted (not refused); each start or resume is one; keyed by

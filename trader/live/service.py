@@ -10,7 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 import pandas as pd
-from ..core.config import Settings, TraderError, load_settings
+from ..core.config import ConfigError, Settings, TraderError, load_settings
 from ..core.data import to_utc
 from ..core.store import Store, register_schema
 
@@ -18,8 +18,8 @@ log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'LeaseHeld', 'LeaseLost', 'process_alive', 'LeaseInfo', 'lease_holder', 'leases', 'Lease', 'session_of',
-           'BarSchedule', 'WallClock', 'ScaledClock', 'ManualClock', 'PacedFeed', 'sd_notify', 'watchdog_interval',
-           'StopFlag', 'Service']
+           'BarSchedule', 'WallClock', 'ScaledClock', 'ManualClock', 'parse_clock', 'rehearsal_clock', 'PacedFeed',
+           'sd_notify', 'watchdog_interval', 'StopFlag', 'Service']
 
 # %% ../../nbs/23d_service.ipynb #688c8a0d
 register_schema('live.service', [
@@ -241,16 +241,25 @@ class WallClock:
     def __repr__(self): return f"{type(self).__name__}(now={self.now()})"
 
 class ScaledClock(WallClock):
-    "Simulated time from `start`, `rate` times faster than real time; it starts running when first read (not while the model loads)."
-    def __init__(self, start, rate:float=1.0):
+    "Simulated time from `start`, `rate` times faster than real time; it starts running when first read (not while the model loads), or at `epoch` when given."
+    def __init__(self, start, rate:float=1.0,
+                 epoch:float|None=None, # Unix time (real) at which the clock leaves `start`: processes given the same start, rate and epoch agree
+                ):
         super().__init__()
         if not rate > 0: raise ValueError(f"clock rate must be > 0, got {rate}")
-        self.start, self.rate, self._t0 = to_utc(start), float(rate), None
+        self.start, self.rate, self._t0, self.epoch = to_utc(start), float(rate), None, epoch
     def now(self) -> pd.Timestamp:
+        if self.epoch is not None: return (self.start + pd.Timedelta(seconds=max(0.0, time.time() - self.epoch)*self.rate)).floor('us')
         if self._t0 is None: self._t0 = time.monotonic()
-        return self.start + pd.Timedelta(seconds=(time.monotonic() - self._t0)*self.rate)
+        return (self.start + pd.Timedelta(seconds=(time.monotonic() - self._t0)*self.rate)).floor('us')   # microseconds, as a real clock
     def sleep(self, seconds:float) -> None:
-        self.now(); super().sleep(seconds)
+        self.now()
+        if seconds > 0 and not self._wake.is_set():     # before its epoch the clock stands still: wait for it to start, then `seconds`
+            self._wake.wait(max(0.0, (self.epoch or 0.0) - time.time()) + seconds/self.rate)
+    def spec(self) -> str:
+        "`START@RATE@EPOCH`, which `parse_clock` reads back into a clock agreeing with this one."
+        if self.epoch is None: raise ValueError("only a clock with an epoch can be shared")
+        return f"{self.start.isoformat()}@{self.rate:g}@{self.epoch:.6f}"
 
 class ManualClock(WallClock):
     "Simulated time that `sleep` advances at once (tests)."
@@ -259,6 +268,35 @@ class ManualClock(WallClock):
     def now(self) -> pd.Timestamp: return self.t
     def sleep(self, seconds:float) -> None:
         if seconds > 0 and not self._wake.is_set(): self.t = self.t + pd.Timedelta(seconds=seconds)
+
+# %% ../../nbs/23d_service.ipynb #4d4a6b06
+def parse_clock(spec:str) -> ScaledClock:
+    "A `ScaledClock` from `START@RATE[@EPOCH]`: ISO time (UTC unless it says otherwise), rate > 0, Unix time the clock starts running (default: now)."
+    parts = spec.split('@')
+    if len(parts) not in (2, 3): raise ConfigError(f"clock {spec!r}: expected START@RATE[@EPOCH], e.g. 2012-06-29T22:00Z@43200")
+    try: start = to_utc(pd.Timestamp(parts[0]))
+    except (ValueError, TypeError): raise ConfigError(f"clock {spec!r}: start {parts[0]!r} is not a time") from None
+    try: rate, epoch = float(parts[1]), float(parts[2]) if len(parts) == 3 else time.time()
+    except ValueError: raise ConfigError(f"clock {spec!r}: rate and epoch must be numbers") from None
+    if not (math.isfinite(rate) and rate > 0): raise ConfigError(f"clock {spec!r}: rate must be > 0, got {parts[1]}")
+    if not math.isfinite(epoch): raise ConfigError(f"clock {spec!r}: epoch must be a Unix time, got {parts[2]}")
+    return ScaledClock(start, rate, epoch=epoch)
+
+def _loopback(url:str|None) -> bool:
+    import ipaddress
+    from urllib.parse import urlsplit
+    host = (urlsplit(url).hostname or '') if url else ''
+    if host == 'localhost': return True
+    try: return ipaddress.ip_address(host).is_loopback
+    except ValueError: return False
+
+def rehearsal_clock(spec:str, settings:Settings|None=None, env=None) -> ScaledClock:
+    "The simulated clock of a rehearsal (`parse_clock`), refused unless both Alpaca URLs are loopback (a fake on this host)."
+    s, env = settings or load_settings(), os.environ if env is None else env
+    for what, url in (('TRADER_ALPACA_TRADING_URL', env.get('TRADER_ALPACA_TRADING_URL')), ('alpaca.data_url', s.alpaca.data_url)):
+        if not _loopback(url):
+            raise ConfigError(f"a simulated clock is for rehearsals against a loopback Alpaca fake, but {what} is {url or 'unset (Alpaca itself)'}")
+    return parse_clock(spec)
 
 # %% ../../nbs/23d_service.ipynb #0ec4371d
 class PacedFeed:

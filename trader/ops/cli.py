@@ -274,8 +274,13 @@ def cmd_paper(args) -> int:
             _say(f"  {r['ts']:%Y-%m-%d} equity {r['equity']:,.2f}{'  HALTED' if r['halted'] else ''}{'  (stale data)' if r['stale'] else ''}")
     if service and not args.quiet: _say(f"paper service ({'live' if args.live else f'replay of {replay} at {args.pace:g}x wall-clock pace'}): "
                                         "bars when due on the XNYS calendar; SIGTERM or Ctrl-C stops it after the bar in progress")
+    clock = None
+    if args.clock is not None:
+        from trader.live.service import rehearsal_clock
+        clock = rehearsal_clock(args.clock, s)
+        if not args.quiet: _say(f"rehearsal: simulated clock from {clock.start} at {clock.rate:g}x real time (loopback Alpaca)")
     out = paper_session(args.broker, args.model, replay, speed, args.cash, settings=s, metrics_port=args.metrics_port, on_bar=tick,
-                        pace=args.pace, signals=True)
+                        pace=args.pace, clock=clock, signals=True)
     st, m = out['state'], out['metrics']
     eq = m.get('execution_quality', {})
     _say(f"paper run {out['run_id']} ({'resumed' if out['resumed'] else 'new'}, broker {args.broker}{', simulated fills' if args.broker == 'sim' else ''}"
@@ -522,6 +527,11 @@ def check_args(args) -> None:
     if c == 'resume' and not args.reason: raise ArgError('--reason', "say why trading may resume: trader resume --reason '...'")
     if c == 'paper' and args.live and args.broker != 'alpaca': raise ArgError('--live', 'only with --broker alpaca (the sim broker replays stored bars: --replay)')
     if c == 'paper' and args.live and args.pace is not None: raise ArgError('--pace', 'paces a replay; --live trades at the market\'s own pace')
+    if c == 'paper' and args.clock is not None:
+        if not args.live: raise ArgError('--clock', 'only with --live (a replay runs on its own simulated clock: --pace)')
+        from trader.live.service import rehearsal_clock
+        try: rehearsal_clock(args.clock)
+        except ConfigError as e: raise ArgError('--clock', str(e)) from None
     for k, flag in (('metrics_port', '--metrics-port'), ('port', '--port')):
         if g(k) is not None and not _port_free(g(k)): raise ArgError(flag, f"127.0.0.1:{g(k)} is already in use")
     models = [(flag, g(k)) for k, flag in _MODEL_ARGS if g(k)] + ([('ID', args.id)] if c == 'models' and g('id') else [])
@@ -684,6 +694,7 @@ def build_parser() -> argparse.ArgumentParser:
              epilog='examples:\n  trader paper --broker sim --model champion --replay 2012-01-03:2013-03-01 --speed max\n'
                     '  trader paper --broker alpaca --model champion --live   (not verified against the live service from this machine)\n'
                     '  trader paper --broker sim --replay 2012-07-02:2012-07-31 --pace 3600   (the service: one simulated hour per second)\n'
+                    '  trader paper --broker alpaca --live --clock 2012-06-29T22:00Z@43200   (a rehearsal on a simulated clock, loopback Alpaca fake only)\n'
                     'a killed or stopped session resumes when started again with the same arguments; a second process for a running\n'
                     'session exits 6 naming the holder (host, pid, since); --live and --pace run until SIGTERM or Ctrl-C (exit 0 after the bar in progress);\n'
                     'a replay touching the holdout is recorded in the audit trail as a look at it (and counted by `trader holdout`)')
@@ -695,6 +706,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument('--pace', type=arg_number(float, 0, lo_open=True, what='a clock rate > 0'), nargs='?', const=1.0, metavar='RATE',
                     help='run the replay as the live service does: each bar when it is due on the XNYS calendar, on a clock starting at the '
                          'replay (or its last committed bar) and running RATE times real time (1, the default, is wall-clock pace)')
+    sp.add_argument('--clock', metavar='START@RATE[@EPOCH]',
+                    help='rehearsals only: run --live on a simulated clock, at START (ISO time) at Unix time EPOCH (default: now), RATE times '
+                         'real time, shared with a loopback Alpaca fake; refused unless TRADER_ALPACA_TRADING_URL and alpaca.data_url are loopback')
     sp.add_argument('--cash', type=arg_cash_amount, default=100_000.0, help='starting cash of a new simulated account')
     sp.add_argument('--metrics-port', type=arg_port_number, help='serve Prometheus metrics on 127.0.0.1:PORT')
     sp.add_argument('-q', '--quiet', action='store_true')
