@@ -82,3 +82,4 @@ def test_a_report_through_the_cli_prints_no_kernel_transport_warning(tmp_path):
     assert r.returncode == 3 and f'run {rid} (backtest)  ->  RED' in r.stdout, out[-3000:]     # no quality report stored: RED
     assert list((tmp_path/'gates').glob('*.ipynb')), 'the template was not executed'
     assert 'without encryption' not in out and 'running over TCP' not in out, out[-3000:]
+    assert not list(tmp_path.glob('kernel*')), 'kernel sockets were made in the working directory'   # a private temporary folder instead

@@ -7,7 +7,7 @@ with the `trader` kernelspec installed into them (as `make install` installs it 
 Jupyter settings nor the shared venv are touched. Needs Debian's Chromium at /usr/bin/chromium (`.ci/run` installs it):
 without it the test is skipped locally and fails in CI (CI=true), as in tests/test_dashboard_browser.py.
 """
-import json, os, re, secrets, shlex, socket, subprocess, sys, time, urllib.request
+import json, os, re, secrets, shutil, socket, subprocess, sys, time, urllib.request
 from pathlib import Path
 import pytest
 from conftest import free_port, tail
@@ -43,6 +43,8 @@ def lab(spawn, tmp_path):
     assert r.returncode == 0, r.stderr
     env = {**os.environ, 'JUPYTER_TOKEN': token, 'JUPYTER_PATH': str(jup/'share'/'jupyter'), 'JUPYTER_CONFIG_DIR': str(jup/'config'),
            'JUPYTER_DATA_DIR': str(jup/'data'), 'JUPYTER_RUNTIME_DIR': str(jup/'runtime')}
+    checkpoints = ROOT/'nbs'/'.ipynb_checkpoints'      # JupyterLab checkpoints a notebook it opens: leave none behind
+    had_checkpoints = checkpoints.exists()
     p = spawn('bash', '-c', 'exec ' + lab_command(port), env=env, name=f'lab-{port}')
     base, end = f'http://127.0.0.1:{port}', time.monotonic() + START_WAIT
     while True:
@@ -53,8 +55,9 @@ def lab(spawn, tmp_path):
         except OSError: pass
         if time.monotonic() > end: pytest.fail(f'jupyter lab did not answer on 127.0.0.1:{port} within {START_WAIT:g}s:\n{tail(p.out)}')
         time.sleep(0.3)
-    yield base, token
-    # the fixture `spawn` stops the server and its kernels
+    try: yield base, token
+    finally:      # the fixture `spawn` stops the server and its kernels
+        if not had_checkpoints: shutil.rmtree(checkpoints, ignore_errors=True)
 
 def test_lab_opens_index_with_the_project_kernel(lab, tmp_path):
     exe = chromium()
