@@ -1,6 +1,8 @@
 # trader: two commands do all set-up on a fresh machine.
 #   make demo   runs the main job on the embedded default store
-#   make test   sync check, nbdev_clean check, nbdev_test, pytest
+#   make test   lock check, sync check, nbdev_clean check, nbdev_test, pytest
+#   make lab    JupyterLab on 127.0.0.1 with the project's kernel (`trader`)
+#   make lock   re-compile requirements.lock from settings.ini (see the README's "Upgrading dependencies")
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -10,16 +12,40 @@ export NUMBA_CACHE_DIR ?= $(CURDIR)/.cache/numba
 export MPLBACKEND ?= Agg
 export PYTHONHASHSEED ?= 0
 
-.PHONY: install demo serve test bench sync-check clean-check nbtest pytest clean
+.PHONY: install demo serve lab lock lock-check test bench sync-check clean-check nbtest pytest clean
 
-install: $(STAMP)   ## create .venv once; re-run only when settings.ini/setup.py change
+# Extra wheel folders for the lock's CPU build of torch (torch==X+cpu is not on PyPI): this machine keeps it in /opt/wheels.
+FIND_LINKS ?= $(wildcard /opt/wheels)
+KERNEL := trader
+LAB_PORT ?= 8888
 
-$(STAMP): settings.ini setup.py
+install: $(STAMP)   ## create .venv once; re-run only when settings.ini/setup.py/requirements.lock change
+
+# Exactly the lock: every pin without dependency resolution (--no-deps), then the project itself (editable, built with the
+# locked setuptools), then `pip check` proves the pins satisfy each other and settings.ini.
+$(STAMP): settings.ini setup.py requirements.lock
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip wheel
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q --no-deps -r requirements.lock $(if $(FIND_LINKS),--find-links $(FIND_LINKS),)
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	$(BIN)/pip check
+	$(BIN)/python -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python (trader)" >/dev/null
 	@touch $(STAMP)
+
+lock:   ## re-compile requirements.lock from settings.ini: keeps every pin that still fits; UPGRADE=1 re-resolves all to the newest
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@test -x $(BIN)/uv || $(BIN)/pip install -q "$$(grep -m1 '^uv==' requirements.lock || echo uv)"
+	$(BIN)/python .ci/lock.py in | $(BIN)/uv pip compile - -q -o requirements.lock --python $(BIN)/python \
+	  --custom-compile-command "make lock" $(if $(FIND_LINKS),--find-links $(FIND_LINKS),) $(if $(filter 1 yes true,$(UPGRADE)),--upgrade,)
+	$(BIN)/python .ci/lock.py check
+
+lock-check: install   ## the lock is in step with settings.ini, the venv holds exactly the lock, and pip check passes
+	$(BIN)/python .ci/lock.py check --installed
+	$(BIN)/pip check
+
+lab: install   ## JupyterLab on 127.0.0.1 (LAB_PORT, default 8888; the next free one if taken), opened at nbs/index.ipynb
+	$(BIN)/jupyter lab --ip=127.0.0.1 --port=$(LAB_PORT) --no-browser --ServerApp.root_dir=$(CURDIR) \
+	  --MappingKernelManager.default_kernel_name=$(KERNEL) --LabApp.default_url=/lab/tree/nbs/index.ipynb \
+	  --LabApp.extension_manager=readonly $(if $(filter 0,$(shell id -u)),--allow-root,)
 
 demo: install    ## DEMO_SERVE=0 runs every stage without serving the dashboard
 	$(BIN)/trader demo $(if $(filter 0 no false,$(DEMO_SERVE)),--no-serve,)
@@ -48,6 +74,7 @@ pytest: install
 
 test: install   ## set PG=1 to start a throwaway PostgreSQL for the PostgreSQL tests
 	@rm -rf .test-home
+	$(MAKE) --no-print-directory lock-check
 	$(MAKE) --no-print-directory sync-check
 	$(MAKE) --no-print-directory clean-check
 	$(BIN)/lint-imports   # the layer contracts in pyproject.toml: imports point down only (ops > live > research > core)

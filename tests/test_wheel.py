@@ -1,7 +1,17 @@
 """A wheel built with `pip wheel --no-deps .` carries the report templates and the dashboard notebook (package data copied
 from nbs/ at build time), and `trader gate` runs from it: the imported `trader` is the wheel's, not the editable checkout's.
-Offline: no build isolation (the venv's setuptools), no index."""
-import json, os, shutil, subprocess, sys, zipfile
+Offline: no build isolation (the venv's setuptools), no index.
+
+`test_wheel_installed_in_a_clean_venv_runs_the_demo`: `pip install --no-deps` of the wheel into a new virtualenv made
+without system site-packages, then the venv's own `trader` console script runs `trader demo --no-serve` (small budgets in
+a trader.toml) from an unrelated folder with TRADER_HOME set, through every stage. What it proves: the wheel installs
+with pip, its entry point works, and everything the demo needs from the project (code, report templates, the dashboard
+notebook) comes from the installed wheel (the sample bars are the `bokeh-sampledata` dependency's): the checkout is not on sys.path (no PYTHONPATH, no editable
+install's .pth is read), and the test checks the imported `trader` lives in the new venv. What it does not prove: that
+the dependencies resolve from an index; they are the shared venv's (the versions requirements.lock pins, checked by
+`make lock-check`), reached through one `.pth` line that appends that site-packages folder (offline: nothing is
+downloaded)."""
+import json, os, re, shutil, subprocess, sys, sysconfig, zipfile
 from pathlib import Path
 import pandas as pd
 import pytest
@@ -74,3 +84,42 @@ def test_trader_gate_runs_from_the_wheel(wheel, tmp_path):
     assert json.loads((out/f'{day}.json').read_text())['status'] == 'RED'
     nb = json.loads((out/f'{day}.ipynb').read_text())
     assert any('verdict' in ''.join(c['source']) for c in nb['cells'])      # the executed template is the render-only one
+
+DEMO_TOML = ('[demo]\ntrain_steps = 256\nwalkforward_steps = 256\nwalkforward_folds = 1\nwalkforward_seeds = 1\n'
+             '[train]\nn_steps = 128\nbatch_size = 64\nn_epochs = 1\ncheckpoint_every = 0\n')
+STAGES = ['ingest', 'train', 'walk-forward', 'backtest', 'paper', 'drill', 'gate', 'audit']
+
+def test_wheel_installed_in_a_clean_venv_runs_the_demo(wheel, tmp_path):
+    venv = tmp_path/'venv'
+    r = subprocess.run([sys.executable, '-m', 'venv', str(venv)], capture_output=True, text=True, timeout=300)  # ensurepip: offline
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert 'include-system-site-packages = false' in (venv/'pyvenv.cfg').read_text()
+    py = venv/'bin'/'python'
+    site = Path(subprocess.run([str(py), '-c', 'import sysconfig; print(sysconfig.get_paths()["purelib"])'],
+                               capture_output=True, text=True, check=True).stdout.strip())
+    (site/'deps-from-shared-venv.pth').write_text(sysconfig.get_paths()['purelib'] + '\n')   # a plain path: that folder's .pth files are not read
+    env = {k: v for k, v in os.environ.items() if not k.startswith(('PYTHON', 'TRADER_', 'JUPYTER', 'VIRTUAL_ENV'))}
+    home, elsewhere = tmp_path/'home', tmp_path/'elsewhere'
+    home.mkdir(); elsewhere.mkdir(); (home/'trader.toml').write_text(DEMO_TOML)
+    env.update({'PYTHONNOUSERSITE': '1', 'TRADER_HOME': str(home), 'TRADER_DB_URL': '', 'TRADER_REPORTS': str(tmp_path/'reports'),
+                'JUPYTER_PATH': str(tmp_path/'jupyter'), 'JUPYTER_DATA_DIR': str(tmp_path/'jupyter'), 'JUPYTER_CONFIG_DIR': str(tmp_path/'jupyter-config'),
+                'NUMBA_CACHE_DIR': str(tmp_path/'numba'), 'MPLBACKEND': 'Agg', 'PATH': f"{venv/'bin'}:{env.get('PATH', '')}"})
+    r = subprocess.run([str(py), '-m', 'pip', 'install', '-q', '--no-deps', '--no-index', str(wheel)], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    probe = "import json, sys, trader; print(json.dumps({'trader': trader.__file__, 'path': sys.path}))"
+    r = subprocess.run([str(py), '-c', probe], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(r.stdout)
+    assert Path(got['trader']).resolve().is_relative_to(site.resolve()), got['trader']
+    assert not any(Path(p).resolve() == ROOT.resolve() for p in got['path'] if p), got['path']     # the checkout is not importable
+    r = subprocess.run([str(venv/'bin'/'trader'), 'demo', '--no-serve'], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=1500)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-5000:]
+    for n, stage in enumerate(STAGES, 1): assert re.search(rf'^\[{n}\] {re.escape(stage)}\s', r.stdout, re.M), (stage, r.stdout[-3000:])
+    assert 'FAILED' not in r.stdout and 'demo finished in' in r.stdout, r.stdout[-3000:]
+    assert 'without encryption' not in out      # papermill's kernel runs over IPC (trader.ops.reports.run_template)
+    assert str(home/'trader.db') in r.stdout and not (elsewhere/'var').exists()
+    for rel in ('reports/experiments/demo-walkforward/report.html',): assert (tmp_path/rel).stat().st_size > 1000, rel
+    (bt,) = (tmp_path/'reports'/'backtest').glob('*/backtest.ipynb')          # the packaged template, executed by the venv's kernel
+    assert (bt.parent/'report.html').stat().st_size > 1000
+    assert list((tmp_path/'reports'/'gates').glob('*.html'))

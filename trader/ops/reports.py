@@ -4,7 +4,7 @@
 
 # %% ../../nbs/15_reports.ipynb #f10b54bc
 from __future__ import annotations
-import html, logging, os, warnings
+import html, logging, os, tempfile, warnings
 from pathlib import Path
 import numpy as np, pandas as pd
 from ..core.config import Settings, TraderError
@@ -12,7 +12,7 @@ from ..core.runs import Run
 
 # %% auto #0
 __all__ = ['TEMPLATES', 'ReportError', 'fig_equity', 'fig_drawdown', 'fig_positions', 'fig_monthly', 'tearsheet', 'write_html',
-           'packaged_notebook', 'template_path', 'run_template', 'backtest_report_dir']
+           'packaged_notebook', 'template_path', 'kernel_config', 'run_template', 'backtest_report_dir']
 
 # %% ../../nbs/15_reports.ipynb #ef03d917
 class ReportError(TraderError):
@@ -109,6 +109,11 @@ def template_path(name:str) -> Path:
     "A report template (`backtest` or `daily_gate`)."
     return packaged_notebook(name)
 
+def kernel_config(folder:Path):
+    "nbclient config that starts the kernel on the IPC transport: Unix sockets `folder/kernel-1..5`, not loopback TCP."
+    from traitlets.config import Config
+    return Config({'KernelManager': {'transport': 'ipc', 'ip': str(Path(folder)/'kernel')}})
+
 def run_template(name:str, # template name: backtest or daily_gate
                  out_dir:Path, # folder for the executed notebook
                  parameters:dict, out_name:str|None=None, log_output:bool=False) -> Path:
@@ -120,8 +125,9 @@ def run_template(name:str, # template name: backtest or daily_gate
     os.environ['PYDEVD_DISABLE_FILE_VALIDATION'] = '1'
     try:
         # the kernel starts in the caller's directory, so it finds the same settings (project root, trader.toml) as the caller
-        pm.execute_notebook(str(template_path(name)), str(out), parameters=parameters, kernel_name='python3',
-                            progress_bar=False, log_output=log_output, cwd=str(Path.cwd()))
+        with tempfile.TemporaryDirectory(prefix='trader-kernel-') as sockets:     # mode 0700: this user's only
+            pm.execute_notebook(str(template_path(name)), str(out), parameters=parameters, kernel_name='python3',
+                                progress_bar=False, log_output=log_output, cwd=str(Path.cwd()), config=kernel_config(sockets))
     except pm.PapermillExecutionError as e:
         raise ReportError(f"report {name} failed in cell {e.exec_count}: {e.ename}: {e.evalue} (executed notebook kept at {out})") from None
     finally:
