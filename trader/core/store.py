@@ -29,6 +29,7 @@ _TYPES = {
 }
 
 Migration = tuple[int, str, list[str]]          # (version, name, statements); versions count per owner
+_ADD_COLUMN = re.compile(r'\s*ALTER\s+TABLE\s+(?P<table>\w+)\s+ADD\s+COLUMN\s+(?P<column>\w+)', re.I)
 _SCHEMAS: dict[str, list[Migration]] = {}       # owner -> its migrations, in the order they were registered
 _JSON_COLS: set[str] = set()                    # names of the {json} columns of every registered table
 _COLUMN = re.compile(r'(?:\(|,)\s*(\w+)\s+(\{json\}|\{\w+\}|TEXT|INTEGER)', re.I)
@@ -239,6 +240,11 @@ class Store:
             cols = columns or [d[0] for d in cur.description]
             return pd.DataFrame(self._decoded(cur, cur.fetchall()), columns=cols)
 
+    def columns(self, table:str) -> set[str]:
+        "Lower-case column names of `table` (empty when it does not exist)."
+        if self.engine == 'sqlite': return {r[1].lower() for r in self.query(f'PRAGMA table_info({table})')}
+        return {r[0].lower() for r in self.query("SELECT column_name FROM information_schema.columns WHERE table_schema = current_schema() AND table_name = ?", (table,))}
+
     def tables(self) -> set[str]:
         "Names of the tables in the database."
         q = ("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'" if self.engine == 'sqlite'
@@ -306,7 +312,10 @@ class Store:
                 for o in owners:
                     for v, name, stmts in _SCHEMAS[o]:
                         if (o, v) in have: continue
-                        for s in stmts: self.execute(s)
+                        for s in stmts:
+                            m = _ADD_COLUMN.match(s)   # adding a column that is there already is done (a re-run of an owner's migrations)
+                            if m and m['column'].lower() in self.columns(m['table']): continue
+                            self.execute(s)
                         self.execute('INSERT INTO schema_migrations (owner, version, name, applied) VALUES (?, ?, ?, ?)', (o, v, name, _now()))
                         applied.append((o, v))
         self._ready.update(owners)
