@@ -511,11 +511,5 @@ class Server(ThreadingHTTPServer):
 @contextmanager
 def serve(fake:FakeAlpaca|None=None):
     "`fake` (a new one by default) served on a free 127.0.0.1 port in a thread, its `url` set; stopped on exit."
-    fake = fake or FakeAlpaca()
-    httpd = Server(('127.0.0.1', 0), Handler)
-    httpd.fake = fake
-    fake.url = f'http://127.0.0.1:{httpd.server_address[1]}'
-    t = threading.Thread(target=httpd.serve_forever, kwargs={'poll_interval': 0.02}, name='fake-alpaca', daemon=True)
-    t.start()
-    try: yield fake
-    finally: httpd.shutdown(); httpd.server_close(); t.join(5)
+    from conftest import loopback_server
+    with loopback_server(Server, Handler, fake or FakeAlpaca()) as f: yield f
