@@ -111,7 +111,10 @@ class Policy:
         return base64.b64encode(np.concatenate([np.asarray(s, np.float32).reshape(-1) for s in state]).tobytes()).decode('ascii')
     def state_load(self, data:str|list) -> tuple[np.ndarray, np.ndarray]:
         "The LSTM state from `state_dump`'s text (or the two lists of floats earlier sessions stored)."
-        if isinstance(data, str): v = np.frombuffer(base64.b64decode(data), dtype=np.float32).copy()
+        if isinstance(data, str):
+            raw = base64.b64decode(data)
+            if len(raw) != 8*self.hidden: raise ValueError(f"an LSTM state of {len(raw)} bytes; model {self.id} has 2 x {self.hidden} float32 values ({8*self.hidden} bytes)")
+            v = np.frombuffer(raw, dtype=np.float32).copy()
         else: v = np.concatenate([np.asarray(x, dtype=np.float32).reshape(-1) for x in data])
         if v.size != 2*self.hidden: raise ValueError(f"an LSTM state of {v.size} values; model {self.id} has 2 x {self.hidden}")
         return v[:self.hidden], v[self.hidden:]
