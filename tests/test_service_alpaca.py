@@ -197,9 +197,12 @@ def test_live_service_on_alpaca_fake_weekend_holiday_sigterm_resume(world, tmp_p
         cal = xcals.get_calendar('XNYS', start='2012-01-01')
         for o in ours:
             sub = pd.Timestamp(o['submitted_at'])
-            assert o['time_in_force'] == 'opg' and sub.tz_convert(NY).hour >= 19, o     # sent after the bar's 19:00 hand-over
+            ny = sub.tz_convert(NY); minute = ny.hour*60 + ny.minute
+            # sent after the bar's 19:00 hand-over, outside Alpaca's 09:28-19:00 opg refusal window (a loaded machine can push a
+            # bar's processing past midnight at this clock rate: still before the next open)
+            assert o['time_in_force'] == 'opg' and not (9*60 + 28 <= minute < 19*60), o
             if o['status'] == 'filled':
-                _test_eq(pd.Timestamp(o['filled_at']), cal.session_open(cal.next_session(sub.tz_convert(NY).strftime('%Y-%m-%d'))))
+                _test_eq(pd.Timestamp(o['filled_at']), cal.next_open(sub))
         filled = [o for o in ours if o['status'] == 'filled']
         assert len(filled) >= len(ours) - 2, collections.Counter(o['status'] for o in ours)   # the last bar's orders wait for 07-11
         ledger = q(home, 'SELECT client_order_id FROM run_orders WHERE run_id = ?', (rid,))
