@@ -56,10 +56,12 @@ def run_label(meta) -> str:
     return f"backtest {meta.id}: {p.get('window', '')}, simulated fills at the next open [{meta.status}]"
 
 # %% ../../nbs/30_dashboard.ipynb #592517d8
-def drift_panel(store:Store, run_id:str, settings:Settings, top:int=6) -> dict:
-    "The data panel's drift part: the run's figure and band, its most drifted features, the action comparison (`trader.live.drift`)."
+def drift_panel(store:Store, run_id:str, settings:Settings, top:int=6, report=None) -> dict:
+    "The data panel's drift part: the run's figure and band, its most drifted features, the action comparison (`trader.live.drift`; `report`: the run's `DriftReport` or `DriftError`, already computed)."
     from trader.live.drift import DriftError, drift_report
-    try: r = drift_report(store, run_id, settings)
+    try:
+        if isinstance(report, Exception): raise report
+        r = report if report is not None else drift_report(store, run_id, settings)
     except DriftError as e: return {'level': None, 'summary': f'drift not measured: {e}', 'rows': [], 'actions': ''}
     worst = sorted(r.features, key=lambda f: -f.psi if math.isfinite(f.psi) else 0)[:top]
     a = r.actions
@@ -96,8 +98,11 @@ def snapshot(store:Store, run_id:str, settings:Settings|None=None, verify_audit:
     out['last_bar'] = str(eq.index[-1].date()) if len(eq) else None
     out['series'] = {'ts': eq.index, 'equity': eq, 'drawdown': dd,
                      'baselines': {c.split(':', 1)[1]: ser[c].dropna() for c in ser.columns if c.startswith('bench:')}}
+    from trader.live.drift import DriftError, drift_report
+    try: drift = drift_report(store, run_id, s)      # once: the gate's drift figure and the data panel both show it
+    except DriftError as e: drift = e
     try:
-        g = compute_gate(store, run_id, None, settings=s, run=meta)
+        g = compute_gate(store, run_id, None, settings=s, run=meta, drift=drift)
         out['gate'] = {'status': g.status, 'reasons': g.reasons, 'date': g.date}
     except (GateError, RunError) as e:
         out['gate'] = {'status': 'RED', 'reasons': [str(e)], 'date': None}
@@ -143,7 +148,7 @@ def snapshot(store:Store, run_id:str, settings:Settings|None=None, verify_audit:
     q = store.quality_by_symbol()
     out['data'] = [{'symbol': r.symbol, 'quality': f'{r.score:.2f}%', 'report': str(r.created)[:19]} for r in q.itertuples() if r.symbol in syms]
     out['feed_state'] = st['feed_state'] if st else 'n/a (backtest)'
-    out['drift'] = drift_panel(store, run_id, s)
+    out['drift'] = drift_panel(store, run_id, s, report=drift)
     if verify_audit:
         from trader.core.audit import Audit
         v = Audit(store).verify()

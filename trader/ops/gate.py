@@ -99,16 +99,19 @@ def _uptime(store:Store, run:Run, day:pd.Timestamp) -> tuple[float, str]:
     from trader.live.loop import uptime_pct      # imported late: trader.live.loop loads vectorbt and torch, which a backtest gate never needs
     return uptime_pct(store, run.id, day)
 
-def _drift(store:Store, run:Run, day:pd.Timestamp, s:Settings) -> GateFigure:
-    "The drift figure: the median (or worst) feature PSI of the run's last bars up to `day` against its model's training window."
+def _drift(store:Store, run:Run, day:pd.Timestamp, s:Settings, report=None) -> GateFigure:
+    "The drift figure: the median (or worst) feature PSI of the run's last bars up to `day` against its model's training window (`report`: that `DriftReport`, or its `DriftError`, already computed)."
     from trader.live.drift import DriftError, drift_report      # imported late: features load numba and vectorbt
     d = s.drift
-    try: r = drift_report(store, run.id, s, date=day)
+    try:
+        if isinstance(report, Exception): raise report
+        r = report if report is not None else drift_report(store, run.id, s, date=day)
     except DriftError as e: return GateFigure('feature drift (PSI)', None, '', f'< {d.psi_warn:g}', 'info', f'not measured: {e}')
     return GateFigure('feature drift (PSI)', r.value, '', f'< {d.psi_warn:g}', classify(r.value, d.psi_warn, d.psi_alert, False), r.summary())
 
 def compute_gate(store:Store, run_id:str|None=None, date=None, settings:Settings|None=None,
                  run:Run|None=None, # the run, already loaded (the dashboard has it)
+                 drift=None, # the run's `DriftReport` up to its last bar (or the `DriftError`), already computed (the dashboard has it); only with date=None
                 ) -> GateResult:
     "Every figure of the gate for `run_id` (default: the monitored run) as of `date` (default: its last bar)."
     s = settings or load_settings()
@@ -149,7 +152,7 @@ def compute_gate(store:Store, run_id:str|None=None, date=None, settings:Settings
         GateFigure('data quality', quality, '%', f'>= {g.quality_min:g}%', classify(quality, g.quality_min - 1e-9, g.quality_warn),
                    'lowest latest stored score of ' + ','.join(run.symbols) if quality is not None else 'no stored quality report for every symbol'),
         GateFigure('model confidence', conf, '%', 'informational', 'info', f'{len(dday)} decision(s) on the day'),
-        _drift(store, run, day, s),
+        _drift(store, run, day, s, drift if date is None else None),
     ]
     status, reasons = gate_status(figures)
     return GateResult(f"{day:%Y-%m-%d}", rid, run.kind, status, reasons, figures)
