@@ -1,0 +1,200 @@
+"""Notebooks as documents: execute every notebook the way `nbdev_test` does, then write or check their outputs.
+
+  python .ci/nbrun.py write [NB ...]   execute and store the outputs in the notebooks (`make nbs`)
+  python .ci/nbrun.py check [NB ...]   execute and compare with the committed outputs (`make nbtest`, part of `make test`)
+
+Execution is nbdev_test's: the same in-process IPython shell (execnb's CaptureShell), the same skip rules (`#| eval: false`,
+settings.ini's `tst_flags`, `nbdev_export(` cells), the notebook's folder as working directory, the same TRADER_HOME and
+TRADER_REPORTS for both commands (Makefile), 2 notebooks at a time, each in a fresh process.
+
+What is compared (`check`): every executed code cell's outputs, in order: stream text, errors, and each rich output's text
+(`text/plain`, `text/html`, `text/markdown`) after normalisation (the repository's own path, temporary folders, object
+addresses). Images are compared by presence only (their bytes depend on the renderer). A plotly figure is stored as a PNG
+plus a text line holding the SHA-256 of the figure's JSON, so a chart whose data changed is stale even though its image
+is not compared. Cells tagged `volatile` (timings, benchmark figures, wall-clock dates) must run but their outputs are not
+compared. A cell whose committed outputs differ from a fresh run fails the check with a diff; the fix is `make nbs`.
+
+Charts: in `write`, plotly figures are rendered to PNG with kaleido (headless Chromium, offline); in JupyterLab the same
+figures stay interactive, because this renderer is installed only by this script."""
+import base64, contextlib, difflib, logging, hashlib, json, multiprocessing as mp, os, re, sys, time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+NBS = ROOT/'nbs'
+VOLATILE = 'volatile'
+TEXT_MIMES = ('text/plain', 'text/html', 'text/markdown', 'text/latex', 'application/json')
+
+# ----------------------------------------------------------------------------------------------------- normalisation
+_ADDR = re.compile(r' at 0x[0-9a-fA-F]+')
+_TMP = re.compile(r'/tmp/(?:pytest-of-[^/\s]+/)?(?:tmp|pytest-)[A-Za-z0-9_]+')
+_ANSI = re.compile(r'\x1b\[[0-9;]*[A-Za-z]')
+
+def clean_text(s:str) -> str:
+    "Text as stored: the repository's absolute path removed (outputs read the same on every clone), temp folders named alike."
+    s = s.replace(str(ROOT) + '/', '').replace(str(ROOT), '.')
+    return _TMP.sub('/tmp/…', s)
+
+def norm_text(s:str) -> str:
+    "Text as compared: stored form, without ANSI colours, object addresses and trailing blanks."
+    s = _ADDR.sub(' at 0x…', _ANSI.sub('', clean_text(s)))
+    return '\n'.join(l.rstrip() for l in s.splitlines()).strip('\n')
+
+def _join(v) -> str: return ''.join(v) if isinstance(v, list) else str(v)
+
+def norm_outputs(outputs:list) -> list[str]:
+    "One comparable line-block per output."
+    out = []
+    for o in outputs:
+        t = o.get('output_type')
+        if t == 'stream': out.append(f"[{o.get('name')}]\n" + norm_text(_join(o.get('text', ''))))
+        elif t == 'error': out.append(f"[error] {o.get('ename')}: {norm_text(str(o.get('evalue')))}")
+        elif t in ('display_data', 'execute_result'):
+            d = o.get('data', {})
+            parts = [f"[{t}]"] + [f"{m}: <image>" for m in sorted(d) if m.startswith('image/')]
+            parts += [f"{m}:\n{norm_text(_join(d[m]) if m != 'application/json' else json.dumps(d[m], sort_keys=True))}"
+                      for m in TEXT_MIMES if m in d]
+            parts += [f"{m}: <present>" for m in sorted(d) if m not in TEXT_MIMES and not m.startswith('image/')]
+            out.append('\n'.join(parts))
+    # stdout written in several pieces may be split into several stream outputs: merge neighbours of one stream
+    merged = []
+    for b in out:
+        if merged and b.startswith('[std') and merged[-1].split('\n', 1)[0] == b.split('\n', 1)[0]:
+            merged[-1] += '\n' + b.split('\n', 1)[1]
+        else: merged.append(b)
+    return merged
+
+def clean_outputs(outputs:list) -> list:
+    "Outputs as stored: notebook JSON, text cleaned (see `clean_text`), no execution counts."
+    res = []
+    for o in outputs:
+        o = json.loads(json.dumps(o, default=str))
+        if o.get('output_type') == 'stream': o['text'] = clean_text(_join(o['text'])).splitlines(True)
+        if o.get('output_type') == 'error':
+            o['evalue'] = clean_text(str(o['evalue'])); o['traceback'] = [clean_text(x) for x in o.get('traceback', [])]
+        if 'data' in o:
+            if not o['data']: continue                                  # a figure's _ipython_display_ leaves an empty result
+            o['data'] = {m: (clean_text(_join(v)).splitlines(True) if m.startswith('text/') else v) for m, v in o['data'].items()}
+            o.setdefault('metadata', {})
+        if o.get('output_type') == 'execute_result': o['execution_count'] = None
+        res.append(o)
+    return res
+
+# --------------------------------------------------------------------------------------------------------- charts
+def install_chart_renderer(images:bool):
+    "plotly figures display as a PNG (`images`; kaleido + headless Chromium) plus a text line naming the figure's data hash."
+    import plotly.io as pio
+    from plotly.io._base_renderers import MimetypeRenderer
+    from plotly.utils import PlotlyJSONEncoder
+
+    class Static(MimetypeRenderer):
+        def to_mimebundle(self, fig_dict):
+            js = json.dumps(fig_dict, cls=PlotlyJSONEncoder, sort_keys=True)
+            title = ((fig_dict.get('layout') or {}).get('title') or {})
+            title = title.get('text', '') if isinstance(title, dict) else str(title)
+            lay = fig_dict.get('layout') or {}
+            w, h = lay.get('width') or 900, lay.get('height') or 450
+            b = {'text/plain': f"plotly figure {title!r} ({w}x{h}, data sha256 {hashlib.sha256(js.encode()).hexdigest()[:16]})"}
+            if not images: b['image/png'] = ''                          # `check` compares images by presence: none drawn
+            else:
+                with open(os.devnull, 'w') as null, contextlib.redirect_stderr(null):   # Chromium's chatter is not output
+                    b['image/png'] = base64.b64encode(pio.to_image(fig_dict, format='png', width=w, height=h)).decode()
+            return b
+
+    for name in ('choreographer', 'kaleido', 'logistro'): logging.getLogger(name).setLevel(logging.CRITICAL)
+    pio.renderers['trader_static'] = Static()
+    pio.renderers.default = 'trader_static'
+
+# ------------------------------------------------------------------------------------------------------ execution
+def execute(fn:str, images:bool) -> dict:
+    "Run one notebook as nbdev_test does; {'ok', 'secs', 'outputs': {cell index: outputs}, 'skipped': [cell index], 'error'}."
+    from execnb.shell import CaptureShell
+    from fastcore.basics import str2bool
+    from fastcore.xtras import working_directory
+    from nbdev.config import get_config
+    from nbdev.process import NBProcessor
+    from nbdev.frontmatter import FrontmatterProc
+    os.environ['IN_TEST'] = '1'
+    install_chart_renderer(images)
+    fn, cfg = Path(fn), get_config()
+    flags = set(cfg.tst_flags.split())
+    nb = NBProcessor(fn, procs=FrontmatterProc, process=True).nb
+    if str2bool(getattr(nb, 'frontmatter_', {}).get('skip_exec', False)): return dict(ok=True, secs=0, outputs={}, skipped=[], error='')
+    skipped = []
+    def _no_eval(cell):
+        if cell.cell_type != 'code': return True
+        direc = getattr(cell, 'directives_', {}) or {}
+        skip = ('nbdev_export' + '(' in cell.source or direc.get('eval:', [''])[0].lower() == 'false' or bool(flags & direc.keys()))
+        if skip: skipped.append(cell.idx_)
+        return skip
+    sys.path.insert(0, str(cfg.config_path))
+    t0, k = time.time(), CaptureShell(fn)
+    ok, err = True, ''
+    try:
+        with working_directory(fn.parent): k.run_all(nb, exc_stop=True, preproc=_no_eval)
+    except BaseException:
+        ok, err = False, k.prettytb(fname=fn)
+    outs = {c.idx_: clean_outputs(json.loads(json.dumps(c.get('outputs', []), default=str)))
+            for c in nb.cells if c.cell_type == 'code' and c.idx_ not in skipped}
+    return dict(ok=ok, secs=time.time() - t0, outputs=outs, skipped=skipped, error=err)
+
+def _worker(args):
+    fn, images = args
+    try: return fn, execute(fn, images)
+    except BaseException as e: return fn, dict(ok=False, secs=0, outputs={}, skipped=[], error=f"{type(e).__name__}: {e}")
+
+def notebooks(paths:list[str]) -> list[Path]:
+    "The notebooks nbdev_test would run: nbs/**.ipynb except folders/files starting with _ or . and checkpoints."
+    if paths: return [Path(p).resolve() for p in paths]
+    return sorted(p.resolve() for p in NBS.rglob('*.ipynb')
+                  if not any(part.startswith(('_', '.')) for part in p.relative_to(NBS).parts))
+
+def tagged(cell:dict, tag:str) -> bool: return tag in (cell.get('metadata', {}).get('tags') or [])
+
+def compare(fn:Path, res:dict) -> list[str]:
+    "Stale cells of `fn` against a fresh run `res`, as readable diffs."
+    nb, probs = json.loads(fn.read_text()), []
+    for i, c in enumerate(nb['cells']):
+        if c['cell_type'] != 'code' or tagged(c, VOLATILE): continue
+        fresh = res['outputs'].get(i, []) if i not in res['skipped'] else []
+        old, new = norm_outputs(c.get('outputs', [])), norm_outputs(fresh)
+        if old != new:
+            diff = list(difflib.unified_diff('\n'.join(old).splitlines(), '\n'.join(new).splitlines(), 'committed', 'fresh', n=1, lineterm=''))
+            src = _join(c['source']).strip().splitlines()
+            probs.append(f"cell {i} ({src[0][:60] if src else ''!s}):\n    " + '\n    '.join(diff[:30]) + ('\n    …' if len(diff) > 30 else ''))
+    return probs
+
+def write(fn:Path, res:dict):
+    "Store the fresh outputs in the notebook (other content untouched; skipped cells keep no output)."
+    nb = json.loads(fn.read_text())
+    for i, c in enumerate(nb['cells']):
+        if c['cell_type'] != 'code': continue
+        c['outputs'] = [] if i in res['skipped'] else res['outputs'].get(i, [])
+        c['execution_count'] = None
+    fn.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + '\n')
+
+def main(argv:list[str]) -> int:
+    if not argv or argv[0] not in ('write', 'check'): print(__doc__); return 2
+    mode, files = argv[0], notebooks(argv[1:])
+    timing = ROOT/'.cache'/'nbrun-times.json'
+    prev = json.loads(timing.read_text()) if timing.exists() else {}
+    files.sort(key=lambda f: -prev.get(f.name, 1e9))                      # longest first: two workers finish together
+    n = int(os.environ.get('NBRUN_WORKERS', '2'))
+    t0, failed, stale, times = time.time(), [], [], {}
+    with mp.get_context('fork').Pool(n, maxtasksperchild=1) as pool:       # a fresh process per notebook, as nbdev_test
+        for fn, res in pool.imap_unordered(_worker, [(str(f), mode == 'write') for f in files]):
+            fn, name = Path(fn), Path(fn).relative_to(ROOT)
+            times[fn.name] = round(res['secs'], 1)
+            if not res['ok']:
+                failed.append(name); print(f"FAILED {name} ({res['secs']:.0f}s)\n{res['error']}", file=sys.stderr, flush=True); continue
+            if mode == 'write': write(fn, res); print(f"wrote  {name} ({res['secs']:.0f}s)", flush=True); continue
+            probs = compare(fn, res)
+            if probs:
+                stale.append(name); print(f"STALE  {name}: {len(probs)} cell(s) differ from a fresh run\n  " + '\n  '.join(probs), flush=True)
+            else: print(f"ok     {name} ({res['secs']:.0f}s)", flush=True)
+    timing.parent.mkdir(exist_ok=True); timing.write_text(json.dumps({**prev, **times}, indent=1, sort_keys=True))
+    print(f"{len(files)} notebooks in {time.time() - t0:.0f}s: {len(failed)} failed, {len(stale)} stale")
+    if stale: print("committed outputs are stale: run `make nbs` and commit the notebooks (cells whose output is not "
+                    "deterministic carry the `volatile` tag)", file=sys.stderr)
+    return 1 if failed or stale else 0
+
+if __name__ == '__main__': sys.exit(main(sys.argv[1:]))
