@@ -1,6 +1,7 @@
 # trader: two commands do all set-up on a fresh machine.
 #   make demo   runs the main job on the embedded default store
-#   make test   lock check, sync check, nbdev_clean check, nbdev_test, pytest
+#   make test   lock check, sync check, nbdev_clean check, notebooks executed + outputs compared, pytest
+#   make nbs    re-execute the notebooks in place (their committed outputs), then nbdev_clean
 #   make lab    JupyterLab on 127.0.0.1 with the project's kernel (`trader`)
 #   make lock   re-compile requirements.lock from settings.ini (see the README's "Upgrading dependencies")
 SHELL := /bin/bash
@@ -12,7 +13,7 @@ export NUMBA_CACHE_DIR ?= $(CURDIR)/.cache/numba
 export MPLBACKEND ?= Agg
 export PYTHONHASHSEED ?= 0
 
-.PHONY: install demo serve lab lock lock-check test bench sync-check clean-check nbtest pytest clean
+.PHONY: install demo serve lab lock lock-check test bench sync-check clean-check nbtest nbs pytest clean
 
 # Extra wheel folders for the lock's CPU build of torch (torch==X+cpu is not on PyPI): this machine keeps it in /opt/wheels.
 FIND_LINKS ?= $(wildcard /opt/wheels)
@@ -66,8 +67,18 @@ clean-check: install
 	if [ "$$before" != "$$after" ]; then echo "notebooks were not clean (nbdev_clean changed them; commit the cleaned files)"; git status --porcelain -- nbs; exit 1; fi
 	@echo "clean check: notebooks are clean"
 
+# Every notebook executed as nbdev_test executes it (same shell, skip rules and flags), in a home of its own. `nbtest`
+# compares the fresh outputs with the committed ones (cells tagged `volatile` excepted) and fails on a difference;
+# `nbs` writes them into the notebooks (charts as PNG through kaleido + headless Chromium), then nbdev_clean.
+NB_ENV = TRADER_HOME=$(CURDIR)/.test-home/nbs TRADER_REPORTS=$(CURDIR)/.test-home/reports
+
 nbtest: install
-	TRADER_HOME=$(CURDIR)/.test-home/nbs TRADER_REPORTS=$(CURDIR)/.test-home/reports $(BIN)/nbdev_test --n_workers 2
+	$(NB_ENV) $(BIN)/python .ci/nbrun.py check $(NB)
+
+nbs: install   ## re-execute the notebooks in place and store their outputs (NB="nbs/01_data.ipynb ..." for some)
+	@rm -rf .test-home/nbs .test-home/reports
+	$(NB_ENV) $(BIN)/python .ci/nbrun.py write $(NB)
+	$(BIN)/nbdev_clean
 
 pytest: install
 	$(BIN)/python -m pytest tests/ -q

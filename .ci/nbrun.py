@@ -96,8 +96,14 @@ def install_chart_renderer(images:bool):
             b = {'text/plain': f"plotly figure {title!r} ({w}x{h}, data sha256 {hashlib.sha256(js.encode()).hexdigest()[:16]})"}
             if not images: b['image/png'] = ''                          # `check` compares images by presence: none drawn
             else:
-                with open(os.devnull, 'w') as null, contextlib.redirect_stderr(null):   # Chromium's chatter is not output
-                    b['image/png'] = base64.b64encode(pio.to_image(fig_dict, format='png', width=w, height=h)).decode()
+                for attempt in range(3):                # kaleido's page can be called before its script loaded (a loaded machine)
+                    try:
+                        with open(os.devnull, 'w') as null, contextlib.redirect_stderr(null):   # Chromium's chatter is not output
+                            b['image/png'] = base64.b64encode(pio.to_image(fig_dict, format='png', width=w, height=h)).decode()
+                        break
+                    except Exception:
+                        if attempt == 2: raise
+                        time.sleep(2)
             return b
 
     for name in ('choreographer', 'kaleido', 'logistro'): logging.getLogger(name).setLevel(logging.CRITICAL)
@@ -182,7 +188,7 @@ def main(argv:list[str]) -> int:
     t0, failed, stale, times = time.time(), [], [], {}
     with mp.get_context('fork').Pool(n, maxtasksperchild=1) as pool:       # a fresh process per notebook, as nbdev_test
         for fn, res in pool.imap_unordered(_worker, [(str(f), mode == 'write') for f in files]):
-            fn, name = Path(fn), Path(fn).relative_to(ROOT)
+            fn = Path(fn); name = fn.relative_to(ROOT) if fn.is_relative_to(ROOT) else fn
             times[fn.name] = round(res['secs'], 1)
             if not res['ok']:
                 failed.append(name); print(f"FAILED {name} ({res['secs']:.0f}s)\n{res['error']}", file=sys.stderr, flush=True); continue
