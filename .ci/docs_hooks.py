@@ -1,0 +1,35 @@
+"""MkDocs hooks for the docs site (.ci/docs.py names this file in the generated mkdocs.yml).
+
+- Pages load nothing from the network: nbconvert's notebook template links MathJax and Mermaid from a CDN; those
+  scripts are removed (TeX stays as written, `$x$`; a Mermaid block shows its source).
+- Every notebook page inlines the same ~0.6 MB of JupyterLab CSS and the same scripts; they are written once under
+  assets/notebook/ (named by content hash) and linked, which keeps the site ~10x smaller and the pages cacheable.
+"""
+import hashlib, re
+from pathlib import Path
+from mkdocs.utils import get_relative_url
+
+CDN_SCRIPT = re.compile(r'<script\b[^>]*\bsrc="(?:https?:)?//[^"]*"[^>]*>\s*</script>\s*', re.I)
+MATHJAX_CONFIG = re.compile(r'<!-- Load mathjax -->.*?<!-- End of mathjax configuration -->\s*', re.S)
+MERMAID = re.compile(r'<script type="module">(?:(?!</script>).)*?import\("https?://(?:(?!</script>).)*</script>\s*', re.S)
+INLINE = re.compile(r'<(style)(?: type="text/css")?>(.*?)</style>|<(script)>(.*?)</script>', re.S)
+SHARED_MIN = 2000      # inline blocks at least this long (characters) go to a shared file
+
+def on_page_content(html:str, page, config, files) -> str:
+    "The page's HTML without scripts from other hosts."
+    html = MATHJAX_CONFIG.sub('', html)
+    html = MERMAID.sub('', html)
+    return CDN_SCRIPT.sub('', html)
+
+def on_post_page(output:str, page, config) -> str:
+    "Large inline styles and scripts of notebook pages moved to shared files under assets/notebook/."
+    if not page.file.src_uri.endswith('.ipynb'): return output
+    def shared(m):
+        kind, body = ('css', m[2]) if m[1] else ('js', m[4])
+        if len(body) < SHARED_MIN: return m[0]
+        name = f"assets/notebook/{hashlib.sha256(body.encode()).hexdigest()[:16]}.{kind}"
+        path = Path(config['site_dir'])/name
+        if not path.exists(): path.parent.mkdir(parents=True, exist_ok=True); path.write_text(body)
+        url = get_relative_url(name, page.url)
+        return f'<link rel="stylesheet" href="{url}">' if kind == 'css' else f'<script src="{url}"></script>'
+    return INLINE.sub(shared, output)
