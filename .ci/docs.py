@@ -26,6 +26,11 @@ SRC = ROOT/'_docs_src'           # generated: pages, mkdocs.yml, the conversion 
 CACHE = SRC/'cache'              # mkdocs-jupyter's converted pages, keyed by notebook content and options (shared by all builds)
 LAYERS = [('core', 'Core'), ('research', 'Research'), ('live', 'Live'), ('ops', 'Operations')]
 PIPE = '\\|'           # a literal | inside a markdown table cell
+EXTRA_CSS = '''/* .ci/docs.py: notebooks want a wider page than prose; wide tables and long code lines scroll instead of being cut */
+.md-grid { max-width: 1440px; }
+.jupyter-wrapper .jp-OutputArea-output, .jupyter-wrapper .jp-InputArea-editor, .jupyter-wrapper .highlight-ipynb { overflow-x: auto; }
+.jupyter-wrapper .jp-OutputArea-output img { max-width: 100%; height: auto; }
+'''
 DIRECTIVE = re.compile(r'^\s*#\|\s*(.*)$')
 
 def quarto(path:Path=ROOT/'_quarto.yml') -> dict:
@@ -100,7 +105,8 @@ def write(src:Path=SRC, site_dir:Path|None=None) -> Path:
     site = q.get('website', {})
     site_dir = Path(site_dir or ROOT/q.get('project', {}).get('output-dir', '_docs')).resolve()
     pages = src/'pages'
-    shutil.rmtree(pages, ignore_errors=True); (pages/'api').mkdir(parents=True)
+    shutil.rmtree(pages, ignore_errors=True); (pages/'api').mkdir(parents=True); (pages/'stylesheets').mkdir()
+    (pages/'stylesheets'/'extra.css').write_text(EXTRA_CSS)
     nbs = notebooks(q)
     nav_nbs = []
     for p in nbs:
@@ -134,12 +140,12 @@ def write(src:Path=SRC, site_dir:Path|None=None) -> Path:
                   'palette': {'primary': 'indigo'}},
         'nav': [{'Home': 'index.ipynb'}, {'Notebooks': nav_nbs},
                 {'API reference': [{'Overview': 'api/index.md'}, *[{label: e} for label, e in api.items() if e]]}],
-        'extra': {'generator': False},
+        'extra': {'generator': False}, 'extra_css': ['stylesheets/extra.css'],
         'markdown_extensions': ['admonition', 'tables', 'toc', 'pymdownx.highlight', 'pymdownx.superfences'],
         'hooks': [str(Path(__file__).with_name('docs_hooks.py'))],
         'plugins': [
             {'search': {'lang': 'en'}},
-            {'mkdocs-jupyter': {'execute': False, 'include_source': True, 'ignore_h1_titles': False, 'include_requirejs': False,
+            {'mkdocs-jupyter': {'execute': False, 'include_source': True, 'ignore_h1_titles': False, 'include_requirejs': False, 'no_prompt': True,
                                 'remove_tag_config': {'remove_input_tags': ['remove_input']},
                                 'cache_dir': str(CACHE), 'custom_mathjax_url': ''}},
             {'mkdocstrings': {'default_handler': 'python', 'handlers': {'python': {

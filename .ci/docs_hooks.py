@@ -2,10 +2,12 @@
 
 - Pages load nothing from the network: nbconvert's notebook template links MathJax and Mermaid from a CDN; those
   scripts are removed (TeX stays as written, `$x$`; a Mermaid block shows its source).
+- A notebook's link to another notebook (`[Store](03_store.ipynb#the-schema)`, as it works in JupyterLab) points at that
+  notebook's page.
 - Every notebook page inlines the same ~0.6 MB of JupyterLab CSS and the same scripts; they are written once under
   assets/notebook/ (named by content hash) and linked, which keeps the site ~10x smaller and the pages cacheable.
 """
-import hashlib, re
+import hashlib, posixpath, re
 from pathlib import Path
 from mkdocs.utils import get_relative_url
 
@@ -13,10 +15,15 @@ CDN_SCRIPT = re.compile(r'<script\b[^>]*\bsrc="(?:https?:)?//[^"]*"[^>]*>\s*</sc
 MATHJAX_CONFIG = re.compile(r'<!-- Load mathjax -->.*?<!-- End of mathjax configuration -->\s*', re.S)
 MERMAID = re.compile(r'<script type="module">(?:(?!</script>).)*?import\("https?://(?:(?!</script>).)*</script>\s*', re.S)
 INLINE = re.compile(r'<(style)(?: type="text/css")?>(.*?)</style>|<(script)>(.*?)</script>', re.S)
+NB_LINK = re.compile(r'(<a\b[^>]*?\bhref=)"([^":#?]+\.ipynb)(#[^"]*)?"')
 SHARED_MIN = 2000      # inline blocks at least this long (characters) go to a shared file
 
 def on_page_content(html:str, page, config, files) -> str:
-    "The page's HTML without scripts from other hosts."
+    "The page's HTML without scripts from other hosts, its links to notebooks pointing at their pages."
+    def page_link(m):
+        f = files.get_file_from_path(posixpath.normpath(posixpath.join(posixpath.dirname(page.file.src_uri), m[2])))
+        return m[0] if f is None else f'{m[1]}"{f.url_relative_to(page.file)}{m[3] or ""}"'
+    if page.file.src_uri.endswith('.ipynb'): html = NB_LINK.sub(page_link, html)
     html = MATHJAX_CONFIG.sub('', html)
     html = MERMAID.sub('', html)
     return CDN_SCRIPT.sub('', html)
