@@ -145,7 +145,7 @@ def write(src:Path=SRC, site_dir:Path|None=None) -> Path:
         'hooks': [str(Path(__file__).with_name('docs_hooks.py'))],
         'plugins': [
             {'search': {'lang': 'en'}},
-            {'mkdocs-jupyter': {'execute': False, 'include_source': True, 'ignore_h1_titles': False, 'include_requirejs': False, 'no_prompt': True,
+            {'mkdocs-jupyter': {'execute': False, 'include_source': True, 'ignore_h1_titles': True, 'include_requirejs': False, 'no_prompt': True,
                                 'remove_tag_config': {'remove_input_tags': ['remove_input']},
                                 'cache_dir': str(CACHE), 'custom_mathjax_url': ''}},
             {'mkdocstrings': {'default_handler': 'python', 'handlers': {'python': {
@@ -172,6 +172,8 @@ def main(argv=None):
                        env={**os.environ, 'NO_MKDOCS_2_WARNING': '1'})
     if r.returncode: raise SystemExit(f"mkdocs build failed (exit {r.returncode}); the configuration is {cfg}")
     site = Path(yaml.safe_load(cfg.read_text())['site_dir'])
+    for p in notebooks(quarto()):      # the download beside each page is the notebook itself, not the copy prepared for the page
+        shutil.copyfile(p, site/(p.name if p.stem == 'index' else f'{p.stem}/{p.name}'))
     size = sum(f.stat().st_size for f in site.rglob('*') if f.is_file())
     print(f"docs: {site} built in {time.monotonic()-t0:.1f}s ({size/2**20:.1f} MiB); view it with `python -m http.server -b 127.0.0.1 -d {site}`")
 

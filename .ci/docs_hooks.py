@@ -4,11 +4,14 @@
   scripts are removed (TeX stays as written, `$x$`; a Mermaid block shows its source).
 - A notebook's link to another notebook (`[Store](03_store.ipynb#the-schema)`, as it works in JupyterLab) points at that
   notebook's page.
+- A notebook page has a download button for its notebook (mkdocs-jupyter's include_source puts the file beside the page;
+  .ci/docs.py then replaces it with the original from nbs/).
 - Every notebook page inlines the same ~0.6 MB of JupyterLab CSS and the same scripts; they are written once under
   assets/notebook/ (named by content hash) and linked, which keeps the site ~10x smaller and the pages cacheable.
 """
 import hashlib, posixpath, re
 from pathlib import Path
+import material
 from mkdocs.utils import get_relative_url
 
 CDN_SCRIPT = re.compile(r'<script\b[^>]*\bsrc="(?:https?:)?//[^"]*"[^>]*>\s*</script>\s*', re.I)
@@ -16,6 +19,7 @@ MATHJAX_CONFIG = re.compile(r'<!-- Load mathjax -->.*?<!-- End of mathjax config
 MERMAID = re.compile(r'<script type="module">(?:(?!</script>).)*?import\("https?://(?:(?!</script>).)*</script>\s*', re.S)
 INLINE = re.compile(r'<(style)(?: type="text/css")?>(.*?)</style>|<(script)>(.*?)</script>', re.S)
 NB_LINK = re.compile(r'(<a\b[^>]*?\bhref=)"([^":#?]+\.ipynb)(#[^"]*)?"')
+DOWNLOAD_ICON = (Path(material.__file__).parent/'templates'/'.icons'/'material'/'download.svg').read_text()
 SHARED_MIN = 2000      # inline blocks at least this long (characters) go to a shared file
 
 def on_page_content(html:str, page, config, files) -> str:
@@ -23,7 +27,11 @@ def on_page_content(html:str, page, config, files) -> str:
     def page_link(m):
         f = files.get_file_from_path(posixpath.normpath(posixpath.join(posixpath.dirname(page.file.src_uri), m[2])))
         return m[0] if f is None else f'{m[1]}"{f.url_relative_to(page.file)}{m[3] or ""}"'
-    if page.file.src_uri.endswith('.ipynb'): html = NB_LINK.sub(page_link, html)
+    if page.file.src_uri.endswith('.ipynb'):
+        html = NB_LINK.sub(page_link, html)
+        name = posixpath.basename(page.file.src_uri)
+        html = (f'<a href="{name}" download class="md-content__button md-icon" title="Download {name}">{DOWNLOAD_ICON}</a>\n'
+                + html)
     html = MATHJAX_CONFIG.sub('', html)
     html = MERMAID.sub('', html)
     return CDN_SCRIPT.sub('', html)

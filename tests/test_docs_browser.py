@@ -105,7 +105,8 @@ def test_notebook_pages_have_their_outputs(site):
         assert html.count('src="data:image/png;base64,') >= pngs, f'{nb.name}: {pngs} PNG outputs, fewer <img> on {page}'
         tables = sum('<table' in ''.join(o.get('data', {}).get('text/html', '')) for o in outs)
         assert html.count('<table') >= tables, f'{nb.name}: {tables} HTML table outputs, fewer <table> on {page}'
-        assert (page.parent/nb.name).exists(), f'{nb.name} is not offered for download beside its page'
+        assert f'<a href="{nb.name}" download' in html, f'{page}: no download button for {nb.name}'
+        assert (page.parent/nb.name).read_bytes() == nb.read_bytes(), f'the download beside {page} is not {nb.name} itself'
 
 def test_every_module_has_an_api_page(site):
     mods = docs.modules()
@@ -162,7 +163,7 @@ def test_site_in_chromium(site, tmp_path):
             page.goto(f'{base}/', wait_until='networkidle')
             h1 = page.locator('article h1').first
             assert h1.inner_text().replace('¶', '').strip() == first_heading(ROOT/'nbs'/'index.ipynb')
-            assert page.title().startswith(first_heading(ROOT/'nbs'/'index.ipynb'))
+            assert page.title() == docs.quarto()['website']['title']
             assert page.locator('nav.md-nav a[href$="api/"]').count() > 0, 'no API reference in the navigation'
             page.screenshot(path=str(tmp_path/'docs-home.png'))
 
