@@ -17,7 +17,7 @@ then runs `mkdocs build --strict` into the output folder (or `--site-dir`).
     python .ci/docs.py --config-only   # write _docs_src/ without building
 """
 from __future__ import annotations
-import argparse, glob, json, os, re, shutil, subprocess, sys, time
+import argparse, fcntl, glob, json, os, re, shutil, subprocess, sys, time
 from pathlib import Path
 import yaml
 
@@ -30,6 +30,13 @@ EXTRA_CSS = '''/* .ci/docs.py: notebooks want a wider page than prose; wide tabl
 .md-grid { max-width: 1440px; }
 .jupyter-wrapper .jp-OutputArea-output, .jupyter-wrapper .jp-InputArea-editor, .jupyter-wrapper .highlight-ipynb { overflow-x: auto; }
 .jupyter-wrapper .jp-OutputArea-output img { max-width: 100%; height: auto; }
+'''
+# `mkdocs` run so that a build which imported the package (or torch, ray) fails: the API pages must be read statically
+STATIC_BUILD = '''import runpy, sys
+try: runpy.run_module('mkdocs', run_name='__main__', alter_sys=True); code = 0
+except SystemExit as e: code = e.code
+bad = sorted(m for m in ('trader', 'torch', 'ray') if m in sys.modules)
+sys.exit(f"the docs build imported {', '.join(bad)}: the API reference must be read statically (griffe)" if bad else code)
 '''
 DIRECTIVE = re.compile(r'^\s*#\|\s*(.*)$')
 
@@ -168,8 +175,11 @@ def main(argv=None):
     t0 = time.monotonic()
     cfg = write(a.src.resolve(), site_dir=a.site_dir)
     if a.config_only: print(cfg); return
-    r = subprocess.run([sys.executable, '-m', 'mkdocs', 'build', '--strict', '--clean', '-q', '-f', str(cfg)], cwd=ROOT,
-                       env={**os.environ, 'NO_MKDOCS_2_WARNING': '1'})
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(CACHE/'.lock', 'w') as lock:     # one build at a time writes the shared cache (parallel test workers, make docs)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        r = subprocess.run([sys.executable, '-c', STATIC_BUILD, 'build', '--strict', '--clean', '-q', '-f', str(cfg)], cwd=ROOT,
+                           env={**os.environ, 'NO_MKDOCS_2_WARNING': '1'})
     if r.returncode: raise SystemExit(f"mkdocs build failed (exit {r.returncode}); the configuration is {cfg}")
     site = Path(yaml.safe_load(cfg.read_text())['site_dir'])
     for p in notebooks(quarto()):      # the download beside each page is the notebook itself, not the copy prepared for the page
