@@ -6,6 +6,8 @@
   notebook's page.
 - A notebook page has a download button for its notebook (mkdocs-jupyter's include_source puts the file beside the page;
   .ci/docs.py then replaces it with the original from nbs/).
+- In notebook prose, a name in backticks that the API reference documents (`Store`, `Store.frame`, `write_bars()`,
+  `trader.core.store`) links to its entry there, as nbdev's docs do; names documented in two modules stay plain text.
 - Every notebook page inlines the same ~0.6 MB of JupyterLab CSS and the same scripts; they are written once under
   assets/notebook/ (named by content hash) and linked, which keeps the site ~10x smaller and the pages cacheable.
 """
@@ -48,3 +50,38 @@ def on_post_page(output:str, page, config) -> str:
         url = get_relative_url(name, page.url)
         return f'<link rel="stylesheet" href="{url}">' if kind == 'css' else f'<script src="{url}"></script>'
     return INLINE.sub(shared, output)
+
+API_ID = re.compile(r'\bid="(trader\.(?:core|research|live|ops)\.\w+)((?:\.\w+)*)"')
+CODE = re.compile(r'<code>((?:trader\.)?[A-Za-z_][\w.]*)(\(\))?</code>')
+ANCHOR = re.compile(r'(<a\b[^>]*>.*?</a>)', re.S)
+
+def api_index(site:Path) -> dict[str, str]:
+    "Name -> site path with anchor of every entry on the API pages: modules by their full name, members by the name after it."
+    seen: dict[str, set[str]] = {}
+    for page in sorted((site/'api').glob('trader.*/index.html')):
+        url = page.parent.relative_to(site).as_posix() + '/'
+        for mod, rest in API_ID.findall(page.read_text(encoding='utf-8')):
+            if page.parent.name != mod: continue
+            key, ref = (rest[1:], f'{url}#{mod}{rest}') if rest else (mod, url)
+            seen.setdefault(key, set()).add(ref)
+    return {k: v.pop() for k, v in seen.items() if len(v) == 1}
+
+def on_post_build(config):
+    "Backticked names in the notebook pages' prose linked to their API entries (the API pages exist only now)."
+    site = Path(config['site_dir'])
+    index = api_index(site)
+    for page in site.glob('*/index.html'):
+        if not (page.parent/f'{page.parent.name}.ipynb').exists(): continue      # notebook pages only
+        link_names(page, index, site)
+    if (site/'index.ipynb').exists(): link_names(site/'index.html', index, site)
+
+def link_names(page:Path, index:dict, site:Path):
+    html = page.read_text(encoding='utf-8')
+    start, end = html.find('<div class="jupyter-wrapper">'), html.rfind('</article>')
+    if start < 0 or end < start: return
+    prefix = '../' * len(page.parent.relative_to(site).parts)
+    def link(m):
+        ref = index.get(m[1])
+        return m[0] if ref is None else f'<a href="{prefix}{ref}">{m[0]}</a>'
+    body = ''.join(part if part.startswith('<a') else CODE.sub(link, part) for part in ANCHOR.split(html[start:end]))
+    page.write_text(html[:start] + body + html[end:], encoding='utf-8')

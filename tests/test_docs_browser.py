@@ -20,7 +20,7 @@ from test_lab_browser import first_heading
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(ROOT/'.ci'))
-import docs  # noqa: E402  (.ci/docs.py: the site's structure)
+import docs, docs_hooks  # noqa: E402  (.ci/docs.py: the site's structure; .ci/docs_hooks.py: its MkDocs hooks)
 
 API_MODULE = 'trader.core.store'
 SEARCH = 'drift'
@@ -108,6 +108,20 @@ def test_notebook_pages_have_their_outputs(site):
         assert f'<a href="{nb.name}" download' in html, f'{page}: no download button for {nb.name}'
         assert (page.parent/nb.name).read_bytes() == nb.read_bytes(), f'the download beside {page} is not {nb.name} itself'
 
+def test_notebook_prose_links_to_the_api(site):
+    "Every backticked name in a notebook's prose that the API documents (once) links to its entry there."
+    index, linked = docs_hooks.api_index(site), 0
+    assert 'Store' in index and 'trader.core.store' in index, sorted(index)[:20]
+    for nb in docs.notebooks(docs.quarto()):
+        page = site/('index.html' if nb.stem == 'index' else f'{nb.stem}/index.html')
+        html, prefix = page.read_text(encoding='utf-8'), '' if nb.stem == 'index' else '../'
+        prose = ' '.join(''.join(c['source']) for c in json.loads(nb.read_text())['cells'] if c['cell_type'] == 'markdown')
+        in_links = set(re.findall(r'\[[^\]]*?`([\w.]+)(?:\(\))?`[^\]]*\]\(', prose))      # already a link: left alone
+        for name in set(re.findall(r'`((?:trader\.)?[A-Za-z_][\w.]*)(?:\(\))?`', prose)) & set(index) - in_links:
+            assert f'<a href="{prefix}{index[name]}"><code>{name}' in html, f'{page}: `{name}` not linked to {index[name]}'
+            linked += 1
+    assert linked > 50, linked
+
 def test_every_module_has_an_api_page(site):
     mods = docs.modules()
     assert API_MODULE in mods and not any(m.endswith('_modidx') for m in mods)
@@ -119,21 +133,26 @@ def test_every_module_has_an_api_page(site):
 def test_internal_links_resolve_and_nothing_loads_from_another_host(site):
     pages = sorted(site.rglob('*.html'))
     assert len(pages) > len(docs.modules()) + 40, len(pages)
-    broken, external, checked = [], [], 0
+    parsed = {p: parse(p) for p in pages}
+    broken, external, checked, anchors = [], [], 0, 0
     for page in pages:
-        refs, base = parse(page), page_url(site, page)
+        refs, base = parsed[page], page_url(site, page)
         for tag, attr, ref in refs.refs:
             if tag in RESOURCE_ATTRS and attr == RESOURCE_ATTRS[tag] and re.match(r'(https?:)?//', ref): external.append((page, tag, ref))
             f = target(site, base, ref)
             if f is None: continue
             checked += 1
-            if not f.is_file(): broken.append((page.relative_to(site).as_posix(), ref))
+            if not f.is_file(): broken.append((page.relative_to(site).as_posix(), ref)); continue
+            frag = unquote(urlsplit(ref).fragment)
+            if frag and f in parsed:       # an anchor on another page (the API entries that notebook prose links to) must exist
+                anchors += 1
+                if frag not in parsed[f].ids: broken.append((page.relative_to(site).as_posix(), ref))
         for s in refs.scripts:
             if re.search(r'''import\s*\(\s*["'](https?:)?//|\bsrc\s*=\s*["'](https?:)?//''', s): external.append((page, 'inline script', s[:80]))
     for css in site.rglob('*.css'):
         for m in re.finditer(r'''(?:@import\s+|url\(\s*)["']?((?:https?:)?//[^"')\s]+)''', css.read_text(encoding='utf-8')):
             external.append((css, '@import/url()', m[1]))
-    assert checked > 1000, checked
+    assert checked > 1000 and anchors > 100, (checked, anchors)
     assert not broken, f'{len(broken)} broken internal links, e.g. {broken[:10]}'
     assert not external, f'resources from other hosts: {external[:10]}'
 
