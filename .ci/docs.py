@@ -1,20 +1,22 @@
 """Build the static docs site (`make docs`) with MkDocs, offline: Quarto cannot be installed here, so `_quarto.yml` stays
 the one place for the site's structure and this script translates it.
 
-`_quarto.yml` gives the title, description, repository link, the notebooks to render (`project.render` globs) and the
-output folder (`project.output-dir`, `_docs`). This script writes a scratch folder (`_docs_src/`, ignored by git) with
+`_quarto.yml` gives the title, description, the notebooks to render (`project.render` globs) and the output folder
+(`project.output-dir`, `_docs`). Its `repo-url` is not used: Material would fetch the repository's stars from GitHub's
+API on every page view. This script writes a scratch folder (`_docs_src/`, ignored by git) with
 - `pages/`: every rendered notebook, prepared as nbdev prepares them for its own docs (cells marked `#| hide` dropped,
   `#| ...` directive lines removed, cells left empty dropped; outputs kept as committed, nothing is executed), index first;
 - `pages/api/<module>.md`: one API page per module of trader.core/research/live/ops, a `::: trader.x.y` for
-  mkdocstrings, which reads the docstrings with griffe statically (the build imports neither torch nor ray);
+  mkdocstrings, which reads the docstrings with griffe statically (the build fails if it imported trader, torch or ray);
 - `mkdocs.yml`: the navigation (home, the notebooks in nbs/ order titled by their first `# heading`, the API by layer),
-  Material with Google fonts off, the built-in offline search, mkdocs-jupyter (no execution), mkdocstrings; and
-  `hooks.py` (docs_hooks.py here) which keeps pages free of CDN scripts and renders TeX as MathML at build time.
-then runs `mkdocs build --strict` into the output folder (or `--site-dir`).
+  Material with Google fonts off, the built-in offline search, mkdocs-jupyter (no execution), mkdocstrings, and the
+  hooks in .ci/docs_hooks.py (no CDN scripts, notebook links and backticked API names as links, shared notebook CSS);
+then runs `mkdocs build --strict` into the output folder (or `--site-dir`) and puts the original notebooks beside their
+pages as the downloads.
 
-    python .ci/docs.py                 # build into _docs/ (what `make docs` runs)
-    python .ci/docs.py --site-dir DIR --src DIR2  # build elsewhere (the tests)
-    python .ci/docs.py --config-only   # write _docs_src/ without building
+    python .ci/docs.py                              # build into _docs/ (what `make docs` runs)
+    python .ci/docs.py --site-dir DIR --src DIR2    # build elsewhere (the tests)
+    python .ci/docs.py --config-only                # write _docs_src/ without building
 """
 from __future__ import annotations
 import argparse, fcntl, glob, json, os, re, shutil, subprocess, sys, time
@@ -101,13 +103,13 @@ def modules() -> list[str]:
             if not p.stem.startswith('_')]
 
 def summary(mod:str) -> str:
-    "The first sentence of a module's docstring, read statically."
+    "The first paragraph of a module's docstring, read statically."
     import ast
     doc = ast.get_docstring(ast.parse((ROOT/Path(*mod.split('.'))).with_suffix('.py').read_text())) or ''
     return doc.strip().split('\n\n')[0].replace('\n', ' ')
 
 def write(src:Path=SRC, site_dir:Path|None=None) -> Path:
-    "Write the pages, hooks and `mkdocs.yml` into `src` (replacing the pages); the path of `mkdocs.yml`."
+    "Write the pages and `mkdocs.yml` into `src` (replacing the pages); the path of `mkdocs.yml`."
     q = quarto()
     site = q.get('website', {})
     site_dir = Path(site_dir or ROOT/q.get('project', {}).get('output-dir', '_docs')).resolve()
