@@ -4,6 +4,9 @@
   scripts are removed (TeX stays as written, `$x$`; a Mermaid block shows its source).
 - A notebook's link to another notebook (`[Store](03_store.ipynb#the-schema)`, as it works in JupyterLab) points at that
   notebook's page.
+- A notebook page's table of contents links to its headings: mkdocs-jupyter slugs the headings with Python-Markdown (code
+  spans dropped: "The `VecEnv`" -> `the`, "`train`" -> `_1`) but nbconvert wrote other ids ("the-vecenv"); the contents'
+  ids are taken from the headings, matched in order and level.
 - A notebook page has a download button for its notebook (mkdocs-jupyter's include_source puts the file beside the page;
   .ci/docs.py then replaces it with the original from nbs/).
 - In notebook prose, a name in backticks that the API reference documents (`Store`, `Store.frame`, `write_bars()`,
@@ -22,6 +25,7 @@ MERMAID = re.compile(r'<script type="module">(?:(?!</script>).)*?import\("https?
 INLINE = re.compile(r'<(style)(?: type="text/css")?>(.*?)</style>|<(script)>(.*?)</script>', re.S)
 NB_LINK = re.compile(r'(<a\b[^>]*?\bhref=)"([^":#?]+\.ipynb)(#[^"]*)?"')
 DOWNLOAD_ICON = (Path(material.__file__).parent/'templates'/'.icons'/'material'/'download.svg').read_text()
+HEADING = re.compile(r'<h([1-6])\b[^>]*\bid="([^"]+)"')
 SHARED_MIN = 2000      # inline blocks at least this long (characters) go to a shared file
 
 def on_page_content(html:str, page, config, files) -> str:
@@ -30,6 +34,7 @@ def on_page_content(html:str, page, config, files) -> str:
         f = files.get_file_from_path(posixpath.normpath(posixpath.join(posixpath.dirname(page.file.src_uri), m[2])))
         return m[0] if f is None else f'{m[1]}"{f.url_relative_to(page.file)}{m[3] or ""}"'
     if page.file.src_uri.endswith('.ipynb'):
+        heading_ids(page.toc, [(int(l), i) for l, i in HEADING.findall(html)])
         html = NB_LINK.sub(page_link, html)
         name = posixpath.basename(page.file.src_uri)
         html = (f'<a href="{name}" download class="md-content__button md-icon" title="Download {name}">{DOWNLOAD_ICON}</a>\n'
@@ -37,6 +42,17 @@ def on_page_content(html:str, page, config, files) -> str:
     html = MATHJAX_CONFIG.sub('', html)
     html = MERMAID.sub('', html)
     return CDN_SCRIPT.sub('', html)
+
+def heading_ids(toc, headings:list[tuple[int, str]]):
+    "Give the entries of `toc` (in document order) the ids of `headings` [(level, id)], the next one of the same level each."
+    j = 0
+    def walk(items):
+        nonlocal j
+        for item in items:
+            k = next((k for k in range(j, len(headings)) if headings[k][0] == item.level), None)
+            if k is not None: item.id, j = headings[k][1], k + 1
+            walk(item.children)
+    walk(toc)
 
 def on_post_page(output:str, page, config) -> str:
     "Large inline styles and scripts of notebook pages moved to shared files under assets/notebook/."

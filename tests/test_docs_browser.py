@@ -1,12 +1,14 @@
 """The docs site (`make docs`, .ci/docs.py): built once per module into a temporary folder, then
 - over the files: every notebook of _quarto.yml's render list is a page with its title and its committed outputs (PNG
-  images, HTML tables), every module of the four layers has an API page, every internal href/src of every page resolves
-  to a file of the site, and no page or stylesheet loads anything from another host (the site is read offline);
+  images, HTML tables) and a download of the notebook itself, backticked names in the prose link to their API entries,
+  every module of the four layers has an API page, every internal href/src of every page resolves to a file of the site
+  (and every #anchor to an element of the page it names), and no page or stylesheet loads anything from another host
+  (the site is read offline);
 - in Chromium (Playwright, Debian's /usr/bin/chromium), served on 127.0.0.1 with every request elsewhere aborted and
   recorded: the home page shows index.ipynb's heading, an API page shows a function with its docstring, the search box
   finds a page, and no request left the machine. Without Chromium the browser test is skipped locally and fails in CI.
 """
-import ast, functools, json, re, subprocess, sys, time
+import ast, functools, json, re, shlex, subprocess, sys, time
 from html.parser import HTMLParser
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -41,7 +43,7 @@ def site(tmp_path_factory) -> Path:
     "The site as `make docs` builds it, into a temporary folder (its pages and mkdocs.yml there too)."
     tmp = tmp_path_factory.mktemp('docs')
     t0 = time.monotonic()
-    r = subprocess.run(['bash', '-c', f"{docs_command()} --site-dir {tmp/'site'} --src {tmp/'src'}"],
+    r = subprocess.run(['bash', '-c', f"{docs_command()} --site-dir {shlex.quote(str(tmp/'site'))} --src {shlex.quote(str(tmp/'src'))}"],
                        cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     print(f"docs built in {time.monotonic()-t0:.1f}s: {r.stdout.strip()}")
@@ -139,12 +141,16 @@ def test_internal_links_resolve_and_nothing_loads_from_another_host(site):
         refs, base = parsed[page], page_url(site, page)
         for tag, attr, ref in refs.refs:
             if tag in RESOURCE_ATTRS and attr == RESOURCE_ATTRS[tag] and re.match(r'(https?:)?//', ref): external.append((page, tag, ref))
+            if ref.startswith('#') and len(ref) > 1:      # an anchor on the same page (headings, the table of contents)
+                anchors += 1
+                if unquote(ref[1:]) not in refs.ids: broken.append((page.relative_to(site).as_posix(), ref))
+                continue
             f = target(site, base, ref)
             if f is None: continue
             checked += 1
             if not f.is_file(): broken.append((page.relative_to(site).as_posix(), ref)); continue
             frag = unquote(urlsplit(ref).fragment)
-            if frag and f in parsed:       # an anchor on another page (the API entries that notebook prose links to) must exist
+            if frag and f in parsed:       # an anchor on another page (the API entries notebook prose links to)
                 anchors += 1
                 if frag not in parsed[f].ids: broken.append((page.relative_to(site).as_posix(), ref))
         for s in refs.scripts:
