@@ -25,7 +25,8 @@ MERMAID = re.compile(r'<script type="module">(?:(?!</script>).)*?import\("https?
 INLINE = re.compile(r'<(style)(?: type="text/css")?>(.*?)</style>|<(script)>(.*?)</script>', re.S)
 NB_LINK = re.compile(r'(<a\b[^>]*?\bhref=)"([^":#?]+\.ipynb)(#[^"]*)?"')
 DOWNLOAD_ICON = (Path(material.__file__).parent/'templates'/'.icons'/'material'/'download.svg').read_text()
-HEADING = re.compile(r'<h([1-6])\b[^>]*\bid="([^"]+)"')
+HEADING = re.compile(r'<h([1-6])\b[^>]*\bid="([^"]+)"[^>]*>(.*?)</h\1>', re.S)
+TAG = re.compile(r'<[^>]+>')
 SHARED_MIN = 2000      # inline blocks at least this long (characters) go to a shared file
 
 def on_page_content(html:str, page, config, files) -> str:
@@ -34,7 +35,7 @@ def on_page_content(html:str, page, config, files) -> str:
         f = files.get_file_from_path(posixpath.normpath(posixpath.join(posixpath.dirname(page.file.src_uri), m[2])))
         return m[0] if f is None else f'{m[1]}"{f.url_relative_to(page.file)}{m[3] or ""}"'
     if page.file.src_uri.endswith('.ipynb'):
-        heading_ids(page.toc, [(int(l), i) for l, i in HEADING.findall(html)])
+        heading_ids(page.toc, [(int(l), i, words(t)) for l, i, t in HEADING.findall(html)])
         html = NB_LINK.sub(page_link, html)
         name = posixpath.basename(page.file.src_uri)
         html = (f'<a href="{name}" download class="md-content__button md-icon" title="Download {name}">{DOWNLOAD_ICON}</a>\n'
@@ -43,13 +44,20 @@ def on_page_content(html:str, page, config, files) -> str:
     html = MERMAID.sub('', html)
     return CDN_SCRIPT.sub('', html)
 
-def heading_ids(toc, headings:list[tuple[int, str]]):
-    "Give the entries of `toc` (in document order) the ids of `headings` [(level, id)], the next one of the same level each."
+def words(html:str) -> str:
+    "A heading's text for matching: tags, the pilcrow and punctuation dropped, lower case."
+    return ' '.join(re.sub(r'[^\w\s]', ' ', TAG.sub('', html).replace('¶', '')).lower().split())
+
+def heading_ids(toc, headings:list[tuple[int, str, str]]):
+    """Give the entries of `toc` (in document order) the ids of `headings` [(level, id, words)]: the next heading of the
+    same level and text, else of the same level (a heading in an output may sit between two in the prose)."""
     j = 0
     def walk(items):
         nonlocal j
         for item in items:
-            k = next((k for k in range(j, len(headings)) if headings[k][0] == item.level), None)
+            rest = range(j, len(headings))
+            k = next((k for k in rest if headings[k][0] == item.level and headings[k][2] == words(item.title)), None)
+            if k is None: k = next((k for k in rest if headings[k][0] == item.level), None)
             if k is not None: item.id, j = headings[k][1], k + 1
             walk(item.children)
     walk(toc)
