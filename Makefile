@@ -3,6 +3,7 @@
 #   make test   lock check, sync check, nbdev_clean check, notebooks executed + outputs compared, pytest
 #   make nbs    re-execute the notebooks in place (their committed outputs), then nbdev_clean
 #   make lab    JupyterLab on 127.0.0.1 with the project's kernel (`trader`)
+#   make docs   the static docs site (notebooks with their outputs, API reference, search) in _docs/, offline
 #   make lock   re-compile requirements.lock from settings.ini (see the README's "Upgrading dependencies")
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -13,7 +14,7 @@ export NUMBA_CACHE_DIR ?= $(CURDIR)/.cache/numba
 export MPLBACKEND ?= Agg
 export PYTHONHASHSEED ?= 0
 
-.PHONY: install demo serve lab lock lock-check test bench sync-check clean-check nbtest nbs pytest clean
+.PHONY: install demo serve lab docs lock lock-check test bench sync-check clean-check nbtest nbs pytest clean
 
 # Extra wheel folders for the lock's CPU build of torch (torch==X+cpu is not on PyPI): this machine keeps it in /opt/wheels.
 FIND_LINKS ?= $(wildcard /opt/wheels)
@@ -47,6 +48,9 @@ lab: install   ## JupyterLab on 127.0.0.1 (LAB_PORT, default 8888; the next free
 	$(BIN)/jupyter lab --ip=127.0.0.1 --port=$(LAB_PORT) --no-browser --ServerApp.root_dir=$(CURDIR) \
 	  --MappingKernelManager.default_kernel_name=$(KERNEL) --LabApp.default_url=/lab/tree/nbs/index.ipynb \
 	  --LabApp.extension_manager=readonly $(if $(filter 0,$(shell id -u)),--allow-root,)
+
+docs: install   ## build the docs site into _docs/ (structure from _quarto.yml; see .ci/docs.py); view: python -m http.server -b 127.0.0.1 -d _docs
+	$(BIN)/python .ci/docs.py
 
 demo: install    ## DEMO_SERVE=0 runs every stage without serving the dashboard
 	$(BIN)/trader demo $(if $(filter 0 no false,$(DEMO_SERVE)),--no-serve,)
@@ -97,4 +101,4 @@ bench: install
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 clean:
-	rm -rf .test-home .pytest_cache
+	rm -rf .test-home .pytest_cache _docs _docs_src
