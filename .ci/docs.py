@@ -116,6 +116,7 @@ def write(src:Path=SRC, site_dir:Path|None=None) -> Path:
     pages = src/'pages'
     shutil.rmtree(pages, ignore_errors=True); (pages/'api').mkdir(parents=True); (pages/'stylesheets').mkdir()
     (pages/'stylesheets'/'extra.css').write_text(EXTRA_CSS)
+    if (ROOT/'nbs'/'images').is_dir(): shutil.copytree(ROOT/'nbs'/'images', pages/'images')   # pictures the notebooks' prose shows
     nbs = notebooks(q)
     nav_nbs = []
     for p in nbs:

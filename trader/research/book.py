@@ -6,7 +6,7 @@
 from __future__ import annotations
 import math
 from dataclasses import dataclass
-from numba import njit
+from ..core.jit import njit
 from ..core.domain import Side
 
 # %% auto #0

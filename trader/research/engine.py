@@ -80,7 +80,7 @@ class Step:
     equity: float = 0.0                  # equity at the end of the call (at the close)
 
 # %% ../../nbs/13a_engine.ipynb #00a77bd0
-from numba import njit
+from ..core.jit import njit
 import numpy as np
 from .features import FEATURE_NAMES, FeatureSet
 
@@ -279,7 +279,7 @@ TradingEngine.decide = decide
 
 # %% ../../nbs/13a_engine.ipynb #0998c3ec
 import numpy as np
-from numba import njit
+from ..core.jit import njit
 from .book import lot_qty
 
 # scalar state slots

@@ -77,7 +77,7 @@ def build_observation(z:np.ndarray, # (N, F) normalised features of one bar, flo
         o[i*(f + 1) + f] = targets[i]/sizes[i] if sizes[i] else 0.0
     return o
 
-from numba import njit
+from ..core.jit import njit
 
 @njit(cache=True)
 def _env_step_into_nb(s, shares, targets, opened, pending, action, codes, sizes, allow_short, t, open_, close, day, atr, corr, P, obs0, pos_idx,

@@ -23,7 +23,7 @@ WARMUP = 252   # bars before the first row where every feature is defined
 LOOKBACK = 400 # bars in the trailing window each row is computed from
 
 # %% ../../nbs/04_features.ipynb #839c0a14
-from numba import njit
+from ..core.jit import njit
 from vectorbt.generic import nb as _gnb
 
 @njit(cache=True)

@@ -6,7 +6,7 @@
 from __future__ import annotations
 import numpy as np
 import gymnasium as gym
-from numba import njit
+from ..core.jit import njit
 from stable_baselines3.common.vec_env import VecEnv
 from .engine import engine_advance_nb, _value_nb, _NSTATE, _CASH, _PEAK, _INIT, _DAY, _DSTART, _DHIGH, _HALT
 from .env import TradingEnv, _env_step_into_nb
