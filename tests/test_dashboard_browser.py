@@ -146,6 +146,9 @@ PLOT_DRAWN = '''n => { const s = (''' + PLOT_STATE + ''')();
   return !!s && s.traces === 4 && s.points[0] > 0 && (n === null || (s.points[0] === n && s.dd_points === n))
          && s.paths.length >= 2 && s.paths.every(d => d > 20) && s.width >= 0.9*s.box; }'''
 
+BASELINES_DRAWN = '''n => { const e = document.querySelector('.js-plotly-plot');
+  return !!e && !!e.data && [1, 2].every(k => e.data[k].visible !== false && (e.data[k].x || []).length === n); }'''
+
 def wait_plot(page, n:int|None, timeout:float):
     try: page.wait_for_function(PLOT_DRAWN, arg=n, timeout=timeout*1000)
     except Exception as e:
@@ -197,7 +200,11 @@ def test_readonly_page_shows_the_store(home, spawn, page, tmp_path):
     xs = page.eval_on_selector('.js-plotly-plot', 'e => e.data.map(d => (d.x || []).length)')
     assert xs[0] == xs[3] == len(eq), xs
     assert 'Equity ($) and drawdown (%)' in page.inner_text('.js-plotly-plot')
-    # the baselines: labelled traces with a point at every bar of the run, their names in the chart's legend
+    # the baselines (computed in the page's thread, drawn at a refresh after the first): labelled traces with a point at every
+    # bar of the run, their names in the chart's legend
+    try: page.wait_for_function(BASELINES_DRAWN, arg=len(eq), timeout=60_000)
+    except Exception as e: pytest.fail(f"the baselines were not drawn ({type(e).__name__}): {page.inner_text('.trader-chart-note')}; {page.evaluate(PLOT_STATE)}")
+    xs = page.eval_on_selector('.js-plotly-plot', 'e => e.data.map(d => (d.x || []).length)')
     names = page.eval_on_selector('.js-plotly-plot', 'e => e.data.map(d => d.name)')
     assert names[1:3] == [snap['baseline_labels']['buy_hold'], snap['baseline_labels']['ma_cross']], (names, snap['baseline_labels'])
     assert names[1] == 'buy & hold AAPL+MSFT' and names[2].startswith('MA crossover '), names
@@ -254,7 +261,8 @@ def test_control_mode_kill_switch_halts_the_loop(home, spawn, page, tmp_path):
         assert rid in page.inner_text('.trader-run-label')
         assert 'control mode' in page.inner_text('body')
         for cls in ('trader-kill', 'trader-resume', 'trader-drill'): assert not disabled(page, cls), cls
-        assert not status_report(store, rid)['halted'], 'halted before the kill switch was pressed'
+        rep = status_report(store, rid)
+        assert not rep['halted'], f"halted before the kill switch was pressed: {rep['halt_reason']} (last bar {rep['last_bar']})"
         assert 'HALTED' not in page.inner_text('.trader-risk-state')
         assert paper.poll() is None, f'the replay finished before the kill switch could be pressed (page took {took:.0f}s):\n{tail(paper.out)}'
         # press the kill switch on the page

@@ -5,10 +5,11 @@
 # %% ../../nbs/30_dashboard.ipynb #5ae0c0ac
 from __future__ import annotations
 import asyncio, html, json, math, os, re, time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
-import pandas as pd
+import numpy as np, pandas as pd
 import ipywidgets as W
 from ..core.config import Settings, TraderError, load_settings
 from ..core.store import Store
@@ -59,7 +60,7 @@ def run_label(meta) -> str:
         return f"paper {meta.id}: {src}, {fills}{extra} [{meta.status}]"
     return f"backtest {meta.id}: {p.get('window', '')}, simulated fills at the next open [{meta.status}]"
 
-# %% ../../nbs/30_dashboard.ipynb #b654eae3
+# %% ../../nbs/30_dashboard.ipynb #b2035ae1
 _LOOKBACK_DAYS = 800    # calendar days of bars read before a run's first bar: the features' 252-bar warm-up and the slowest average
 
 @dataclass
@@ -93,7 +94,7 @@ def recorded_crossover(store:Store, model_id:str|None, before:pd.Timestamp) -> t
 
 def run_baselines(store:Store, meta, settings:Settings, start_equity:float|None=None) -> Baselines:
     "The run's baselines: the ones it stored, else buy-and-hold computed from the store's bars and the crossover its model's backtest recorded (see above)."
-    from trader.research.features import FeatureError, build_features
+    from trader.research.features import FeatureError, FeatureSet, pivot_bars
     from trader.research.backtest import buy_and_hold
     eq = meta.series['equity'].dropna() if 'equity' in meta.series else pd.Series(dtype=float)
     if not len(eq): return Baselines({}, {}, f'run {meta.id} has no bars yet: nothing to chart')
@@ -110,7 +111,9 @@ def run_baselines(store:Store, meta, settings:Settings, start_equity:float|None=
     curves, labels, notes = {}, {}, []
     through = bars.ts.max() if len(bars) else None
     try:
-        bh = buy_and_hold(build_features(bars, syms), t0, None, cash, fees, slip, p.get('lot', settings.env.lot))
+        w = pivot_bars(bars, syms)        # buy-and-hold reads prices only: no features computed
+        fs = FeatureSet(list(syms), pd.DatetimeIndex(w['ts']), w['open'], w['high'], w['low'], w['close'], w['volume'], np.empty((len(w['ts']), len(syms), 0)))
+        bh = buy_and_hold(fs, t0, None, cash, fees, slip, p.get('lot', settings.env.lot))
         if bh.index[0] != t0: raise FeatureError(f"fewer than 252 stored bars before {t0:%Y-%m-%d}")
         curves['buy_hold'], labels['buy_hold'] = bh, _bh_label(syms)
         notes.append('buy & hold computed from the stored bars (equal weight, whole shares, the run\'s costs and capital)')
@@ -127,7 +130,7 @@ def run_baselines(store:Store, meta, settings:Settings, start_equity:float|None=
         notes.append(f"crossover chosen on {ma['chosen_on']} by backtest {bid}")
     return Baselines(curves, labels, '; '.join(notes), through, eq.index[-1])
 
-# %% ../../nbs/30_dashboard.ipynb #3d7ae2fd
+# %% ../../nbs/30_dashboard.ipynb #ba97d2dd
 _DATE = re.compile(r'\d{4}-\d{2}-\d{2}')
 
 @dataclass(frozen=True)
@@ -189,7 +192,7 @@ class ReportIndex:
         g = self.latest_gate()
         return out + ([g] if g and g.html not in {l.html for l in out} else [])
 
-# %% ../../nbs/30_dashboard.ipynb #cf6978dd
+# %% ../../nbs/30_dashboard.ipynb #82a3fb3b
 REPORTS_ROUTE = 'trader/reports/'     # served by `voila_main`; the page's kernel is told through TRADER_DASHBOARD_REPORTS_URL
 
 def report_url(root:Path, path:Path, base:str=REPORTS_ROUTE) -> str:
@@ -223,6 +226,7 @@ def drift_panel(store:Store, run_id:str, settings:Settings, top:int=6, report=No
 # %% ../../nbs/30_dashboard.ipynb #a5ecacb4
 def snapshot(store:Store, run_id:str, settings:Settings|None=None, verify_audit:bool=True,
              baselines:dict|None=None, # cache of `Baselines` by run id (the page keeps one; see `run_baselines`)
+             schedule=None, # on a cache miss, `schedule(meta, start)` computes them elsewhere (the page: a thread) instead of here
              reports:ReportIndex|None=None) -> dict:
     "Every figure the dashboard shows for `run_id`."
     from trader.ops.gate import compute_gate, GateError
@@ -249,7 +253,10 @@ def snapshot(store:Store, run_id:str, settings:Settings|None=None, verify_audit:
     out['last_bar'] = str(eq.index[-1].date()) if len(eq) else None
     cache = {} if baselines is None else baselines
     b = cache.get(run_id)
-    if b is None or b.stale(eq): b = cache[run_id] = run_baselines(store, meta, s, start)
+    if b is None or b.stale(eq):
+        cheap = not len(eq) or any(c.startswith('bench:') for c in ser.columns)     # nothing to chart, or stored: no work
+        if schedule is None or cheap: b = cache[run_id] = run_baselines(store, meta, s, start)
+        else: schedule(meta, start); b = b or Baselines({}, {}, 'computing the baselines...')   # meanwhile: the older ones, cut to the run
     out['series'] = {'ts': eq.index, 'equity': eq, 'drawdown': dd, 'baselines': b.on(eq.index)}
     out['baseline_labels'], out['baseline_note'] = b.labels, b.note
     from trader.live.drift import DriftError, drift_report
@@ -345,6 +352,8 @@ class Dashboard:
         self.report_index = ReportIndex(self.s.reports_dir)
         self.reports_base = os.environ.get('TRADER_DASHBOARD_REPORTS_URL') or None   # set by `voila_main`: links, else paths
         self._baselines: dict[str, Baselines] = {}                    # per run id: computed once, see `run_baselines`
+        self._pending: dict[str, object] = {}                         # run id -> the future computing its baselines
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix='trader-baselines')
         self.fig = self._figure()
         self.positions, self.orders = W.HTML().add_class('trader-positions'), W.HTML().add_class('trader-orders')
         self.risk, self.models, self.data, self.audit = (W.HTML().add_class(c) for c in ('trader-risk', 'trader-models', 'trader-data', 'trader-audit'))
@@ -368,6 +377,7 @@ class Dashboard:
                               W.HBox([self.kill, self.resume, self.drill, W.HTML(f"<span class='trader-label'>{mode}</span>")]), self.status]))
         self.widget = W.VBox(list(self.parts))
         self.refresh(force=True)
+        self._built = True
 
     def _panel(self, title, w):
         return W.VBox([W.HTML(f'<h4>{title}</h4>'), w], layout=W.Layout(width='50%')).add_class('trader-panel')
@@ -409,12 +419,15 @@ class Dashboard:
             self.tiles.value = "<div class='trader-tile'>no runs yet: run <code>make demo</code> or <code>trader paper</code></div>"; return
         key = self.store.query('SELECT MAX(ts), COUNT(*) FROM run_series WHERE run_id = ?', (rid,))[0]
         ctl = self.store.query("SELECT updated FROM controls WHERE key = 'halt'")
-        key = (rid, key[0], key[1], ctl[0][0] if ctl else None, self.store.query('SELECT MAX(seq) FROM champion_history')[0][0])
+        key = (rid, key[0], key[1], ctl[0][0] if ctl else None, self.store.query('SELECT MAX(seq) FROM champion_history')[0][0],
+               id(self._baselines.get(rid)))      # redrawn when a run's baselines arrive
         if not force and key == self._last:
             self._draw_reports(self.report_index.links(rid, self.snap.get('experiment'))); return
         self._last = key
         verify = time.monotonic() - self._audit_at > 20
-        snap = snapshot(self.store, rid, self.s, verify_audit=verify, baselines=self._baselines, reports=self.report_index)
+        # the page's first draw has its baselines (Voila sends the widgets' state as built); later ones are computed in a thread
+        snap = snapshot(self.store, rid, self.s, verify_audit=verify, baselines=self._baselines, reports=self.report_index,
+                        schedule=self._schedule if getattr(self, '_built', False) else None)
         if verify: self._audit_at, self._audit_txt = time.monotonic(), (snap['audit'], snap['audit_ok'])
         self.snap = snap
         self.label.value = f"<div class='trader-label'><b>{html.escape(snap['label'])}</b></div>"
@@ -455,6 +468,28 @@ class Dashboard:
                            + f"{html.escape(dr['summary'])}</div>" + (_table(dr['rows']) if dr['rows'] else '') + f"<div class='s'>{html.escape(dr['actions'])}</div>")
         a, ok = self._audit_txt
         self.audit.value = f"<div class='trader-audit-state' style='color:{'#1a7f37' if ok else '#c62828'}'>{html.escape(a)}</div>"
+
+    def _schedule(self, meta, start):
+        """Compute a run's baselines in a thread, once at a time per run; the page draws without them until they arrive.
+
+        A paper run's take a few seconds (its bars, the features' warm-up, the crossover's simulation): not on the page's first
+        draw, which a user (and a kill switch) waits for. The thread reads through its own connection."""
+        f = self._pending.get(meta.id)
+        if f is not None and not f.done(): return
+        def work():
+            st = Store(self.store.url, settings=self.s)
+            try: b = run_baselines(st, meta, self.s, start)
+            except Exception as e:        # said on the page once, not retried at every refresh
+                last = meta.series['equity'].dropna().index.max()
+                b = Baselines({}, {}, f'no baselines: {type(e).__name__}: {e}', last, last)
+            finally: st.close()
+            self._baselines[meta.id] = b
+        self._pending[meta.id] = self._pool.submit(work)
+
+    def wait_baselines(self, timeout:float=120.0):
+        "Wait for the baselines being computed, then redraw (notebooks and tests; the page redraws at its next refresh)."
+        for f in list(self._pending.values()): f.result(timeout)
+        self.refresh()
 
     def _draw_reports(self, links:list[ReportLink]):
         "The report links (redrawn only when they changed)."
@@ -503,7 +538,7 @@ class Dashboard:
         except RuntimeError: self._task = None
         return None
 
-# %% ../../nbs/30_dashboard.ipynb #490d075e
+# %% ../../nbs/30_dashboard.ipynb #2d239d6d
 def _report_files_handler():
     import tornado.web
     class ReportFiles(tornado.web.StaticFileHandler):
