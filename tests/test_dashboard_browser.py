@@ -238,8 +238,11 @@ def test_control_mode_kill_switch_halts_the_loop(home, spawn, page, tmp_path):
     store = open_store(home)
     try:
         before = Runs(store).latest('paper')
+        # the guardian off for this replay: on a loaded machine the page can take long enough for the guardian to halt the
+        # replay first (a 3-day loss), and then there is nothing left for the kill switch to halt; the kill switch does not need it
+        (home/'no-guardian.toml').write_text(FAST + '[risk]\nguardian = false\n')
         paper = spawn(TRADER, 'paper', '--broker', 'sim', '--model', 'champion', '--replay', LIVE_REPLAY, '--speed', str(LIVE_SPEED), '-q',
-                      env=trader_env(home), name='paper')
+                      env=trader_env(home, TRADER_CONFIG=str(home/'no-guardian.toml')), name='paper')
         proc, url = dashboard(spawn, home, control=True)
         # the new run is in the store (with a committed bar) before the page is built, so the selector lists it first
         end, rid = time.monotonic() + 60, None
