@@ -387,8 +387,8 @@ class Dashboard:
         from plotly.subplots import make_subplots
         f = go.FigureWidget(make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.7, 0.3], vertical_spacing=0.04))
         f.add_scatter(x=[], y=[], name='equity', line=dict(width=2.5, color='#1f77b4'), row=1, col=1)
-        f.add_scatter(x=[], y=[], name='buy & hold', line=dict(width=1.2, color='#999'), row=1, col=1)
-        f.add_scatter(x=[], y=[], name='MA crossover', line=dict(width=1.2, color='#bbb', dash='dot'), row=1, col=1)
+        f.add_scatter(x=[], y=[], name='buy & hold', line=dict(width=1.5, color='#777'), row=1, col=1)
+        f.add_scatter(x=[], y=[], name='MA crossover', line=dict(width=1.5, color='#e69f00', dash='dot'), row=1, col=1)
         f.add_scatter(x=[], y=[], name='drawdown', fill='tozeroy', line=dict(color='#c62828'), row=2, col=1)
         f.update_layout(height=420, margin=dict(t=30, b=20, l=60, r=20), legend=dict(orientation='h', y=1.08), title='Equity ($) and drawdown (%)')
         f.update_yaxes(ticksuffix='%', row=2, col=1)
