@@ -3,14 +3,17 @@
 * read-only: the KPI tiles show the store's figures, the P&L figure is drawn with data, the gate light is shown and the
   controls are disabled;
 * control mode (`--control`): the kill switch pressed on the page halts a running paper replay at its next bar, and the
-  page then says so.
+  page then says so;
+* the equity chart draws the run's baselines, labelled (buy-and-hold computed from the bars for a paper run, and the
+  crossover its model's backtest chose), and the report links work: a click on the daily gate's link opens it (200),
+  its PDF is served as a PDF; the reports route serves nothing else (`test_reports_route_is_read_only`, no browser).
 
 Screenshots go to reports/dashboard-readonly.png and reports/dashboard-control.png (and the test's temporary folder).
 Needs Debian's Chromium at /usr/bin/chromium (`apt-get install chromium chromium-driver`; `.ci/run` installs it):
 without it the tests are skipped locally and fail in CI (CI=true). Playwright's own browser download is not used.
 Everything listens on loopback ports picked at random; the browser is not allowed to fetch anything else.
 """
-import os, re, socket, subprocess, sys, time
+import json, os, re, socket, subprocess, sys, time, urllib.error, urllib.request
 from pathlib import Path
 import pytest
 from conftest import free_port, tail
@@ -25,6 +28,9 @@ REPLAY = '2012-01-03:2012-03-30'                       # the finished run the re
 LIVE_REPLAY, LIVE_SPEED = '2012-04-02:2012-12-31', 4    # ~190 bars at 4 bars/s: still running when the kill switch is pressed
 PAGE_WAIT = 90.0    # Voila starts a kernel and executes the notebook on the first request
 HALT_WAIT = 30.0
+# the smallest valid PDF (one empty page), written beside a gate report where the report step did not write its own
+MINIMAL_PDF = (b'%PDF-1.4\n1 0 obj<</Type/Catalog/Pages 2 0 R>>endobj 2 0 obj<</Type/Pages/Kids[3 0 R]/Count 1>>endobj '
+               b'3 0 obj<</Type/Page/Parent 2 0 R/MediaBox[0 0 612 792]>>endobj\ntrailer<</Root 1 0 R>>\n%%EOF\n')
 HINT = "install Debian's Chromium with `apt-get install chromium chromium-driver` (provides /usr/bin/chromium)"
 
 def chromium() -> str:
@@ -90,7 +96,17 @@ def home(browser, tmp_path_factory) -> Path:
     out = trader(h, 'train', '--symbols', 'AAPL,MSFT', '--steps', '512', '-q').stdout
     m = re.search(r'registered (\S+):', out); assert m, out
     trader(h, 'models', 'champion', m.group(1))
+    trader(h, 'backtest', '--model', 'champion')      # the validation window: the crossover it chooses is the paper run's baseline
     trader(h, 'paper', '--broker', 'sim', '--model', 'champion', '--replay', REPLAY, '--speed', 'max', '-q')
+    store = open_store(h)
+    try:
+        from trader.core.runs import Runs
+        rid = Runs(store).latest('paper')
+    finally: store.close()
+    r = subprocess.run([TRADER, 'gate', '--run', rid], capture_output=True, text=True, env=trader_env(h), timeout=300, cwd=ROOT)
+    assert r.returncode in (0, 3), f'trader gate: {r.stdout}\n{r.stderr}'     # RED (3) is a verdict, not a failure
+    html = max((h/'reports'/'gates').glob('*.html'))
+    if not html.with_suffix('.pdf').exists(): html.with_suffix('.pdf').write_bytes(MINIMAL_PDF)
     return h
 
 @pytest.fixture
@@ -129,6 +145,9 @@ PLOT_STATE = '''() => { const e = document.querySelector('.js-plotly-plot');
 PLOT_DRAWN = '''n => { const s = (''' + PLOT_STATE + ''')();
   return !!s && s.traces === 4 && s.points[0] > 0 && (n === null || (s.points[0] === n && s.dd_points === n))
          && s.paths.length >= 2 && s.paths.every(d => d > 20) && s.width >= 0.9*s.box; }'''
+
+BASELINES_DRAWN = '''n => { const e = document.querySelector('.js-plotly-plot');
+  return !!e && !!e.data && [1, 2].every(k => e.data[k].visible !== false && (e.data[k].x || []).length === n); }'''
 
 def wait_plot(page, n:int|None, timeout:float):
     try: page.wait_for_function(PLOT_DRAWN, arg=n, timeout=timeout*1000)
@@ -181,6 +200,32 @@ def test_readonly_page_shows_the_store(home, spawn, page, tmp_path):
     xs = page.eval_on_selector('.js-plotly-plot', 'e => e.data.map(d => (d.x || []).length)')
     assert xs[0] == xs[3] == len(eq), xs
     assert 'Equity ($) and drawdown (%)' in page.inner_text('.js-plotly-plot')
+    # the baselines (computed in the page's thread, drawn at a refresh after the first): labelled traces with a point at every
+    # bar of the run, their names in the chart's legend
+    try: page.wait_for_function(BASELINES_DRAWN, arg=len(eq), timeout=60_000)
+    except Exception as e: pytest.fail(f"the baselines were not drawn ({type(e).__name__}): {page.inner_text('.trader-chart-note')}; {page.evaluate(PLOT_STATE)}")
+    xs = page.eval_on_selector('.js-plotly-plot', 'e => e.data.map(d => (d.x || []).length)')
+    names = page.eval_on_selector('.js-plotly-plot', 'e => e.data.map(d => d.name)')
+    assert names[1:3] == [snap['baseline_labels']['buy_hold'], snap['baseline_labels']['ma_cross']], (names, snap['baseline_labels'])
+    assert names[1] == 'buy & hold AAPL+MSFT' and names[2].startswith('MA crossover '), names
+    assert xs[1] == xs[2] == len(eq), xs
+    legend = page.eval_on_selector_all('.js-plotly-plot .legendtext', 'ls => ls.map(l => l.textContent)')
+    assert names[1] in legend and names[2] in legend, legend
+    assert 'computed from the stored bars' in page.inner_text('.trader-chart-note')
+    # the report links: the run's daily gate (HTML and PDF) opens from the page, through the dashboard's own server
+    gate = max((home/'reports'/'gates').glob('*.html'))
+    link = page.wait_for_selector('.trader-reports a.trader-report-html', timeout=10_000)
+    assert f'daily gate {gate.stem}' in page.inner_text('.trader-reports')
+    href = link.get_attribute('href'); assert href == f'trader/reports/gates/{gate.name}', href
+    with page.context.expect_event('response', lambda r: '/trader/reports/' in r.url, timeout=30_000) as got, page.expect_popup() as pop:
+        link.click()
+    resp, popup = got.value, pop.value
+    assert resp.status == 200 and resp.url == url + href, (resp.status, resp.url)
+    popup.wait_for_load_state()
+    assert f'Daily gate {gate.stem}' in popup.title(), popup.title()
+    pdf_href = page.get_attribute('.trader-reports a.trader-report-pdf', 'href')
+    r = page.request.get(url + pdf_href)
+    assert r.status == 200 and r.headers['content-type'] == 'application/pdf' and r.body() == gate.with_suffix('.pdf').read_bytes(), (r.status, r.headers)
     # read-only: every control is disabled
     for cls in ('trader-kill', 'trader-resume', 'trader-drill'): assert disabled(page, cls), cls
     assert 'read-only' in page.inner_text('body')
@@ -193,8 +238,11 @@ def test_control_mode_kill_switch_halts_the_loop(home, spawn, page, tmp_path):
     store = open_store(home)
     try:
         before = Runs(store).latest('paper')
+        # the guardian off for this replay: on a loaded machine the page can take long enough for the guardian to halt the
+        # replay first (a 3-day loss), and then there is nothing left for the kill switch to halt; the kill switch does not need it
+        (home/'no-guardian.toml').write_text(FAST + '[risk]\nguardian = false\n')
         paper = spawn(TRADER, 'paper', '--broker', 'sim', '--model', 'champion', '--replay', LIVE_REPLAY, '--speed', str(LIVE_SPEED), '-q',
-                      env=trader_env(home), name='paper')
+                      env=trader_env(home, TRADER_CONFIG=str(home/'no-guardian.toml')), name='paper')
         proc, url = dashboard(spawn, home, control=True)
         # the new run is in the store (with a committed bar) before the page is built, so the selector lists it first
         end, rid = time.monotonic() + 60, None
@@ -216,7 +264,8 @@ def test_control_mode_kill_switch_halts_the_loop(home, spawn, page, tmp_path):
         assert rid in page.inner_text('.trader-run-label')
         assert 'control mode' in page.inner_text('body')
         for cls in ('trader-kill', 'trader-resume', 'trader-drill'): assert not disabled(page, cls), cls
-        assert not status_report(store, rid)['halted'], 'halted before the kill switch was pressed'
+        rep = status_report(store, rid)
+        assert not rep['halted'], f"halted before the kill switch was pressed: {rep['halt_reason']} (last bar {rep['last_bar']})"
         assert 'HALTED' not in page.inner_text('.trader-risk-state')
         assert paper.poll() is None, f'the replay finished before the kill switch could be pressed (page took {took:.0f}s):\n{tail(paper.out)}'
         # press the kill switch on the page
@@ -244,3 +293,39 @@ def test_control_mode_kill_switch_halts_the_loop(home, spawn, page, tmp_path):
         print(f'\ncontrol page drawn in {took:.1f}s; run {rid} halted {halted_after:.1f}s after the kill switch was pressed, '
               f'page showed it {time.monotonic() - t0:.1f}s after; screenshot {shot}')
     finally: store.close()
+
+def _get(url:str, method:str='GET'):
+    "(status, headers, body) of one request."
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method=method, data=b'' if method == 'POST' else None), timeout=30) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e: return e.code, dict(e.headers), e.read()
+
+def test_reports_route_is_read_only(spawn, tmp_path):
+    "`trader dashboard` serves the reports folder's HTML and PDF files and nothing else (no browser needed: plain requests)."
+    home = tmp_path/'home'; reports = home/'reports'
+    (reports/'gates').mkdir(parents=True); (reports/'backtest'/'2026-12-01-m a').mkdir(parents=True)
+    (reports/'gates'/'2012-03-30.html').write_text('<!doctype html><title>Daily gate 2012-03-30</title>')
+    (reports/'gates'/'2012-03-30.pdf').write_bytes(MINIMAL_PDF)
+    (reports/'gates'/'2012-03-30.json').write_text(json.dumps({'run_id': 'x'}))
+    (reports/'backtest'/'2026-12-01-m a'/'report.html').write_text('<p>backtest</p>')
+    (reports/'.hidden.html').write_text('hidden')
+    (home/'secret.html').write_text('outside the reports folder')
+    os.symlink(home/'secret.html', reports/'link.html')
+    (home/'trader.toml').write_text(FAST)
+    proc, url = dashboard(spawn, home)
+    base = url + 'trader/reports/'
+    st, hd, body = _get(base + 'gates/2012-03-30.html')
+    assert st == 200 and body.startswith(b'<!doctype html>') and hd['Content-Type'].startswith('text/html'), (st, hd)
+    assert 'sandbox' in hd['Content-Security-Policy'] and hd['X-Content-Type-Options'] == 'nosniff', hd
+    st, hd, body = _get(base + 'gates/2012-03-30.pdf')
+    assert (st, hd['Content-Type'], body) == (200, 'application/pdf', MINIMAL_PDF), (st, hd)
+    assert _get(base + 'backtest/2026-12-01-m%20a/report.html')[0] == 200
+    assert _get(base + 'gates/2012-03-30.pdf', 'HEAD')[0] == 200
+    for bad in ('gates/2012-03-30.json', '.hidden.html', 'link.html', '../secret.html', '%2e%2e/secret.html', '..%2ftrader.toml',
+                'gates/', 'gates/2099-01-01.html', '../trader.toml'):
+        st = _get(base + bad)[0]
+        assert st in (403, 404), (bad, st)
+    assert _get(base + 'gates/2012-03-30.html', 'POST')[0] in (403, 405)
+    assert _get(base + 'gates/2012-03-30.html', 'DELETE')[0] in (403, 405)
+    assert (reports/'gates'/'2012-03-30.html').exists()

@@ -4,15 +4,20 @@
 
 # %% ../../nbs/30_dashboard.ipynb #5ae0c0ac
 from __future__ import annotations
-import asyncio, html, math, os, time
-import pandas as pd
+import asyncio, html, json, math, os, re, time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote
+import numpy as np, pandas as pd
 import ipywidgets as W
-from ..core.config import Settings, load_settings
+from ..core.config import Settings, TraderError, load_settings
 from ..core.store import Store
 from ..core.runs import Runs, RunError
 
 # %% auto #0
-__all__ = ['run_label', 'drift_panel', 'snapshot', 'Dashboard']
+__all__ = ['REPORTS_ROUTE', 'run_label', 'Baselines', 'recorded_crossover', 'run_baselines', 'ReportLink', 'ReportIndex',
+           'report_url', 'links_html', 'drift_panel', 'snapshot', 'Dashboard', 'voila_main']
 
 # %% ../../nbs/30_dashboard.ipynb #2d2cae69
 _CSS = '''<style>
@@ -55,6 +60,153 @@ def run_label(meta) -> str:
         return f"paper {meta.id}: {src}, {fills}{extra} [{meta.status}]"
     return f"backtest {meta.id}: {p.get('window', '')}, simulated fills at the next open [{meta.status}]"
 
+# %% ../../nbs/30_dashboard.ipynb #b2035ae1
+_LOOKBACK_DAYS = 800    # calendar days of bars read before a run's first bar: the features' 252-bar warm-up and the slowest average
+
+@dataclass
+class Baselines:
+    "A run's baselines, each from the run's starting capital: curves by name (`buy_hold`, `ma_cross`), their legend labels, one line on where they come from."
+    curves: dict[str, pd.Series]
+    labels: dict[str, str]
+    note: str
+    through: pd.Timestamp|None = None   # the last bar the curves cover
+    asked: pd.Timestamp|None = None     # the run's last bar when they were computed
+    def stale(self, eq:pd.Series) -> bool:
+        "The run has gone past the bars these curves were computed on (and past the last bar they were computed for)."
+        if not len(eq): return False
+        last = eq.index[-1]
+        return self.through is None or (last > self.through and last != self.asked)
+    def on(self, index:pd.DatetimeIndex) -> dict[str, pd.Series]:
+        "The curves on the run's bars (`index`)."
+        return {k: v.reindex(index).dropna() for k, v in self.curves.items()}
+
+def _bh_label(syms) -> str: return f"buy & hold {'+'.join(syms)}"
+def _ma_label(p:dict) -> str: return f"MA crossover {int(p['fast'])}/{int(p['slow'])}"
+
+def recorded_crossover(store:Store, model_id:str|None, before:pd.Timestamp) -> tuple[str, dict]|None:
+    "The crossover the model's latest backtest chose (`ma_cross_params`), if it was chosen on bars before `before`: (that backtest's run id, the pair)."
+    if not model_id: return None
+    rows = store.query("SELECT id, metrics FROM runs WHERE kind = 'backtest' AND status = 'done' AND model_id = ? ORDER BY created DESC, id DESC", (model_id,))
+    for rid, m in rows:
+        p = (m or {}).get('ma_cross_params')
+        if p and pd.Timestamp(p['chosen_on'].split(':')[1], tz='UTC') < before: return rid, p
+    return None
+
+def run_baselines(store:Store, meta, settings:Settings, start_equity:float|None=None) -> Baselines:
+    "The run's baselines: the ones it stored, else buy-and-hold computed from the store's bars and the crossover its model's backtest recorded (see above)."
+    from trader.research.features import FeatureError, FeatureSet, pivot_bars
+    from trader.research.backtest import buy_and_hold
+    eq = meta.series['equity'].dropna() if 'equity' in meta.series else pd.Series(dtype=float)
+    if not len(eq): return Baselines({}, {}, f'run {meta.id} has no bars yet: nothing to chart')
+    stored = meta.baselines()
+    if stored:
+        ma = meta.metrics.get('ma_cross_params')
+        labels = {k: _bh_label(meta.symbols) if k == 'buy_hold' else _ma_label(ma) if k == 'ma_cross' and ma else k for k in stored}
+        why = f"crossover chosen on {ma['chosen_on']}" if ma else 'no crossover (fewer than two years of bars before the window)'
+        return Baselines(stored, labels, f'baselines stored with the backtest: same bars, costs and capital; {why}', eq.index[-1], eq.index[-1])
+    p, syms, t0 = meta.params, meta.symbols, eq.index[0]
+    cash = float(start_equity if start_equity is not None else p.get('cash', eq.iloc[0]))
+    fees, slip = p.get('fees_bps', settings.env.fees_bps), p.get('slippage_bps', settings.env.slippage_bps)
+    bars = store.read_bars(syms, start=t0 - pd.Timedelta(days=_LOOKBACK_DAYS))
+    curves, labels, notes = {}, {}, []
+    through = bars.ts.max() if len(bars) else None
+    try:
+        w = pivot_bars(bars, syms)        # buy-and-hold reads prices only: no features computed
+        fs = FeatureSet(list(syms), pd.DatetimeIndex(w['ts']), w['open'], w['high'], w['low'], w['close'], w['volume'], np.empty((len(w['ts']), len(syms), 0)))
+        bh = buy_and_hold(fs, t0, None, cash, fees, slip, p.get('lot', settings.env.lot))
+        if bh.index[0] != t0: raise FeatureError(f"fewer than 252 stored bars before {t0:%Y-%m-%d}")
+        curves['buy_hold'], labels['buy_hold'] = bh, _bh_label(syms)
+        notes.append('buy & hold computed from the stored bars (equal weight, whole shares, the run\'s costs and capital)')
+    except FeatureError as e: notes.append(f'no buy & hold: {e}')
+    model = meta.decisions.model_id.iloc[0] if meta.decisions is not None and len(meta.decisions) else meta.model_id
+    rec = recorded_crossover(store, model, t0)
+    if rec is None: notes.append('no crossover: no backtest of this model chose one before the run')
+    else:
+        from trader.research.sweep import ma_baseline_equity
+        bid, ma = rec
+        e = ma_baseline_equity(bars, syms, ma['fast'], ma['slow'], start=t0, fees_bps=fees, slippage_bps=slip, init_cash=cash)
+        e.index = e.index.tz_localize('UTC') if e.index.tz is None else e.index
+        curves['ma_cross'], labels['ma_cross'] = e, _ma_label(ma)
+        notes.append(f"crossover chosen on {ma['chosen_on']} by backtest {bid}")
+    return Baselines(curves, labels, '; '.join(notes), through, eq.index[-1])
+
+# %% ../../nbs/30_dashboard.ipynb #ba97d2dd
+_DATE = re.compile(r'\d{4}-\d{2}-\d{2}')
+
+@dataclass(frozen=True)
+class ReportLink:
+    "One report: what it is, its HTML, and the PDF beside it (same stem) if written."
+    title: str
+    html: Path
+    pdf: Path|None = None
+
+def _link(title:str, html_path:Path) -> ReportLink:
+    pdf = html_path.with_suffix('.pdf')
+    return ReportLink(title, html_path, pdf if pdf.is_file() else None)
+
+class ReportIndex:
+    "The reports under `root` (`settings.reports_dir`) that concern a run, and the latest daily gate."
+    def __init__(self, root:Path|str):
+        self.root = Path(root)
+        self._json: dict[Path, tuple[int, dict]] = {}
+
+    def _read(self, p:Path) -> dict:
+        "A report's JSON, re-read only when the file changed (an unreadable one counts as empty)."
+        try: mt = p.stat().st_mtime_ns
+        except OSError: return {}
+        hit = self._json.get(p)
+        if hit and hit[0] == mt: return hit[1]
+        try: d = json.loads(p.read_text())
+        except (OSError, ValueError): d = {}
+        d = d if isinstance(d, dict) else {}
+        self._json[p] = (mt, d)
+        return d
+
+    def for_run(self, run_id:str, experiment:str|None=None) -> list[ReportLink]:
+        "The run's backtest reports, its latest daily gate, and its model's experiment report."
+        out = []
+        for m in sorted((self.root/'backtest').glob('*/metrics.json')):
+            if self._read(m).get('run_id') != run_id: continue
+            for name, title in (('report.html', 'backtest report'), ('tearsheet.html', 'tear sheet')):
+                if (m.parent/name).is_file(): out.append(_link(title, m.parent/name))
+        gates = [g for g in (self.root/'gates').glob('*.json') if _DATE.fullmatch(g.stem) and g.with_suffix('.html').is_file()
+                 and self._read(g).get('run_id') == run_id]
+        if gates:
+            g = max(gates, key=lambda p: p.stem)
+            out.append(_link(f'daily gate {g.stem}', g.with_suffix('.html')))
+        if experiment and (self.root/'experiments'/experiment/'report.html').is_file():
+            out.append(_link(f'experiment {experiment}', self.root/'experiments'/experiment/'report.html'))
+        return out
+
+    def latest_gate(self) -> ReportLink|None:
+        "The daily gate report of the latest date (of any run)."
+        hs = [p for p in (self.root/'gates').glob('*.html') if _DATE.fullmatch(p.stem)]
+        if not hs: return None
+        g = max(hs, key=lambda p: (p.stem, p.stat().st_mtime_ns))
+        run = self._read(g.with_suffix('.json')).get('run_id')
+        return _link(f"latest daily gate {g.stem}{f' (run {run})' if run else ''}", g)
+
+    def links(self, run_id:str, experiment:str|None=None) -> list[ReportLink]:
+        "What the page links: the run's reports, then the latest daily gate unless it is the run's own."
+        out = self.for_run(run_id, experiment)
+        g = self.latest_gate()
+        return out + ([g] if g and g.html not in {l.html for l in out} else [])
+
+# %% ../../nbs/30_dashboard.ipynb #82a3fb3b
+REPORTS_ROUTE = 'trader/reports/'     # served by `voila_main`; the page's kernel is told through TRADER_DASHBOARD_REPORTS_URL
+
+def report_url(root:Path, path:Path, base:str=REPORTS_ROUTE) -> str:
+    "The link of a report file under `root`, relative to the page."
+    return base + quote(Path(path).relative_to(root).as_posix())
+
+def links_html(links:list[ReportLink], root:Path, base:str|None) -> str:
+    "Each report as a link to its HTML and, when written, to its PDF (`base` None: the paths, as text)."
+    def a(p:Path, text:str, cls:str) -> str:
+        if base is None: return f"<code>{html.escape(str(p))}</code>"
+        return f"<a class='{cls}' href='{html.escape(report_url(root, p, base))}' target='_blank' rel='noopener'>{text}</a>"
+    return ' &middot; '.join(f"<span class='trader-report'>{html.escape(l.title)}: {a(l.html, 'HTML', 'trader-report-html')}"
+                             + (f" {a(l.pdf, 'PDF', 'trader-report-pdf')}" if l.pdf else '') + '</span>' for l in links)
+
 # %% ../../nbs/30_dashboard.ipynb #592517d8
 def drift_panel(store:Store, run_id:str, settings:Settings, top:int=6, report=None) -> dict:
     "The data panel's drift part: the run's figure and band, its most drifted features, the action comparison (`trader.live.drift`; `report`: the run's `DriftReport` or `DriftError`, already computed)."
@@ -72,7 +224,10 @@ def drift_panel(store:Store, run_id:str, settings:Settings, top:int=6, report=No
             'rows': [{'symbol': f.symbol, 'feature': f.feature, 'PSI': f'{f.psi:.3f}', 'KS': f'{f.ks:.3f}', 'band': f.level} for f in worst]}
 
 # %% ../../nbs/30_dashboard.ipynb #a5ecacb4
-def snapshot(store:Store, run_id:str, settings:Settings|None=None, verify_audit:bool=True) -> dict:
+def snapshot(store:Store, run_id:str, settings:Settings|None=None, verify_audit:bool=True,
+             baselines:dict|None=None, # cache of `Baselines` by run id (the page keeps one; see `run_baselines`)
+             schedule=None, # on a cache miss, `schedule(meta, start)` computes them elsewhere (the page: a thread) instead of here
+             reports:ReportIndex|None=None) -> dict:
     "Every figure the dashboard shows for `run_id`."
     from trader.ops.gate import compute_gate, GateError
     from trader.research.metrics import drawdown, max_drawdown, returns_of, sharpe_ratio
@@ -96,12 +251,19 @@ def snapshot(store:Store, run_id:str, settings:Settings|None=None, verify_audit:
     dd = drawdown(eq) if len(eq) else pd.Series(dtype=float)          # the series under the equity chart
     out['max_drawdown'] = max_drawdown(eq) if len(eq) else None
     out['last_bar'] = str(eq.index[-1].date()) if len(eq) else None
-    out['series'] = {'ts': eq.index, 'equity': eq, 'drawdown': dd,
-                     'baselines': {c.split(':', 1)[1]: ser[c].dropna() for c in ser.columns if c.startswith('bench:')}}
+    cache = {} if baselines is None else baselines
+    b = cache.get(run_id)
+    if b is None or b.stale(eq):
+        cheap = not len(eq) or any(c.startswith('bench:') for c in ser.columns)     # nothing to chart, or stored: no work
+        if schedule is None or cheap: b = cache[run_id] = run_baselines(store, meta, s, start)
+        else: schedule(meta, start); b = b or Baselines({}, {}, 'computing the baselines...')   # meanwhile: the older ones, cut to the run
+    out['series'] = {'ts': eq.index, 'equity': eq, 'drawdown': dd, 'baselines': b.on(eq.index)}
+    out['baseline_labels'], out['baseline_note'] = b.labels, b.note
     from trader.live.drift import DriftError, drift_report
     try: drift = drift_report(store, run_id, s)      # once: the gate's drift figure and the data panel both show it
     except DriftError as e: drift = e
     try:
+        if not len(eq): raise GateError('no bar yet: nothing to judge')
         g = compute_gate(store, run_id, None, settings=s, run=meta, drift=drift)
         out['gate'] = {'status': g.status, 'reasons': g.reasons, 'date': g.date}
     except (GateError, RunError) as e:
@@ -149,6 +311,10 @@ def snapshot(store:Store, run_id:str, settings:Settings|None=None, verify_audit:
     out['data'] = [{'symbol': r.symbol, 'quality': f'{r.score:.2f}%', 'report': str(r.created)[:19]} for r in q.itertuples() if r.symbol in syms]
     out['feed_state'] = st['feed_state'] if st else 'n/a (backtest)'
     out['drift'] = drift_panel(store, run_id, s, report=drift)
+    model = meta.decisions.model_id.iloc[0] if len(meta.decisions) else meta.model_id
+    try: out['experiment'] = (reg.get(model).get('tags') or {}).get('experiment') if model else None
+    except TraderError: out['experiment'] = None
+    out['reports'] = (reports or ReportIndex(s.reports_dir)).links(run_id, out['experiment'])
     if verify_audit:
         from trader.core.audit import Audit
         v = Audit(store).verify()
@@ -181,6 +347,13 @@ class Dashboard:
         self.label = W.HTML().add_class('trader-run-label')
         self.tiles = W.HTML().add_class('trader-kpis')
         self.gate = W.HTML().add_class('trader-gate')
+        self.chart_note = W.HTML().add_class('trader-chart-note')     # where the baselines come from, or why there is no chart
+        self.reports = W.HTML().add_class('trader-reports')
+        self.report_index = ReportIndex(self.s.reports_dir)
+        self.reports_base = os.environ.get('TRADER_DASHBOARD_REPORTS_URL') or None   # set by `voila_main`: links, else paths
+        self._baselines: dict[str, Baselines] = {}                    # per run id: computed once, see `run_baselines`
+        self._pending: dict[str, object] = {}                         # run id -> the future computing its baselines
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix='trader-baselines')
         self.fig = self._figure()
         self.positions, self.orders = W.HTML().add_class('trader-positions'), W.HTML().add_class('trader-orders')
         self.risk, self.models, self.data, self.audit = (W.HTML().add_class(c) for c in ('trader-risk', 'trader-models', 'trader-data', 'trader-audit'))
@@ -196,7 +369,7 @@ class Dashboard:
         mode = 'control mode: the buttons act on the live system' if self.control else 'read-only: controls are disabled (start with `trader dashboard --control`)'
         # the page in three parts, the figure on its own: see `show`
         self.parts = (W.VBox([W.HTML(_CSS + "<h2 style='margin:4px'>trader: research to paper trading, AAPL + MSFT</h2>"), self.selector, self.label,
-                              W.HBox([self.tiles, self.gate])]),
+                              W.HBox([self.tiles, self.gate]), self.reports, self.chart_note]),
                       self.fig,
                       W.VBox([W.HBox([self._panel('Positions', self.positions), self._panel('Recent orders and fills', self.orders)]),
                               W.HBox([self._panel('Risk', self.risk), self._panel('Models', self.models)]),
@@ -204,6 +377,7 @@ class Dashboard:
                               W.HBox([self.kill, self.resume, self.drill, W.HTML(f"<span class='trader-label'>{mode}</span>")]), self.status]))
         self.widget = W.VBox(list(self.parts))
         self.refresh(force=True)
+        self._built = True
 
     def _panel(self, title, w):
         return W.VBox([W.HTML(f'<h4>{title}</h4>'), w], layout=W.Layout(width='50%')).add_class('trader-panel')
@@ -213,8 +387,8 @@ class Dashboard:
         from plotly.subplots import make_subplots
         f = go.FigureWidget(make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.7, 0.3], vertical_spacing=0.04))
         f.add_scatter(x=[], y=[], name='equity', line=dict(width=2.5, color='#1f77b4'), row=1, col=1)
-        f.add_scatter(x=[], y=[], name='buy & hold', line=dict(width=1.2, color='#999'), row=1, col=1)
-        f.add_scatter(x=[], y=[], name='MA crossover', line=dict(width=1.2, color='#bbb', dash='dot'), row=1, col=1)
+        f.add_scatter(x=[], y=[], name='buy & hold', line=dict(width=1.5, color='#777'), row=1, col=1)
+        f.add_scatter(x=[], y=[], name='MA crossover', line=dict(width=1.5, color='#e69f00', dash='dot'), row=1, col=1)
         f.add_scatter(x=[], y=[], name='drawdown', fill='tozeroy', line=dict(color='#c62828'), row=2, col=1)
         f.update_layout(height=420, margin=dict(t=30, b=20, l=60, r=20), legend=dict(orientation='h', y=1.08), title='Equity ($) and drawdown (%)')
         f.update_yaxes(ticksuffix='%', row=2, col=1)
@@ -245,11 +419,15 @@ class Dashboard:
             self.tiles.value = "<div class='trader-tile'>no runs yet: run <code>make demo</code> or <code>trader paper</code></div>"; return
         key = self.store.query('SELECT MAX(ts), COUNT(*) FROM run_series WHERE run_id = ?', (rid,))[0]
         ctl = self.store.query("SELECT updated FROM controls WHERE key = 'halt'")
-        key = (rid, key[0], key[1], ctl[0][0] if ctl else None, self.store.query('SELECT MAX(seq) FROM champion_history')[0][0])
-        if not force and key == self._last: return
+        key = (rid, key[0], key[1], ctl[0][0] if ctl else None, self.store.query('SELECT MAX(seq) FROM champion_history')[0][0],
+               id(self._baselines.get(rid)))      # redrawn when a run's baselines arrive
+        if not force and key == self._last:
+            self._draw_reports(self.report_index.links(rid, self.snap.get('experiment'))); return
         self._last = key
         verify = time.monotonic() - self._audit_at > 20
-        snap = snapshot(self.store, rid, self.s, verify_audit=verify)
+        # the page's first draw has its baselines (Voila sends the widgets' state as built); later ones are computed in a thread
+        snap = snapshot(self.store, rid, self.s, verify_audit=verify, baselines=self._baselines, reports=self.report_index,
+                        schedule=self._schedule if getattr(self, '_built', False) else None)
         if verify: self._audit_at, self._audit_txt = time.monotonic(), (snap['audit'], snap['audit_ok'])
         self.snap = snap
         self.label.value = f"<div class='trader-label'><b>{html.escape(snap['label'])}</b></div>"
@@ -273,8 +451,11 @@ class Dashboard:
                 b = ser['baselines'].get(name)
                 self.fig.data[k].x, self.fig.data[k].y = ([t.to_pydatetime() for t in b.index], b.to_numpy()) if b is not None else ([], [])
                 self.fig.data[k].visible = b is not None
+                if b is not None: self.fig.data[k].name = snap['baseline_labels'].get(name, name)
             self.fig.data[3].x, self.fig.data[3].y = x, (-dd*100).to_numpy()
         _sync_figure_state(self.fig)                      # a view that connects later (Voila) draws the figure as it is now
+        self.chart_note.value = f"<div class='trader-label'>{html.escape(snap['baseline_note'])}</div>"
+        self._draw_reports(snap['reports'])
         self.positions.value = _table(snap['positions'])
         self.orders.value = _table(snap['orders']) + ("<div class='s'>fills are simulated (SimBroker: next open, slippage and fees)</div>" if 'simulated' in snap['label'] else '')
         lvl = f"emergency level {snap['level']} ({snap['level_name']})"
@@ -287,6 +468,35 @@ class Dashboard:
                            + f"{html.escape(dr['summary'])}</div>" + (_table(dr['rows']) if dr['rows'] else '') + f"<div class='s'>{html.escape(dr['actions'])}</div>")
         a, ok = self._audit_txt
         self.audit.value = f"<div class='trader-audit-state' style='color:{'#1a7f37' if ok else '#c62828'}'>{html.escape(a)}</div>"
+
+    def _schedule(self, meta, start):
+        """Compute a run's baselines in a thread, once at a time per run; the page draws without them until they arrive.
+
+        A paper run's take a few seconds (its bars, the features' warm-up, the crossover's simulation): not on the page's first
+        draw, which a user (and a kill switch) waits for. The thread reads through its own connection."""
+        f = self._pending.get(meta.id)
+        if f is not None and not f.done(): return
+        def work():
+            st = Store(self.store.url, settings=self.s)
+            try: b = run_baselines(st, meta, self.s, start)
+            except Exception as e:        # said on the page once, not retried at every refresh
+                last = meta.series['equity'].dropna().index.max()
+                b = Baselines({}, {}, f'no baselines: {type(e).__name__}: {e}', last, last)
+            finally: st.close()
+            self._baselines[meta.id] = b
+        self._pending[meta.id] = self._pool.submit(work)
+
+    def wait_baselines(self, timeout:float=120.0):
+        "Wait for the baselines being computed, then redraw (notebooks and tests; the page redraws at its next refresh)."
+        for f in list(self._pending.values()): f.result(timeout)
+        self.refresh()
+
+    def _draw_reports(self, links:list[ReportLink]):
+        "The report links (redrawn only when they changed)."
+        rid = self.selector.value
+        v = ("<div class='trader-label'><b>Reports</b> " + (links_html(links, self.report_index.root, self.reports_base) if links else
+             f"none yet (<code>trader gate --run {html.escape(str(rid))}</code> writes this run's daily gate)") + '</div>')
+        if v != self.reports.value: self.reports.value = v
 
     # -- controls ------------------------------------------------------------------------------------
     def _on_kill(self, _):
@@ -327,3 +537,36 @@ class Dashboard:
         try: self._task = asyncio.get_event_loop().create_task(self._loop())
         except RuntimeError: self._task = None
         return None
+
+# %% ../../nbs/30_dashboard.ipynb #2d239d6d
+def _report_files_handler():
+    import tornado.web
+    class ReportFiles(tornado.web.StaticFileHandler):
+        "Read-only: the reports' HTML and PDF files under the reports folder, nothing else."
+        TYPES = {'.html': 'text/html; charset=utf-8', '.pdf': 'application/pdf'}
+        def validate_absolute_path(self, root:str, absolute_path:str):
+            p = super().validate_absolute_path(root, absolute_path)       # 403 outside `root` or not a file, 404 missing
+            real, top = os.path.realpath(p), os.path.realpath(root)
+            rel = os.path.relpath(real, top)
+            if rel.startswith('..') or Path(p).suffix.lower() not in self.TYPES or any(x.startswith('.') for x in Path(rel).parts):
+                raise tornado.web.HTTPError(404)
+            return p
+        def get_content_type(self): return self.TYPES[Path(self.absolute_path).suffix.lower()]
+        def set_extra_headers(self, path):
+            self.set_header('X-Content-Type-Options', 'nosniff')
+            self.set_header('Cache-Control', 'no-cache')
+            if path.lower().endswith('.html'): self.set_header('Content-Security-Policy', 'sandbox allow-scripts allow-popups allow-downloads')
+    return ReportFiles
+
+def voila_main(argv:list[str]|None=None, reports_dir:Path|str|None=None) -> int:
+    "Voila (same arguments as `voila`) with the read-only route `/trader/reports/` onto the reports folder (default: `settings.reports_dir`)."
+    from voila.app import Voila
+    from jupyter_server.utils import url_path_join
+    root = str(Path(reports_dir) if reports_dir else load_settings().reports_dir)
+    handler = _report_files_handler()
+    class TraderVoila(Voila):
+        def init_handlers(self):
+            return [(url_path_join(self.server_url, '/' + REPORTS_ROUTE + '(.*)'), handler, {'path': root}), *super().init_handlers()]
+    os.environ['TRADER_DASHBOARD_REPORTS_URL'] = REPORTS_ROUTE      # the page's kernel inherits it: links, not paths
+    TraderVoila.launch_instance(argv)
+    return 0

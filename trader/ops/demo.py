@@ -181,11 +181,11 @@ def run_demo(serve:bool=True, # start the dashboard at the end
     return 0
 
 def serve_dashboard(port:int=8866, control:bool=False) -> int:
-    "Serve the dashboard notebook (shipped in the package; nbs/dashboard.ipynb in a checkout) with Voila on 127.0.0.1:port (blocks)."
+    "Serve the dashboard notebook (shipped in the package; nbs/dashboard.ipynb in a checkout) with Voila on 127.0.0.1:port (blocks); the reports folder is served read-only under /trader/reports/ (`trader.ops.dashboard.voila_main`)."
     from trader.ops.reports import packaged_notebook
     nb = packaged_notebook('dashboard')
     env = {**os.environ, 'TRADER_DASHBOARD_CONTROL': '1' if control else ''}
-    cmd = [sys.executable, '-m', 'voila', str(nb), f'--port={port}', '--no-browser', '--Voila.ip=127.0.0.1',
+    cmd = [sys.executable, '-c', 'import sys; from trader.ops.dashboard import voila_main; sys.exit(voila_main(sys.argv[1:]))', str(nb), f'--port={port}', '--no-browser', '--Voila.ip=127.0.0.1',
            '--Voila.tornado_settings={"headers":{"Content-Security-Policy":"frame-ancestors \'self\'"}}']
     if os.name == 'posix':
         os.execve(sys.executable, cmd, env)     # Voila takes this process's place: signals reach it, nothing is orphaned
