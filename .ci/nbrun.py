@@ -34,9 +34,20 @@ def clean_text(s:str) -> str:
     s = s.replace(str(ROOT) + '/', '').replace(str(ROOT), '.')
     return _TMP.sub('/tmp/…', s)
 
+# What differs between two honest runs: the wall clock (the sample data ends in 2013, so a year from 2020 on is today's),
+# ids built from it with a random suffix, durations, and the random ids of pandas Stylers and plotly divs.
+_WALL = [(re.compile(r'\b20[2-9]\d{11}\b'), '<ts>'),
+         (re.compile(r'(<ts>[A-Za-z0-9_.-]*?)-[0-9a-f]{6}\b'), r'\1-<hex>'),
+         (re.compile(r'\b20[2-9]\d-\d\d-\d\d(?:[T ]\d\d:\d\d(?::\d\d(?:\.\d+)?)?(?:[+-]\d\d:?\d\d|Z)?)?'), '<now>'),
+         (re.compile(r'\b20[2-9]\d(?:0[1-9]|1[0-2])\d\d\b'), '<today>'),
+         (re.compile(r'\b\d+(?:[.,]\d+)*\s?(?:ms|µs|us|s|secs?|seconds|min)\b'), '<duration>'),
+         (re.compile(r'\bT_[0-9a-f]{5}\b'), 'T_<id>'),
+         (re.compile(r'\b[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b'), '<uuid>')]
+
 def norm_text(s:str) -> str:
-    "Text as compared: stored form, without ANSI colours, object addresses and trailing blanks."
+    "Text as compared: stored form, without ANSI colours, object addresses, wall-clock times, durations, random ids, trailing blanks."
     s = _ADDR.sub(' at 0x…', _ANSI.sub('', clean_text(s)))
+    for rx, to in _WALL: s = rx.sub(to, s)
     return '\n'.join(l.rstrip() for l in s.splitlines()).strip('\n')
 
 def _join(v) -> str: return ''.join(v) if isinstance(v, list) else str(v)
