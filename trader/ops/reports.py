@@ -14,7 +14,7 @@ from ..core.runs import Run
 __all__ = ['FORMATS', 'NAMES', 'METRICS', 'EVENT_LABELS', 'CHROMIUM_ARGS', 'TEMPLATES', 'ReportError', 'fig_equity',
            'fig_drawdown', 'fig_positions', 'fig_monthly', 'fmt', 'format_table', 'metrics_table', 'show_table',
            'interventions', 'risk_sentence', 'backtest_summary', 'fig_timeline', 'tearsheet', 'write_html',
-           'chromium_path', 'html_to_pdf', 'write_pdf', 'pdf_text', 'packaged_notebook', 'template_path',
+           'chromium_path', 'html_to_pdf', 'write_pdf', 'pdf_skipped', 'pdf_text', 'packaged_notebook', 'template_path',
            'kernel_config', 'run_template', 'backtest_report_dir']
 
 # %% ../../nbs/15_reports.ipynb #ef03d917
@@ -65,7 +65,7 @@ def fig_monthly(run:Run):
     fig.update_layout(title='Monthly returns (%)', height=120 + 40*len(m), margin=dict(t=50, b=30, l=50, r=20))
     return fig
 
-# %% ../../nbs/15_reports.ipynb #c96ecb48
+# %% ../../nbs/15_reports.ipynb #b66d7d6f
 FORMATS = ('pct', '+pct', 'money', '+money', 'num', 'int', 'text')
 NAMES = {'model': 'model', 'buy_hold': 'buy-and-hold', 'ma_cross': 'best MA crossover'}   # baselines as the reports name them
 
@@ -110,7 +110,7 @@ def show_table(df:pd.DataFrame):
     "A table for a notebook's output: no index column."
     return df.style.hide(axis='index')
 
-# %% ../../nbs/15_reports.ipynb #15e0ffe4
+# %% ../../nbs/15_reports.ipynb #5d43d2c9
 EVENT_LABELS = {'guardian': 'guardian fired', 'kill_switch': 'kill switch', 'emergency_level': 'emergency level change', 'max_drawdown_halt': 'drawdown halt',
                 'bad_bar': 'bad bar', 'clip': 'order cut to a risk limit', 'blocked': 'refused while halted'}
 _REFUSING = ('halted', 'max_drawdown')      # breaches that refuse every new position (the rest cut an order to a limit)
@@ -169,7 +169,7 @@ def backtest_summary(model:dict, # the model's `performance` metrics (start, end
     if model.get('max_drawdown') is not None: s += f" Its deepest drawdown was {fmt(model['max_drawdown'], 'pct')}."
     return s + ' ' + risk_sentence(events, guardian)
 
-# %% ../../nbs/15_reports.ipynb #e7a05ea6
+# %% ../../nbs/15_reports.ipynb #55ba59c7
 _MARKS = {'guardian': ('x', '#c62828'), 'kill_switch': ('x', '#6a1b9a'), 'max_drawdown_halt': ('x', '#ad1457'),
           'emergency_level': ('triangle-down', '#ef6c00'), 'bad_bar': ('diamond', '#795548')}
 
@@ -186,7 +186,8 @@ def fig_timeline(run:Run, events:pd.DataFrame|None=None, # `interventions(run)`
     "Equity against the baselines over the positions, with the risk layer's interventions marked (see `interventions`)."
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
-    eq, w, bases = run.equity, run.weights(), run.baselines()
+    eq, bases = run.equity, run.baselines()
+    w = run.weights() if all(f'weight:{x}' in run.series for x in run.symbols) else pd.DataFrame(index=eq.index)   # a run stored with its equity only
     if until is not None:
         end = pd.Timestamp(until).tz_localize('UTC') if pd.Timestamp(until).tzinfo is None else pd.Timestamp(until)
         keep = lambda s: s[s.index < end.normalize() + pd.Timedelta(days=1)]
@@ -258,7 +259,7 @@ def write_html(path:Path, title:str, blocks:list, # figures, DataFrames, strings
     if pdf: write_pdf(path, settings)
     return Path(path)
 
-# %% ../../nbs/15_reports.ipynb #ea134e11
+# %% ../../nbs/15_reports.ipynb #5f80cb10
 CHROMIUM_ARGS = ('--headless', '--no-sandbox', '--disable-gpu', '--no-pdf-header-footer', '--disable-background-networking', '--disable-component-update',
                  '--disable-sync', '--disable-extensions', '--no-first-run', '--mute-audio', '--window-size=720,1000', '--virtual-time-budget=20000')
 
@@ -306,6 +307,12 @@ def write_pdf(html_path:Path, settings:Settings|None=None) -> Path|None:
         print(f"warning: {msg}", file=sys.stderr)
         return None
     return html_to_pdf(html_path, pdf, exe, s.report.pdf_timeout)
+
+def pdf_skipped(html_path:Path, settings:Settings|None=None) -> str|None:
+    "The one-line warning for a command's output when the HTML report has no PDF next to it although PDFs are on (no Chromium was found); None otherwise."
+    s, h = settings or load_settings(), Path(html_path)
+    if not s.report.pdf or not h.exists() or h.with_suffix('.pdf').exists(): return None
+    return f"warning: no PDF of {h}: no Chromium found (install Debian's chromium or set report.chromium); the HTML is written"
 
 def _pdf_objects(data:bytes) -> dict[int,bytes]: return {int(m.group(1)): m.group(2) for m in re.finditer(rb'(\d+) 0 obj\s*(.*?)endobj', data, re.S)}
 
