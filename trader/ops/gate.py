@@ -192,10 +192,11 @@ def run_gate(store:Store, run_id:str|None=None, date=None, settings:Settings|Non
         if paths['html'].with_suffix('.pdf').exists(): paths['pdf'] = paths['html'].with_suffix('.pdf')   # printed by the template (no Chromium: none)
     return res, paths
 
-# %% ../../nbs/16_gate.ipynb #c13b1dcf
+# %% ../../nbs/16_gate.ipynb #a6c5be92
 def _figure_text(f:GateFigure) -> str:
     if f.value is None: return f"{f.name} not available" + (f" ({f.detail})" if f.detail else '')
-    v = (f"{'-' if f.value < 0 else ''}${abs(f.value):,.2f}" if f.unit == '$' else f"{f.value:.2f}{f.unit}")
+    from trader.ops.reports import fmt          # the reports' one formatting of money
+    v = fmt(f.value, 'money') if f.unit == '$' else f"{f.value:.2f}{f.unit}"
     return f"{f.name} {v}"
 
 def gate_summary(res:GateResult, model_id:str|None=None, # the monitored run's model
@@ -211,7 +212,7 @@ def gate_summary(res:GateResult, model_id:str|None=None, # the monitored run's m
     if res.status == GREEN: s += "every gated figure is within its target."
     else:
         why = ([f"{len(by['red'])} figure{'s' if len(by['red']) != 1 else ''} missed {'its' if len(by['red']) == 1 else 'their'} target ({lst(by['red'])})"] if by['red'] else []) \
-            + ([f"{len(by['yellow'])} {'is' if len(by['yellow']) == 1 else 'are'} in the warning band ({lst(by['yellow'])})"] if by['yellow'] else [])
+            + ([f"{len(by['yellow'])} figure{'s' if len(by['yellow']) != 1 else ''} {'is in its warning band' if len(by['yellow']) == 1 else 'are in their warning bands'} ({lst(by['yellow'])})"] if by['yellow'] else [])
         s += ' and '.join(why) + ('; two figures in their warning bands at once count as RED' if res.status == RED and not by['red'] else '') + '.'
     if by['green']: s += f" Within target: {lst(by['green'], False)}."
     f = {x.name: x for x in res.figures}
