@@ -65,7 +65,7 @@ def fig_monthly(run:Run):
     fig.update_layout(title='Monthly returns (%)', height=120 + 40*len(m), margin=dict(t=50, b=30, l=50, r=20))
     return fig
 
-# %% ../../nbs/15_reports.ipynb #b66d7d6f
+# %% ../../nbs/15_reports.ipynb #3ea0d7c6
 FORMATS = ('pct', '+pct', 'money', '+money', 'num', 'int', 'text')
 NAMES = {'model': 'model', 'buy_hold': 'buy-and-hold', 'ma_cross': 'best MA crossover'}   # baselines as the reports name them
 
@@ -110,7 +110,7 @@ def show_table(df:pd.DataFrame):
     "A table for a notebook's output: no index column."
     return df.style.hide(axis='index')
 
-# %% ../../nbs/15_reports.ipynb #5d43d2c9
+# %% ../../nbs/15_reports.ipynb #16980693
 EVENT_LABELS = {'guardian': 'guardian fired', 'kill_switch': 'kill switch', 'emergency_level': 'emergency level change', 'max_drawdown_halt': 'drawdown halt',
                 'bad_bar': 'bad bar', 'clip': 'order cut to a risk limit', 'blocked': 'refused while halted'}
 _REFUSING = ('halted', 'max_drawdown')      # breaches that refuse every new position (the rest cut an order to a limit)
@@ -169,7 +169,7 @@ def backtest_summary(model:dict, # the model's `performance` metrics (start, end
     if model.get('max_drawdown') is not None: s += f" Its deepest drawdown was {fmt(model['max_drawdown'], 'pct')}."
     return s + ' ' + risk_sentence(events, guardian)
 
-# %% ../../nbs/15_reports.ipynb #55ba59c7
+# %% ../../nbs/15_reports.ipynb #321977c8
 _MARKS = {'guardian': ('x', '#c62828'), 'kill_switch': ('x', '#6a1b9a'), 'max_drawdown_halt': ('x', '#ad1457'),
           'emergency_level': ('triangle-down', '#ef6c00'), 'bad_bar': ('diamond', '#795548')}
 
@@ -238,7 +238,7 @@ _CSS = ('body{font-family:system-ui,Segoe UI,Helvetica,Arial,sans-serif;margin:2
         'table.t{border-collapse:collapse;margin:8px 0 18px}table.t td,table.t th{padding:3px 10px;border-bottom:1px solid #ddd;text-align:right}'
         'table.t td:first-child,table.t th:first-child{text-align:left}'
         'h1{font-size:22px}.note{color:#666;font-size:13px}p.summary{font-size:16px;line-height:1.5;border-left:4px solid #1f77b4;padding:4px 12px;background:#f5f8fb}'
-        '@page{size:A4;margin:12mm}@media print{body{margin:0;max-width:none}.modebar{display:none}.plotly-graph-div,table.t{break-inside:avoid}}')
+        '@page{size:A4;margin:12mm}@media print{body{margin:0;max-width:none}.modebar{display:none}table.t{font-size:11px}.plotly-graph-div,table.t{break-inside:avoid}}')
 
 def write_html(path:Path, title:str, blocks:list, # figures, DataFrames, strings (HTML if they start with '<'), in the order shown
                note:str='', summary:str='', # the opening paragraph in words, shown first
@@ -259,7 +259,7 @@ def write_html(path:Path, title:str, blocks:list, # figures, DataFrames, strings
     if pdf: write_pdf(path, settings)
     return Path(path)
 
-# %% ../../nbs/15_reports.ipynb #5f80cb10
+# %% ../../nbs/15_reports.ipynb #7a9d26af
 CHROMIUM_ARGS = ('--headless', '--no-sandbox', '--disable-gpu', '--no-pdf-header-footer', '--disable-background-networking', '--disable-component-update',
                  '--disable-sync', '--disable-extensions', '--no-first-run', '--mute-audio', '--window-size=720,1000', '--virtual-time-budget=20000')
 
