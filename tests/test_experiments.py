@@ -85,6 +85,10 @@ def test_list_show_report(home):
     assert r.returncode == 0, r.stderr
     html = [l for l in r.stdout.splitlines() if l.endswith('report.html')]
     assert html and Path(html[0].split()[-1]).stat().st_size > 10_000
+    from test_reports_pdf import check_pdf
+    summ = json.loads((Path(html[0].split()[-1]).parent/'summary.json').read_text())
+    assert summ['verdict'].startswith('Over 2 walk-forward folds')
+    check_pdf(Path(html[0].split()[-1]).with_suffix('.pdf'), summ['verdict'])
 
 def test_promotion_from_an_experiment(home, tmp_path):
     "The best configuration replaces the champion's only if its IQM Sharpe is higher and its IQM max drawdown lower; the decision is recorded with both sets of figures."

@@ -4,6 +4,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from conftest import fixed_action_model
+from test_reports_pdf import check_pdf
 from trader.core.config import load_settings
 from trader.core.data import load_sample
 from trader.core.quality import DataQualityGate
@@ -51,7 +52,12 @@ def test_papermill_direct_and_trader_report(home, tmp_path):
     d = Path(home)/'reports'/'backtest'/f"{pd.Timestamp.now(tz='UTC'):%Y-%m-%d}-{mid}"
     for f in ('backtest.ipynb', 'report.html', 'tearsheet.html'): assert (d/f).exists(), f
     html = (d/'report.html').read_text()
-    assert 'buy hold' in html and 'ma cross' in html and 'simulated' in html
+    assert 'buy-and-hold' in html and 'best MA crossover' in html and 'simulated' in html
+    m = json.loads((d/'metrics.json').read_text())
+    assert html.index(m['summary'].split(' with ')[0]) < html.index('class="plotly-graph-div"') < html.index('class="dataframe t"')   # words, charts, tables
+    assert m['summary'].startswith('Over ') and 'for buy-and-hold' in m['summary'] and m['pdf'] == str(d/'report.pdf')
+    check_pdf(d/'report.pdf', m['summary'])
+    assert f"wrote {d/'report.pdf'}" in r.stdout
 
 def test_backtest_cli_prints_model_and_baselines(home):
     r = trader(home, 'backtest', '--model', ids(home)['both'])
@@ -79,6 +85,7 @@ def test_gate_files_and_exit_codes(home):
         for ext in ('ipynb', 'html', 'json'): assert (Path(home)/'gates'/status/f'{day}.{ext}').exists()
         data = json.loads((Path(home)/'gates'/status/f'{day}.json').read_text())
         assert data['status'] == status and data['run_id'] == rid
+        check_pdf(Path(home)/'gates'/status/f'{day}.pdf', f"{status} on {day} for backtest run {rid} (no champion is set):")
         names = {f['name'] for f in data['figures']}
         assert {'cumulative P&L', 'rolling Sharpe', 'max drawdown today', 'max drawdown overall', 'uptime', 'data quality', 'model confidence'} <= names
     r = trader(home, 'gate', '--run', 'no-such-run')

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 # %% auto #0
 __all__ = ['TraderError', 'ConfigError', 'project_root', 'default_home', 'QualitySettings', 'AlpacaSettings', 'RiskSettings',
            'EnvSettings', 'TrainSettings', 'GateSettings', 'DemoSettings', 'DriftSettings', 'ServiceSettings',
-           'AuditSettings', 'Settings', 'read_secrets_file', 'load_settings']
+           'ReportSettings', 'AuditSettings', 'Settings', 'read_secrets_file', 'load_settings']
 
 # %% ../../nbs/00_config.ipynb #fe4b54b7
 class TraderError(Exception):
@@ -173,6 +173,13 @@ class ServiceSettings(_Section):
     poll_max: float = Field(600.0, gt=0, description="longest wait between polls of a due bar")
     release: str = Field('19:00', pattern=r'^\d{2}:\d{2}$', description="live daily bars (Alpaca) are handed over from this New York time: Alpaca takes market-on-open orders for the next session only outside 09:28-19:00, so the schedule makes them due then")
 
+# %% ../../nbs/00_config.ipynb #c3bf3242
+class ReportSettings(_Section):
+    "Report files (`trader.ops.reports`): the PDF printed next to each HTML report by headless Chromium."
+    pdf: bool = Field(True, description="print a PDF (same path, .pdf) next to every HTML report")
+    chromium: Path|None = Field(None, description="the Chromium (or Chrome) executable; default /usr/bin/chromium, else chromium, chromium-browser or google-chrome on PATH")
+    pdf_timeout: float = Field(120.0, gt=0, description="seconds allowed to print one report (a cold Chromium start plus drawing the charts takes 2-6 s here)")
+
 # %% ../../nbs/00_config.ipynb #f19097e2
 class AuditSettings(_Section):
     "Signed checkpoints of the audit chain (`trader.core.audit`); the signing key comes from TRADER_AUDIT_KEY or `key_file`, never from here."
@@ -201,6 +208,7 @@ class Settings(_Section):
     audit: AuditSettings = AuditSettings()
     service: ServiceSettings = ServiceSettings()
     drift: DriftSettings = DriftSettings()
+    report: ReportSettings = ReportSettings()
     reports_dir: Path = Field(description="TRADER_REPORTS: where papermill reports are written (default: reports/ at the project root)")
     alpaca_key_id: SecretStr|None = Field(None, repr=False)
     alpaca_secret_key: SecretStr|None = Field(None, repr=False)

@@ -189,7 +189,9 @@ def cmd_experiment(args) -> int:
     from trader.ops import reports as R
     out = s.reports_dir/'experiments'/args.target
     nb = R.run_template('experiment', out, {'name': args.target, 'output_dir': str(out), 'demo_if_empty': False})
-    for f in (nb, out/'report.html', out/'summary.json'): _say(f"wrote {f}")
+    for f in (nb, out/'report.html', out/'report.pdf', out/'summary.json'):
+        if f.exists(): _say(f"wrote {f}")
+    if (w := R.pdf_skipped(out/'report.html', s)): print(w, file=sys.stderr)
     return 0
 
 def cmd_sweep(args) -> int:
@@ -225,7 +227,9 @@ def cmd_report(args) -> int:
                   'slippage_bps': -1.0 if args.slippage_bps is None else args.slippage_bps, 'cash': args.cash, 'output_dir': str(out),
                   'demo_if_empty': False}
         nb = R.run_template('backtest', out, params)
-        for f in (nb, out/'report.html', out/'tearsheet.html'): _say(f"wrote {f}")
+        for f in (nb, out/'report.html', out/'report.pdf', out/'tearsheet.html'):
+            if f.exists(): _say(f"wrote {f}")
+        if (w := R.pdf_skipped(out/'report.html', s)): print(w, file=sys.stderr)
     return 0
 
 def cmd_gate(args) -> int:
@@ -243,7 +247,10 @@ def cmd_gate(args) -> int:
     except ReportError as e:       # the verdict stands (recorded, printed, in the exit code); only the report is missing
         print(f"error: {e}; the verdict above is recorded", file=sys.stderr)
         return max(g.exit_code, 1)
-    for f in (nb, nb.with_suffix('.html')): _say(f"wrote {f}")
+    for f in (nb, nb.with_suffix('.html'), nb.with_suffix('.pdf')):
+        if f.exists(): _say(f"wrote {f}")
+    from trader.ops.reports import pdf_skipped
+    if (w := pdf_skipped(nb.with_suffix('.html'), s)): print(w, file=sys.stderr)
     return g.exit_code
 
 def cmd_promote(args) -> int:

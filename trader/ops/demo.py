@@ -119,6 +119,7 @@ def run_demo(serve:bool=True, # start the dashboard at the end
                 f"beats it in {summ['share_beating_buy_hold']:.0%} of (fold, seed); DSR {'-' if summ['dsr'] is None else format(summ['dsr'], '.2f')}, "
                 f"PBO {'-' if summ['pbo'] is None else format(summ['pbo'], '.0%')}")
         paths['walk-forward report'] = wdir/'report.html'
+        if (wdir/'report.pdf').exists(): paths['walk-forward PDF'] = wdir/'report.pdf'
     with _Stage(4, 'backtest') as st:
         from trader.research.holdout import holdout, looks
         out_dir = R.backtest_report_dir(s, champ)
@@ -136,6 +137,7 @@ def run_demo(serve:bool=True, # start the dashboard at the end
                     f"model {m['strategy']['total_return']:+.2%} (Sharpe {f(m['strategy']['sharpe'])}, deflated Sharpe ratio {f(d['dsr'], '.3f')} "
                     f"for {d['n_trials']} look{'s' if d['n_trials'] != 1 else ''})" + (f", {base}" if base else ''))
         paths['backtest report'] = out_dir/'report.html'; paths['tear sheet'] = out_dir/'tearsheet.html'; paths['backtest notebook'] = out_dir/'backtest.ipynb'
+        if (out_dir/'report.pdf').exists(): paths['backtest PDF'] = out_dir/'report.pdf'
     with _Stage(5, 'paper') as st:
         hold = s.train.holdout_window
         prev = None
@@ -167,7 +169,8 @@ def run_demo(serve:bool=True, # start the dashboard at the end
         from trader.ops.gate import run_gate          # the verdict from Python; the template renders the report
         g, gpaths = run_gate(store, paper_id, None, settings=s)
         st.done(f"{g.status} for {paper_id} on {g.date}" + (f": {'; '.join(g.reasons[:2])}" if g.reasons else ''))
-        for ext in ('html', 'json', 'ipynb'): paths[f'gate {ext}'] = gpaths[ext]
+        for ext in ('html', 'pdf', 'json', 'ipynb'):
+            if ext in gpaths: paths[f'gate {ext}'] = gpaths[ext]
     with _Stage(8, 'audit') as st:
         v = Audit(store).verify()
         st.done(f"chain verified: {v.n_checked} entries, last hash {v.last_hash[:16]}" if v.ok else f"chain BROKEN at seq {v.first_bad_seq}: {v.reason}")

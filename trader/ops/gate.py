@@ -15,7 +15,7 @@ from ..research.metrics import max_drawdown, returns_of, sharpe_ratio
 
 # %% auto #0
 __all__ = ['GREEN', 'YELLOW', 'RED', 'EXIT_CODES', 'GateFigure', 'classify', 'gate_status', 'GateResult', 'GateError',
-           'monitored_run', 'compute_gate', 'record_gate', 'gate_history', 'run_gate']
+           'monitored_run', 'compute_gate', 'record_gate', 'gate_history', 'run_gate', 'gate_summary']
 
 # %% ../../nbs/16_gate.ipynb #9ca5ec65
 GREEN, YELLOW, RED = 'GREEN', 'YELLOW', 'RED'
@@ -189,4 +189,36 @@ def run_gate(store:Store, run_id:str|None=None, date=None, settings:Settings|Non
         paths['ipynb'] = run_template('daily_gate', out, {'date': res.date, 'run_id': res.run_id, 'verdict': str(paths['json']),
                                                           'output_dir': str(out), 'demo_if_empty': False}, out_name=f'{res.date}.ipynb')
         paths['html'] = out/f'{res.date}.html'
+        if paths['html'].with_suffix('.pdf').exists(): paths['pdf'] = paths['html'].with_suffix('.pdf')   # printed by the template (no Chromium: none)
     return res, paths
+
+# %% ../../nbs/16_gate.ipynb #a6c5be92
+def _figure_text(f:GateFigure) -> str:
+    if f.value is None: return f"{f.name} not available" + (f" ({f.detail})" if f.detail else '')
+    from trader.ops.reports import fmt          # the reports' one formatting of money
+    v = fmt(f.value, 'money') if f.unit == '$' else f"{f.value:.2f}{f.unit}"
+    return f"{f.name} {v}"
+
+def gate_summary(res:GateResult, model_id:str|None=None, # the monitored run's model
+                 champion:str|None=None, # the champion model now (None: no champion yet)
+                ) -> str:
+    "The daily gate's opening paragraph: the verdict and why, from its figures."
+    gated = [f for f in res.figures if f.colour != 'info']
+    by = {c: [f for f in gated if f.colour == c] for c in ('red', 'yellow', 'green')}
+    lst = lambda fs, tgt=True: '; '.join(_figure_text(f) + (f" (target {f.threshold})" if tgt else '') for f in fs)
+    who = f"{res.run_kind} run {res.run_id}" + (f" of model {model_id}" if model_id else '')
+    who += (" (the champion)" if model_id and model_id == champion else f" (the champion is {champion})" if champion else " (no champion is set)")
+    s = f"{res.status} on {res.date} for {who}: "
+    if res.status == GREEN: s += "every gated figure is within its target."
+    else:
+        why = ([f"{len(by['red'])} figure{'s' if len(by['red']) != 1 else ''} missed {'its' if len(by['red']) == 1 else 'their'} target ({lst(by['red'])})"] if by['red'] else []) \
+            + ([f"{len(by['yellow'])} figure{'s' if len(by['yellow']) != 1 else ''} {'is in its warning band' if len(by['yellow']) == 1 else 'are in their warning bands'} ({lst(by['yellow'])})"] if by['yellow'] else [])
+        s += ' and '.join(why) + ('; two figures in their warning bands at once count as RED' if res.status == RED and not by['red'] else '') + '.'
+    if by['green']: s += f" Within target: {lst(by['green'], False)}."
+    f = {x.name: x for x in res.figures}
+    d = f.get('feature drift (PSI)')
+    if d is not None and d.colour == 'info': s += f" Feature drift was {d.detail or 'not measured'}."
+    elif d is not None: s += f" Drift: {d.detail}."
+    if 'cumulative P&L' in f and f['cumulative P&L'].value is not None:
+        s += f" Cumulative P&L {_figure_text(f['cumulative P&L']).split(' ', 2)[-1]}" + (f", max drawdown since the start {f['max drawdown overall'].value:.2f}%." if 'max drawdown overall' in f and f['max drawdown overall'].value is not None else '.')
+    return s

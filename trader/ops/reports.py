@@ -4,15 +4,18 @@
 
 # %% ../../nbs/15_reports.ipynb #f10b54bc
 from __future__ import annotations
-import html, logging, os, tempfile, warnings
+import html, logging, os, re, shutil, subprocess, sys, tempfile, warnings, zlib
 from pathlib import Path
 import numpy as np, pandas as pd
-from ..core.config import Settings, TraderError
+from ..core.config import Settings, TraderError, load_settings
 from ..core.runs import Run
 
 # %% auto #0
-__all__ = ['TEMPLATES', 'ReportError', 'fig_equity', 'fig_drawdown', 'fig_positions', 'fig_monthly', 'tearsheet', 'write_html',
-           'packaged_notebook', 'template_path', 'kernel_config', 'run_template', 'backtest_report_dir']
+__all__ = ['FORMATS', 'NAMES', 'METRICS', 'EVENT_LABELS', 'CHROMIUM_ARGS', 'TEMPLATES', 'ReportError', 'fig_equity',
+           'fig_drawdown', 'fig_positions', 'fig_monthly', 'fmt', 'format_table', 'metrics_table', 'show_table',
+           'interventions', 'risk_sentence', 'backtest_summary', 'fig_timeline', 'tearsheet', 'write_html',
+           'chromium_path', 'html_to_pdf', 'write_pdf', 'pdf_skipped', 'pdf_text', 'packaged_notebook', 'template_path',
+           'kernel_config', 'run_template', 'backtest_report_dir']
 
 # %% ../../nbs/15_reports.ipynb #ef03d917
 class ReportError(TraderError):
@@ -38,7 +41,8 @@ def fig_drawdown(run:Run):
     from trader.research.metrics import drawdown
     fig = go.Figure()
     fig.add_scatter(x=run.equity.index, y=-drawdown(run.equity)*100, name='model', fill='tozeroy', line=dict(color='firebrick'))
-    for k, v in run.baselines().items(): fig.add_scatter(x=v.index, y=-drawdown(v)*100, name=k.replace('_', ' '), line=dict(width=1))
+    for (k, v), c in zip(run.baselines().items(), ('gray', 'darkorange', 'seagreen', 'purple')):
+        fig.add_scatter(x=v.index, y=-drawdown(v)*100, name=NAMES.get(k, k.replace('_', ' ')), line=dict(width=1, color=c))
     fig.update_layout(title='Drawdown (%)', height=260, margin=dict(t=50, b=30, l=50, r=20), yaxis_ticksuffix='%', legend=dict(orientation='h', y=-0.2))
     return fig
 
@@ -61,6 +65,159 @@ def fig_monthly(run:Run):
     fig.update_layout(title='Monthly returns (%)', height=120 + 40*len(m), margin=dict(t=50, b=30, l=50, r=20))
     return fig
 
+# %% ../../nbs/15_reports.ipynb #3ea0d7c6
+FORMATS = ('pct', '+pct', 'money', '+money', 'num', 'int', 'text')
+NAMES = {'model': 'model', 'buy_hold': 'buy-and-hold', 'ma_cross': 'best MA crossover'}   # baselines as the reports name them
+
+def fmt(x, kind:str='num', # one of FORMATS: pct 0.086 -> 8.6%, +pct -> +8.6%, money -> $100,000.00, +money -> +$1,234.50, num -> 2.34, int -> 1,234, text
+        digits:int|None=None, # decimals (default: 1 for percentages, 2 for money and numbers)
+       ) -> str:
+    "One figure as a reader wants it; None or NaN (an undefined figure) is '-'."
+    if kind not in FORMATS: raise ReportError(f"unknown format {kind!r}; use one of {', '.join(FORMATS)}")
+    if x is None or (isinstance(x, (float, np.floating)) and not np.isfinite(x)): return '-'
+    if kind == 'text' or isinstance(x, str): return str(x)
+    x, sign = float(x), kind.startswith('+')
+    if kind.endswith('pct'): return f"{x*100:{'+' if sign else ''},.{1 if digits is None else digits}f}%"
+    if kind.endswith('money'): return f"{'-' if x < 0 else ('+' if sign and x > 0 else '')}${abs(x):,.{2 if digits is None else digits}f}"
+    if kind == 'int': return f"{x:,.0f}"
+    return f"{x:,.{2 if digits is None else digits}f}"
+
+def format_table(df:pd.DataFrame, kinds:dict[str,str]|None=None, # column -> format (`fmt`); other columns are kept as they are
+                 names:dict[str,str]|None=None, # column renames for the reader
+                ) -> pd.DataFrame:
+    "A table ready to show: the listed columns formatted by `fmt`, the index dropped (a named index becomes a column), columns renamed."
+    d = df.reset_index() if any(n is not None for n in df.index.names) else df.reset_index(drop=True)
+    d = d.astype(object)
+    for c, k in (kinds or {}).items():
+        if c in d.columns: d[c] = [fmt(v, k) for v in d[c]]
+    return d.rename(columns=names or {})
+
+METRICS = [('total_return', 'total return', '+pct'), ('annual_return', 'annual return', '+pct'), ('volatility', 'volatility (annual)', 'pct'),
+           ('sharpe', 'Sharpe ratio', 'num'), ('sortino', 'Sortino ratio', 'num'), ('calmar', 'Calmar ratio', 'num'),
+           ('max_drawdown', 'max drawdown', 'pct'), ('max_dd_start', 'drawdown from', 'text'), ('max_dd_trough', 'drawdown trough', 'text'),
+           ('worst_day', 'worst day', '+pct'), ('win_rate', 'winning trades', 'pct'), ('profit_factor', 'profit factor', 'num'),
+           ('avg_trade', 'average trade', '+money'), ('n_trades', 'trades', 'int'), ('turnover', 'turnover (annual)', 'pct'),
+           ('exposure', 'time invested', 'pct'), ('psr', 'probabilistic Sharpe ratio', 'pct'), ('dsr', 'deflated Sharpe ratio', 'pct')]
+
+def metrics_table(columns:dict[str,dict], # strategy name (model, buy_hold, ma_cross) -> its `performance` metrics
+                  keys:list[str]|None=None, # the metrics to show (default: all of METRICS)
+                 ) -> pd.DataFrame:
+    "Headline metrics side by side, one row per metric, each in its unit (`fmt`)."
+    return pd.DataFrame([{'metric': label, **{NAMES.get(n, n.replace('_', ' ')): fmt((m or {}).get(k), kind) for n, m in columns.items()}}
+                         for k, label, kind in METRICS if keys is None or k in keys])
+
+def show_table(df:pd.DataFrame):
+    "A table for a notebook's output: no index column."
+    return df.style.hide(axis='index')
+
+# %% ../../nbs/15_reports.ipynb #16980693
+EVENT_LABELS = {'guardian': 'guardian fired', 'kill_switch': 'kill switch', 'emergency_level': 'emergency level change', 'max_drawdown_halt': 'drawdown halt',
+                'bad_bar': 'bad bar', 'clip': 'order cut to a risk limit', 'blocked': 'refused while halted'}
+_REFUSING = ('halted', 'max_drawdown')      # breaches that refuse every new position (the rest cut an order to a limit)
+
+def interventions(run:Run, store=None, # the run's `Store`: a paper run's risk events are read from its `risk_events` table
+                 ) -> pd.DataFrame:
+    "What the risk layer did during `run`, one row per intervention (ts, kind, detail; kinds in EVENT_LABELS), in time order."
+    rows = [(e['bar_ts'], e['kind'], str(e['detail'])) for e in (run.metrics or {}).get('risk_events') or []]
+    if not rows and store is not None and run.kind == 'paper':
+        f = store.frame('SELECT bar_ts, kind, detail FROM risk_events WHERE run_id = ? ORDER BY id', (run.id,))
+        rows = list(zip(store.ts_series(f.bar_ts), f.kind, f.detail.map(str)))
+    d = run.decisions
+    if d is not None and len(d):
+        rows += [(ts, 'blocked' if str(b).startswith(_REFUSING) else 'clip', str(b)) for ts, br in zip(d.ts, d.breaches) for b in (br or [])]
+    out = pd.DataFrame(rows, columns=['ts', 'kind', 'detail'])
+    out['ts'] = pd.to_datetime(out.ts, utc=True)
+    return out.sort_values('ts', kind='stable').reset_index(drop=True)
+
+def _plural(n:int, word:str) -> str: return f"{n} {word}{'' if n == 1 else 's'}"
+
+def _listing(xs:list[str]) -> str: return xs[0] if len(xs) == 1 else ', '.join(xs[:-1]) + ' and ' + xs[-1]
+
+def risk_sentence(events:pd.DataFrame|None, guardian:bool=True) -> str:
+    "What the risk layer did, in one sentence, from `interventions`."
+    if events is None or events.empty: return "The risk guardian never fired and no risk rule cut an order." if guardian else "The guardian was off; no risk rule cut an order."
+    n = events.kind.value_counts()
+    day = lambda k: _listing([f"{t:%Y-%m-%d}" for t in events[events.kind == k].ts][:3]) + (' ...' if n.get(k, 0) > 3 else '')
+    fired = {'guardian': 'the risk guardian fired on', 'kill_switch': 'the kill switch was pulled on', 'max_drawdown_halt': 'the drawdown halt stopped trading on'}
+    parts = [f"{w} {day(k)}" for k, w in fired.items() if n.get(k)]
+    if n.get('emergency_level'): parts.append(f"the emergency level changed {_plural(int(n['emergency_level']), 'time')}")
+    if n.get('blocked'): parts.append(f"{_plural(int(n['blocked']), 'decision')} {'was' if n['blocked'] == 1 else 'were'} refused while trading was halted")
+    if n.get('clip'): parts.append(f"{_plural(int(n['clip']), 'order')} {'was' if n['clip'] == 1 else 'were'} cut to a risk limit")
+    if n.get('bad_bar'): parts.append(f"{_plural(int(n['bad_bar']), 'bar')} failed the per-bar checks")
+    s = _listing(parts) + '.'
+    return s[0].upper() + s[1:]
+
+def backtest_summary(model:dict, # the model's `performance` metrics (start, end, total_return, sharpe, exposure, n_trades, max_drawdown)
+                     baselines:dict[str,dict]|None=None, # baseline name (buy_hold, ma_cross) -> the same metrics
+                     events:pd.DataFrame|None=None, # the run's `interventions`
+                     guardian:bool=True, # whether the guardian was on
+                    ) -> str:
+    "The backtest report's opening paragraph, in words, from its figures."
+    bases = {k: m for k, m in (baselines or {}).items() if m and m.get('total_return') is not None}
+    ret = model.get('total_return')
+    sharpe = f"a Sharpe of {model['sharpe']:.2f}" if model.get('sharpe') is not None else "an undefined Sharpe ratio (its returns never varied)"
+    s = f"Over {model.get('start')}..{model.get('end')} the model returned {fmt(ret, '+pct')} with {sharpe}"
+    s += (" against " + _listing([f"{fmt(m['total_return'], '+pct')} for {'the ' if k != 'buy_hold' else ''}{NAMES.get(k, k.replace('_', ' '))}" for k, m in bases.items()])
+          if bases else " (no baseline was computed for this window)")
+    n, exposure = int(model.get('n_trades') or 0), model.get('exposure') or 0.0
+    s += ("; it was never invested and made no trades." if exposure == 0 and n == 0 else
+          f"; it was invested {fmt(exposure, 'pct', 0)} of the time and made {_plural(n, 'trade') if n else 'no closed trades'}.")
+    if bases and ret is not None:
+        the = lambda k: ('' if k == 'buy_hold' else 'the ') + NAMES.get(k, k.replace('_', ' '))
+        won, lost = [the(k) for k, m in bases.items() if ret > m['total_return']], [the(k) for k, m in bases.items() if ret <= m['total_return']]
+        s += ' ' + ('It beat ' + _listing(won) + (' but trailed ' + _listing(lost) if lost else '') if won else 'It trailed ' + _listing(lost)) + ' on return.'
+    if model.get('max_drawdown') is not None: s += f" Its deepest drawdown was {fmt(model['max_drawdown'], 'pct')}."
+    return s + ' ' + risk_sentence(events, guardian)
+
+# %% ../../nbs/15_reports.ipynb #321977c8
+_MARKS = {'guardian': ('x', '#c62828'), 'kill_switch': ('x', '#6a1b9a'), 'max_drawdown_halt': ('x', '#ad1457'),
+          'emergency_level': ('triangle-down', '#ef6c00'), 'bad_bar': ('diamond', '#795548')}
+
+def _spans(ts:pd.DatetimeIndex, index:pd.DatetimeIndex) -> list[tuple]:
+    "Contiguous runs (in `index`'s bars) of the timestamps `ts`, as (first, last) pairs."
+    pos = np.unique(index.get_indexer(ts)); pos = pos[pos >= 0]
+    if not len(pos): return []
+    cut = np.flatnonzero(np.diff(pos) > 1)
+    return [(index[pos[a]], index[pos[b]]) for a, b in zip(np.r_[0, cut + 1], np.r_[cut, len(pos) - 1])]
+
+def fig_timeline(run:Run, events:pd.DataFrame|None=None, # `interventions(run)`
+                 title:str|None=None, until=None, # last bar shown (the gate's date)
+                ):
+    "Equity against the baselines over the positions, with the risk layer's interventions marked (see `interventions`)."
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+    eq, bases = run.equity, run.baselines()
+    w = run.weights() if all(f'weight:{x}' in run.series for x in run.symbols) else pd.DataFrame(index=eq.index)   # a run stored with its equity only
+    if until is not None:
+        end = pd.Timestamp(until).tz_localize('UTC') if pd.Timestamp(until).tzinfo is None else pd.Timestamp(until)
+        keep = lambda s: s[s.index < end.normalize() + pd.Timedelta(days=1)]
+        eq, w, bases = keep(eq), keep(w), {k: keep(v) for k, v in bases.items()}
+        events = None if events is None else events[events.ts < end.normalize() + pd.Timedelta(days=1)]
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.7, 0.3], vertical_spacing=0.05)
+    fig.add_scatter(x=eq.index, y=eq, name=f"model {run.model_id or ''}".strip(), line=dict(width=2.5, color='#1f77b4'), row=1, col=1)
+    for (k, v), c in zip(bases.items(), ('gray', 'darkorange', 'seagreen', 'purple')):
+        fig.add_scatter(x=v.index, y=v, name=NAMES.get(k, k.replace('_', ' ')), line=dict(width=1.2, color=c, dash='dot'), row=1, col=1)
+    for c in w.columns: fig.add_scatter(x=w.index, y=w[c]*100, name=f'{c} weight', mode='lines', fill='tozeroy', line=dict(width=1), row=2, col=1)
+    ev = events if events is not None else pd.DataFrame(columns=['ts', 'kind', 'detail'])
+    for a, b in _spans(pd.DatetimeIndex(ev.ts[ev.kind == 'blocked']), eq.index):
+        fig.add_vrect(x0=a - pd.Timedelta(hours=12), x1=b + pd.Timedelta(hours=12), fillcolor='#c62828', opacity=0.08, line_width=0, row='all', col=1)
+    if (ev.kind == 'blocked').any():
+        fig.add_scatter(x=[None], y=[None], mode='markers', marker=dict(symbol='square', size=12, color='rgba(198,40,40,0.25)'), name='halted: decisions refused', row=1, col=1)
+    for k, (sym, colour) in _MARKS.items():
+        e = ev[ev.kind == k]
+        if len(e): fig.add_scatter(x=e.ts, y=[eq.asof(t) for t in e.ts], mode='markers', name=EVENT_LABELS[k], hovertext=e.detail.str.slice(0, 160),
+                                   marker=dict(symbol=sym, size=13, color=colour, line=dict(width=2, color=colour)), row=1, col=1)
+    e = ev[ev.kind == 'clip']
+    if len(e):
+        gross = w.abs().sum(axis=1)*100
+        fig.add_scatter(x=e.ts, y=[gross.asof(t) for t in e.ts], mode='markers', name=EVENT_LABELS['clip'], hovertext=e.detail,
+                        marker=dict(symbol='line-ns-open', size=12, color='#b58900', line=dict(width=2)), row=2, col=1)
+    fig.update_yaxes(title_text='equity ($)', tickprefix='$', tickformat=',.0f', row=1, col=1)
+    fig.update_yaxes(title_text='weight', ticksuffix='%', row=2, col=1)
+    fig.update_layout(title=title or 'Equity vs baselines, positions and risk interventions', height=520, margin=dict(t=50, b=30, l=70, r=20),
+                      legend=dict(orientation='h', y=-0.12))
+    return fig
+
 # %% ../../nbs/15_reports.ipynb #99377400
 def tearsheet(returns:pd.Series, benchmark:pd.Series|None, path:Path, title:str) -> Path:
     "quantstats' HTML tear sheet of `returns` against `benchmark`."
@@ -74,23 +231,127 @@ def tearsheet(returns:pd.Series, benchmark:pd.Series|None, path:Path, title:str)
     return Path(path)
 
 def _table_html(df:pd.DataFrame) -> str:
-    return df.to_html(classes='t', border=0, na_rep='-', float_format=lambda x: f'{x:,.4f}')
+    "A table as HTML, without its index (format it first with `format_table` or `metrics_table`)."
+    return df.to_html(classes='t', border=0, index=False, na_rep='-', float_format=lambda x: f'{x:,.4f}')
 
-def write_html(path:Path, title:str, blocks:list, note:str='') -> Path:
-    "A standalone page from figures, DataFrames and strings (no code cells; plotly.js inline, so it opens offline)."
+_CSS = ('body{font-family:system-ui,Segoe UI,Helvetica,Arial,sans-serif;margin:24px auto;max-width:1100px;color:#222}'
+        'table.t{border-collapse:collapse;margin:8px 0 18px}table.t td,table.t th{padding:3px 10px;border-bottom:1px solid #ddd;text-align:right}'
+        'table.t td:first-child,table.t th:first-child{text-align:left}'
+        'h1{font-size:22px}.note{color:#666;font-size:13px}p.summary{font-size:16px;line-height:1.5;border-left:4px solid #1f77b4;padding:4px 12px;background:#f5f8fb}'
+        '@page{size:A4;margin:12mm}@media print{body{margin:0;max-width:none}.modebar{display:none}table.t{font-size:11px}.plotly-graph-div,table.t{break-inside:avoid}}')
+
+def write_html(path:Path, title:str, blocks:list, # figures, DataFrames, strings (HTML if they start with '<'), in the order shown
+               note:str='', summary:str='', # the opening paragraph in words, shown first
+               settings:Settings|None=None, # `report` settings: the PDF (default: load_settings())
+               pdf:bool=True, # also print the page to a PDF next to it (`write_pdf`; settings.report.pdf can turn it off)
+              ) -> Path:
+    "A standalone page (no code cells; plotly.js inline, so it opens offline) from the opening paragraph, figures and tables; and its PDF (same path, .pdf)."
     parts, first = [], True
     for b in blocks:
         if hasattr(b, 'to_html') and hasattr(b, 'layout'):
-            parts.append(b.to_html(full_html=False, include_plotlyjs=first)); first = False
+            parts.append(b.to_html(full_html=False, include_plotlyjs=first, config={'displaylogo': False})); first = False
         elif isinstance(b, pd.DataFrame): parts.append(_table_html(b))
         else: parts.append(f'<p>{html.escape(str(b))}</p>' if not str(b).startswith('<') else str(b))
-    css = ('body{font-family:system-ui,Segoe UI,Helvetica,Arial,sans-serif;margin:24px auto;max-width:1100px;color:#222}'
-           'table.t{border-collapse:collapse;margin:8px 0 18px}table.t td,table.t th{padding:3px 10px;border-bottom:1px solid #ddd;text-align:right}'
-           'h1{font-size:22px}.note{color:#666;font-size:13px}')
-    page = (f'<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>{css}</style></head>'
-            f'<body><h1>{html.escape(title)}</h1><p class="note">{html.escape(note)}</p>{"".join(parts)}</body></html>')
+    page = (f'<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>{_CSS}</style></head>'
+            f'<body><h1>{html.escape(title)}</h1>' + (f'<p class="summary">{html.escape(summary)}</p>' if summary else '')
+            + f'<p class="note">{html.escape(note)}</p>{"".join(parts)}</body></html>')
     Path(path).write_text(page)
+    if pdf: write_pdf(path, settings)
     return Path(path)
+
+# %% ../../nbs/15_reports.ipynb #7a9d26af
+CHROMIUM_ARGS = ('--headless', '--no-sandbox', '--disable-gpu', '--no-pdf-header-footer', '--disable-background-networking', '--disable-component-update',
+                 '--disable-sync', '--disable-extensions', '--no-first-run', '--mute-audio', '--window-size=720,1000', '--virtual-time-budget=20000')
+
+def chromium_path(settings:Settings|None=None) -> Path|None:
+    "The Chromium that prints PDFs: `report.chromium` if set, else /usr/bin/chromium, else chromium, chromium-browser or google-chrome on the PATH; None if there is none."
+    s = settings or load_settings()
+    if s.report.chromium is not None:
+        p = Path(s.report.chromium).expanduser()
+        if not (p.is_file() and os.access(p, os.X_OK)): raise ReportError(f"report.chromium is {p}, which is not an executable file")
+        return p
+    for c in ('/usr/bin/chromium', *(shutil.which(n) for n in ('chromium', 'chromium-browser', 'google-chrome'))):
+        if c and Path(c).is_file() and os.access(c, os.X_OK): return Path(c)
+    return None
+
+def html_to_pdf(html_path:Path, pdf_path:Path|None=None, # default: the HTML's path with .pdf
+                chromium:Path|None=None, # default: `chromium_path()`
+                timeout:float=120.0) -> Path:
+    "Print an HTML file to PDF with headless Chromium, once its scripts (the plotly charts) have run; offline."
+    src = Path(html_path).resolve()
+    out = Path(pdf_path).resolve() if pdf_path else src.with_suffix('.pdf')
+    exe = chromium or chromium_path()
+    if exe is None: raise ReportError("no Chromium to print the PDF with: install Debian's chromium (/usr/bin/chromium) or set report.chromium")
+    part = out.with_name(out.name + '.part')
+    with tempfile.TemporaryDirectory(prefix='trader-chromium-') as profile:       # a throwaway profile: nothing shared with a user's browser
+        cmd = [str(exe), *CHROMIUM_ARGS, f'--user-data-dir={profile}', f'--print-to-pdf={part}', src.as_uri()]
+        try: r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=profile)
+        except subprocess.TimeoutExpired: part.unlink(missing_ok=True); raise ReportError(f"Chromium took over {timeout:g} s to print {src.name} to PDF") from None
+    if r.returncode != 0 or not part.is_file() or part.read_bytes()[:5] != b'%PDF-':
+        part.unlink(missing_ok=True)
+        why = ([l for l in r.stderr.splitlines() if l.strip()] or ['no output'])[-1][:300]
+        raise ReportError(f"Chromium ({exe}) could not print {src.name} to PDF (exit code {r.returncode}): {why}")
+    part.replace(out)
+    return out
+
+def write_pdf(html_path:Path, settings:Settings|None=None) -> Path|None:
+    "The PDF of an HTML report, next to it (same path, .pdf); None when `report.pdf` is off or, outside CI, when no Chromium is found (one warning line on stderr)."
+    s = settings or load_settings()
+    pdf = Path(html_path).with_suffix('.pdf')
+    pdf.unlink(missing_ok=True)                 # never leave the PDF of an earlier report next to a new HTML
+    if not s.report.pdf: return None
+    exe = chromium_path(s)
+    if exe is None:
+        msg = f"no PDF of {Path(html_path).name}: no Chromium found (install Debian's chromium or set report.chromium); the HTML is written"
+        if os.environ.get('CI', '').lower() == 'true': raise ReportError(msg + '; under CI=true a missing Chromium is an error')
+        print(f"warning: {msg}", file=sys.stderr)
+        return None
+    return html_to_pdf(html_path, pdf, exe, s.report.pdf_timeout)
+
+def pdf_skipped(html_path:Path, settings:Settings|None=None) -> str|None:
+    "The one-line warning for a command's output when the HTML report has no PDF next to it although PDFs are on (no Chromium was found); None otherwise."
+    s, h = settings or load_settings(), Path(html_path)
+    if not s.report.pdf or not h.exists() or h.with_suffix('.pdf').exists(): return None
+    return f"warning: no PDF of {h}: no Chromium found (install Debian's chromium or set report.chromium); the HTML is written"
+
+def _pdf_objects(data:bytes) -> dict[int,bytes]: return {int(m.group(1)): m.group(2) for m in re.finditer(rb'(\d+) 0 obj\s*(.*?)endobj', data, re.S)}
+
+def _pdf_stream(obj:bytes) -> bytes:
+    m = re.search(rb'stream\r?\n(.*?)\r?\nendstream', obj, re.S)
+    if not m: return b''
+    return zlib.decompress(m.group(1)) if b'/FlateDecode' in obj[:m.start()] else m.group(1)
+
+def _to_unicode(cmap:bytes) -> dict[int,str]:
+    out = {}
+    for blk in re.findall(rb'beginbfchar(.*?)endbfchar', cmap, re.S):
+        for a, u in re.findall(rb'<([0-9A-Fa-f]+)>\s*<([0-9A-Fa-f]+)>', blk): out[int(a, 16)] = bytes.fromhex(u.decode()).decode('utf-16-be', 'replace')
+    for blk in re.findall(rb'beginbfrange(.*?)endbfrange', cmap, re.S):
+        for a, z, u in re.findall(rb'<([0-9A-Fa-f]+)>\s*<([0-9A-Fa-f]+)>\s*<([0-9A-Fa-f]+)>', blk):
+            out.update({i: chr(int(u, 16) + i - int(a, 16)) for i in range(int(a, 16), int(z, 16) + 1)})
+    return out
+
+def pdf_text(path:Path) -> list[str]:
+    "The text of each page of a PDF that Chromium printed (Skia: 2-byte glyph strings mapped by each font's ToUnicode): enough to check a report's words; not a general PDF reader."
+    objs = _pdf_objects(Path(path).read_bytes())
+    if not objs: raise ReportError(f"{path} holds no PDF objects")
+    pages = []
+    for o in objs.values():
+        if not re.match(rb'<</Type /Page\b(?!s)', o): continue
+        fonts = {}
+        fm = re.search(rb'/Font <<(.*?)>>', o, re.S)
+        for name, ref in re.findall(rb'/(\w+) (\d+) 0 R', fm.group(1) if fm else b''):
+            tu = re.search(rb'/ToUnicode (\d+) 0 R', objs.get(int(ref), b''))
+            fonts[name] = _to_unicode(_pdf_stream(objs[int(tu.group(1))])) if tu else {}
+        c = re.search(rb'/Contents (?:(\d+) 0 R|\[(.*?)\])', o, re.S)
+        ids = [] if not c else [int(c.group(1))] if c.group(1) else [int(x) for x in re.findall(rb'(\d+) 0 R', c.group(2))]
+        text, cur = [], {}
+        for k in ids:
+            for m in re.finditer(rb'/(\w+) [\d.]+ Tf|<([0-9A-Fa-f]*)>|(ET)', _pdf_stream(objs[k])):
+                if m.group(1): cur = fonts.get(m.group(1), {})
+                elif m.group(3): text.append(' ')
+                else: h = m.group(2).decode(); text.append(''.join(cur.get(int(h[i:i + 4], 16), '') for i in range(0, len(h) - 3, 4)))
+        pages.append(''.join(text))
+    return pages
 
 # %% ../../nbs/15_reports.ipynb #5f90b975
 TEMPLATES = 'templates'   # the package-data folder inside trader.ops that the build fills from nbs/

@@ -435,22 +435,30 @@ def summary(self:Experiment) -> dict:
     out = {'name': self.name, 'symbols': self.spec.symbols, 'seeds': seeds, 'steps': self.spec.steps, 'folds': per_fold,
            'best': {'config_id': best['config_id'], 'config': best['config']},
            'iqm': best['sharpe']['iqm'], 'ci': best['sharpe']['ci'], 'max_drawdown_iqm': best['max_drawdown']['iqm'],
-           'share_beating_buy_hold': best['share_beating_buy_hold'], 'buy_hold_sharpe_iqm': S.iqm(bh_sharpe),
+           'share_beating_buy_hold': best['share_beating_buy_hold'], 'buy_hold_sharpe_iqm': S.iqm(bh_sharpe) if len(bl) else None,
            'dsr': dsr['dsr'], 'n_trials': n_trials, 'pbo': None if pbo is None else pbo['pbo'],
            'pbo_logits': None if pbo is None else [float(x) for x in pbo['logits']], 'configs': configs}
     out['verdict'] = verdict(out)
     return out
 
 def verdict(s:dict) -> str:
-    "The summary in one plain paragraph."
+    "The experiment report's opening paragraph: whether the best configuration beat its baselines across walk-forward folds and seeds, with the statistics `summary` computed."
     lo, hi = s['ci']
-    beats = lo > s['buy_hold_sharpe_iqm']
-    return (f"Over {len(s['folds'])} walk-forward folds and {len(s['seeds'])} seeds, the best configuration ({s['best']['config'] or 'the defaults'}) "
-            f"has an out-of-sample Sharpe IQM of {s['iqm']:.2f} (95% CI {lo:.2f} to {hi:.2f}) against {s['buy_hold_sharpe_iqm']:.2f} for buy-and-hold; "
-            f"it beats buy-and-hold in {s['share_beating_buy_hold']:.0%} of (fold, seed) pairs. "
-            + ("Its interval lies above buy-and-hold's: " if beats else "Its interval does not lie above buy-and-hold's: ")
-            + ("it beats buy-and-hold out of sample. " if beats else "there is no evidence that it beats buy-and-hold out of sample. ")
-            + f"After {s['n_trials']} trials the deflated Sharpe ratio is {'-' if s['dsr'] is None else format(s['dsr'], '.2f')}"
+    folds, seeds, bh = s['folds'], s['seeds'], s.get('buy_hold_sharpe_iqm')
+    out = (f"Over {len(folds)} walk-forward fold{'s' if len(folds) != 1 else ''} and {len(seeds)} seed{'s' if len(seeds) != 1 else ''}, the best configuration "
+           f"({s['best']['config'] or 'the defaults'}) has an out-of-sample Sharpe IQM of {s['iqm']:.2f} (95% CI {lo:.2f} to {hi:.2f})")
+    if bh is None: out += "; no buy-and-hold baseline was stored, so there is nothing to judge it against. "
+    else:
+        beats = lo > bh
+        out += (f" against {bh:.2f} for buy-and-hold; it beats buy-and-hold in {s['share_beating_buy_hold']:.0%} of (fold, seed) pairs. "
+                + ("Its interval lies above buy-and-hold's: it beats buy-and-hold out of sample. " if beats else
+                   "Its interval does not lie above buy-and-hold's: there is no evidence that it beats buy-and-hold out of sample. "))
+    on_return = []
+    for b, name in (('buy_hold', 'buy-and-hold'), ('ma_cross', 'the best MA crossover')):
+        fs = [f for f in folds if (f.get(b) or {}).get('total_return') is not None and f['model'].get('total_return') is not None]
+        if fs: on_return.append(f"{name} in {sum(f['model']['total_return'] > f[b]['total_return'] for f in fs)} of {len(fs)} folds")
+    if on_return: out += "On return (the mean of its seeds), it beat " + ' and '.join(on_return) + ". "
+    return (out + f"After {s['n_trials']} trials the deflated Sharpe ratio is {'-' if s['dsr'] is None else format(s['dsr'], '.2f')}"
             + (f" and the probability of backtest overfitting {s['pbo']:.0%}." if s['pbo'] is not None else "; the probability of backtest overfitting needs two trials or more."))
 
 Experiment.summary = summary
