@@ -69,11 +69,11 @@ clean-check: install
 nbtest: install
 	TRADER_HOME=$(CURDIR)/.test-home/nbs TRADER_REPORTS=$(CURDIR)/.test-home/reports $(BIN)/nbdev_test --n_workers 2
 
-# pytest-xdist: 3 workers, tests sharing a module fixture on one worker, the long modules first (tests/conftest.py).
+# pytest-xdist: 3 workers, a module's tests on one worker (its module fixtures built once), the long modules first (tests/conftest.py).
 # Most of the suite waits on subprocesses, servers and simulated clocks, so 3 workers beat 2 on the 2-core CI machine.
 PYTEST_WORKERS ?= 3
 pytest: install
-	$(BIN)/python -m pytest tests/ -q -n $(PYTEST_WORKERS) --dist loadgroup --durations=20
+	$(BIN)/python -m pytest tests/ -q -n $(PYTEST_WORKERS) --dist loadfile --durations=20
 
 test: install   ## set PG=1 to start a throwaway PostgreSQL for the PostgreSQL tests
 	@rm -rf .test-home
