@@ -84,8 +84,11 @@ nbs: install   ## re-execute the notebooks in place and store their outputs (NB=
 	$(NB_ENV) $(BIN)/python .ci/nbrun.py write $(NB)
 	$(BIN)/nbdev_clean
 
+# pytest-xdist: 3 workers, a module's tests on one worker (its module fixtures built once), the long modules first (tests/conftest.py).
+# Most of the suite waits on subprocesses, servers and simulated clocks, so 3 workers beat 2 on the 2-core CI machine.
+PYTEST_WORKERS ?= 3
 pytest: install
-	$(BIN)/python -m pytest tests/ -q
+	$(BIN)/python -m pytest tests/ -q -n $(PYTEST_WORKERS) --dist loadfile --durations=20
 
 test: install   ## set PG=1 to start a throwaway PostgreSQL for the PostgreSQL tests
 	@rm -rf .test-home

@@ -86,12 +86,34 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     config.addinivalue_line('markers', 'slow: long-running (training budgets); run with `pytest -m slow` or `--runslow`')
+    if getattr(config.option, 'dist', 'no') in ('loadfile', 'loadscope'):   # the controller schedules: keep _xdist_layout's
+        config.option.loadscopereorder = False                               # order (longest first), not xdist's by test count
 
 def pytest_collection_modifyitems(config, items):
+    _xdist_layout(config, items)
     if config.getoption('--runslow') or 'slow' in (config.getoption('-m') or ''): return
     skip = pytest.mark.skip(reason='slow: run with --runslow or -m slow')
     for item in items:
         if 'slow' in item.keywords: item.add_marker(skip)
+
+
+# -- pytest-xdist: `make pytest` runs `pytest -n 3 --dist loadfile` (see the README's "Test time") ---------------------------
+# Each worker is a process with its own TRADER_HOME per test (tmp_path_factory is per worker), its own PostgreSQL
+# databases (pg_database makes a uniquely named one per test), free ports only, and its own temporary folders.
+# `--dist loadfile`: a module's tests run on one worker, so a module-scoped fixture (a trained model, a prepared home, the
+# Ray runs: test_ray.py is the only module that starts Ray) is built once. (`--dist loadgroup` with xdist_group marks
+# does not group anything with pytest 9.2 and xdist 3.8: xdist appends the group to `item._nodeid`, which pytest 9 no
+# longer reads.) The modules start longest first (seconds measured on the 2-core CI machine, serial, fixture set-up
+# included): a long module started last would otherwise run alone at the end.
+MODULE_SECONDS = {'test_experiments': 190, 'test_ray': 150, 'test_reports_gate_promote': 140, 'test_wheel': 130,
+                  'test_train_cli': 120, 'test_service_alpaca': 115, 'test_recovery': 110, 'test_service': 90, 'test_drills': 80,
+                  'test_nightly': 80, 'test_holdout': 70, 'test_drift': 70, 'test_monitoring': 70, 'test_dashboard_browser': 60,
+                  'test_cli': 60, 'test_parity': 40, 'test_alpaca_e2e': 40}
+
+def _xdist_layout(config, items):
+    "On an xdist worker (they all collect, the controller schedules in their order): the long modules first."
+    if not hasattr(config, 'workerinput'): return
+    items.sort(key=lambda item: -MODULE_SECONDS.get(item.module.__name__, 0))     # stable: the order within a module is kept
 
 
 # -- prepared models: registered models whose policy always takes one action (see trader.research.train.fixed_action_model) --

@@ -118,7 +118,6 @@ def committed(home):
 def bar_days(home, rid):
     return [pd.Timestamp(t, tz='UTC').strftime('%Y-%m-%d') for (t,) in q(home, "SELECT ts FROM run_series WHERE run_id = ? AND series = 'equity' ORDER BY ts", (rid,))]
 
-@pytest.mark.slow   # the SimBroker twin of tests/test_service_alpaca.py (~50 s): CI time; run with --runslow
 def test_service_weekend_holiday_sigterm_resume(prepared, tmp_path, monkeypatch, capsys):
     from trader.core.config import load_settings
     from trader.core.store import Store
