@@ -77,6 +77,7 @@ clean-check: install
 NB_ENV = TRADER_HOME=$(CURDIR)/.test-home/nbs TRADER_REPORTS=$(CURDIR)/.test-home/reports
 
 nbtest: install
+	@rm -rf .test-home/nbs .test-home/reports
 	$(NB_ENV) $(BIN)/python .ci/nbrun.py check $(NB)
 
 nbs: install   ## re-execute the notebooks in place and store their outputs (NB="nbs/01_data.ipynb ..." for some)

@@ -60,7 +60,8 @@ def _rolling_corr_beta(close:np.ndarray, window:int) -> tuple[np.ndarray, np.nda
     n = close.shape[1]
     if n > 1:
         pairs = [r[i].rolling(window).corr(r[j]) for i in range(n) for j in range(i + 1, n)]
-        corr = np.nanmean(np.vstack([p.to_numpy() for p in pairs]), axis=0) if pairs else np.zeros(len(r))
+        m = np.vstack([p.to_numpy() for p in pairs]); cnt = (~np.isnan(m)).sum(axis=0)
+        corr = np.where(cnt > 0, np.nansum(m, axis=0)/np.maximum(cnt, 1), np.nan)   # np.nanmean's arithmetic, without its warning on the warm-up rows
     else: corr = np.zeros(len(r))
     bench = r.mean(axis=1)
     var = bench.rolling(window).var()
