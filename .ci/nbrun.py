@@ -5,7 +5,7 @@
 
 Execution is nbdev_test's: the same in-process IPython shell (execnb's CaptureShell), the same skip rules (`#| eval: false`,
 settings.ini's `tst_flags`, `nbdev_export(` cells), the notebook's folder as working directory, the same TRADER_HOME and
-TRADER_REPORTS for both commands (Makefile), 2 notebooks at a time, each in a fresh process.
+TRADER_REPORTS for both commands (Makefile; each notebook in its own sub-folder of them), 2 notebooks at a time, each in a fresh process.
 
 What is compared (`check`): every executed code cell's outputs, in order: stream text, errors, and each rich output's text
 (`text/plain`, `text/html`, `text/markdown`) after normalisation (the repository's own path, temporary folders, object
@@ -134,6 +134,8 @@ def execute(fn:str, images:bool) -> dict:
     os.environ['IN_TEST'] = '1'
     install_chart_renderer(images)
     fn, cfg = Path(fn), get_config()
+    for var in ('TRADER_HOME', 'TRADER_REPORTS'):         # a home per notebook: no output depends on which ran first
+        if os.environ.get(var): os.environ[var] = str(Path(os.environ[var])/fn.stem)
     flags = set(cfg.tst_flags.split())
     nb = NBProcessor(fn, procs=FrontmatterProc, process=True).nb
     if str2bool(getattr(nb, 'frontmatter_', {}).get('skip_exec', False)): return dict(ok=True, secs=0, outputs={}, skipped=[], error='')
