@@ -25,6 +25,13 @@ __all__ = ['arg_cash_amount', 'arg_bps', 'arg_count', 'arg_seed_value', 'arg_por
 # %% ../../nbs/20_cli.ipynb #47322f2d
 def _say(*a, **kw): print(*a, **kw, flush=True)
 
+def _say_written(files, html:Path, s) -> None:
+    "One `wrote` line per report file that exists, then the one-line warning when the report's PDF was skipped (no Chromium)."
+    from trader.ops.reports import pdf_skipped
+    for f in files:
+        if f.exists(): _say(f"wrote {f}")
+    if (w := pdf_skipped(html, s)): print(w, file=sys.stderr)
+
 def _money(v) -> str: return '-' if v is None else f'{v:+,.2f}'
 
 def _save_rejected(report, settings) -> Path:
@@ -189,9 +196,7 @@ def cmd_experiment(args) -> int:
     from trader.ops import reports as R
     out = s.reports_dir/'experiments'/args.target
     nb = R.run_template('experiment', out, {'name': args.target, 'output_dir': str(out), 'demo_if_empty': False})
-    for f in (nb, out/'report.html', out/'report.pdf', out/'summary.json'):
-        if f.exists(): _say(f"wrote {f}")
-    if (w := R.pdf_skipped(out/'report.html', s)): print(w, file=sys.stderr)
+    _say_written((nb, out/'report.html', out/'report.pdf', out/'summary.json'), out/'report.html', s)
     return 0
 
 def cmd_sweep(args) -> int:
@@ -227,9 +232,7 @@ def cmd_report(args) -> int:
                   'slippage_bps': -1.0 if args.slippage_bps is None else args.slippage_bps, 'cash': args.cash, 'output_dir': str(out),
                   'demo_if_empty': False}
         nb = R.run_template('backtest', out, params)
-        for f in (nb, out/'report.html', out/'report.pdf', out/'tearsheet.html'):
-            if f.exists(): _say(f"wrote {f}")
-        if (w := R.pdf_skipped(out/'report.html', s)): print(w, file=sys.stderr)
+        _say_written((nb, out/'report.html', out/'report.pdf', out/'tearsheet.html'), out/'report.html', s)
     return 0
 
 def cmd_gate(args) -> int:
@@ -247,10 +250,7 @@ def cmd_gate(args) -> int:
     except ReportError as e:       # the verdict stands (recorded, printed, in the exit code); only the report is missing
         print(f"error: {e}; the verdict above is recorded", file=sys.stderr)
         return max(g.exit_code, 1)
-    for f in (nb, nb.with_suffix('.html'), nb.with_suffix('.pdf')):
-        if f.exists(): _say(f"wrote {f}")
-    from trader.ops.reports import pdf_skipped
-    if (w := pdf_skipped(nb.with_suffix('.html'), s)): print(w, file=sys.stderr)
+    _say_written((nb, nb.with_suffix('.html'), nb.with_suffix('.pdf')), nb.with_suffix('.html'), s)
     return g.exit_code
 
 def cmd_promote(args) -> int:
