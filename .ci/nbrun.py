@@ -170,6 +170,11 @@ def notebooks(paths:list[str]) -> list[Path]:
 
 def tagged(cell:dict, tag:str) -> bool: return tag in (cell.get('metadata', {}).get('tags') or [])
 
+def _words(blocks:list[str]) -> list[str]:
+    """Outputs without their layout: IPython wraps a repr at 79 columns before the checkout's path is removed, so where a line
+    breaks depends on how long that path is. Runs of white space compare equal; every character else still counts."""
+    return [re.sub(r'\s+', ' ', b) for b in blocks]
+
 def compare(fn:Path, res:dict) -> list[str]:
     "Stale cells of `fn` against a fresh run `res`, as readable diffs."
     nb, probs = json.loads(fn.read_text()), []
@@ -177,7 +182,7 @@ def compare(fn:Path, res:dict) -> list[str]:
         if c['cell_type'] != 'code' or tagged(c, VOLATILE): continue
         fresh = res['outputs'].get(i, []) if i not in res['skipped'] else []
         old, new = norm_outputs(c.get('outputs', [])), norm_outputs(fresh)
-        if old != new:
+        if _words(old) != _words(new):
             diff = list(difflib.unified_diff('\n'.join(old).splitlines(), '\n'.join(new).splitlines(), 'committed', 'fresh', n=1, lineterm=''))
             src = _join(c['source']).strip().splitlines()
             probs.append(f"cell {i} ({src[0][:60] if src else ''!s}):\n    " + '\n    '.join(diff[:30]) + ('\n    …' if len(diff) > 30 else ''))
@@ -209,10 +214,12 @@ def main(argv:list[str]) -> int:
             if mode == 'write': write(fn, res); print(f"wrote  {name} ({res['secs']:.0f}s)", flush=True); continue
             probs = compare(fn, res)
             if probs:
-                stale.append(name); print(f"STALE  {name}: {len(probs)} cell(s) differ from a fresh run\n  " + '\n  '.join(probs), flush=True)
+                stale.append((name, probs)); print(f"STALE  {name}: {len(probs)} cell(s) differ from a fresh run (shown at the end)", flush=True)
             else: print(f"ok     {name} ({res['secs']:.0f}s)", flush=True)
     timing.parent.mkdir(exist_ok=True); timing.write_text(json.dumps({**prev, **times}, indent=1, sort_keys=True))
-    print(f"{len(files)} notebooks in {time.time() - t0:.0f}s: {len(failed)} failed, {len(stale)} stale")
+    for name, probs in stale: print(f"STALE  {name}: {len(probs)} cell(s) differ from a fresh run\n  " + '\n  '.join(probs))
+    print(f"{len(files)} notebooks in {time.time() - t0:.0f}s: {len(failed)} failed, {len(stale)} stale"
+          + ''.join(f"\n  {w} {n}" for w, names in (('failed', failed), ('stale ', [n for n, _ in stale])) for n in names))
     if stale: print("committed outputs are stale: run `make nbs` and commit the notebooks (cells whose output is not "
                     "deterministic carry the `volatile` tag)", file=sys.stderr)
     return 1 if failed or stale else 0

@@ -53,3 +53,15 @@ def test_a_chart_is_checked_by_its_data_hash(tmp_path):
     d = json.loads(nb.read_text()); d['cells'][0]['source'] = src.format(4); nb.write_text(json.dumps(d))
     r = _run('check', nb, tmp_path)                                                       # same chart, other data
     assert r.returncode == 1 and 'data sha256' in r.stdout
+
+def test_line_breaks_are_layout_not_results(tmp_path):
+    "IPython wraps a repr at 79 columns, before the checkout's path is removed: a longer path breaks the line elsewhere."
+    nb = _nb(tmp_path/'wrap.ipynb', [('code', '("a" * 40, "b" * 40)', [])])
+    r = _run('write', nb, tmp_path); assert r.returncode == 0, r.stdout + r.stderr
+    d = json.loads(nb.read_text()); out = d['cells'][0]['outputs'][0]['data']
+    assert len(out['text/plain']) == 2                                                   # wrapped in two lines
+    out['text/plain'] = [''.join(out['text/plain']).replace('\n', '')]; nb.write_text(json.dumps(d))
+    r = _run('check', nb, tmp_path); assert r.returncode == 0, r.stdout + r.stderr       # one line: same result
+    out['text/plain'] = [out['text/plain'][0].replace('b', 'c', 1)]; nb.write_text(json.dumps(d))
+    r = _run('check', nb, tmp_path)                                                      # one character else: stale
+    assert r.returncode == 1 and 'STALE' in r.stdout, r.stdout + r.stderr
