@@ -71,7 +71,7 @@ class Registry:
         art = d/ARTIFACT
         if not art.is_file(): raise RegistryError(f"cannot register {model_id}: {art} is missing")
         meta = {**meta, 'id': model_id, 'artifact': ARTIFACT, 'artifact_sha256': file_sha256(art),
-                'package_version': __version__, 'created': meta.get('created') or pd.Timestamp.now(tz='UTC').isoformat(timespec='seconds')}
+                'package_version': __version__, 'created': meta.get('created') or pd.Timestamp.now(tz='UTC').isoformat(timespec='microseconds')}
         (d/METADATA).write_text(json.dumps(meta, indent=1, default=str))
         with self.store.transaction():
             self.store.execute('''INSERT INTO models (id, created, parent, symbols, steps, seed, artifact_sha256, params_sha256, data_sha256, metadata)
