@@ -5,7 +5,8 @@ the one place for the site's structure and this script translates it.
 (`project.output-dir`, `_docs`). Its `repo-url` is not used: Material would fetch the repository's stars from GitHub's
 API on every page view. This script writes a scratch folder (`_docs_src/`, ignored by git) with
 - `pages/`: every rendered notebook, prepared as nbdev prepares them for its own docs (cells marked `#| hide` dropped,
-  `#| ...` directive lines removed, cells left empty dropped; outputs kept as committed, nothing is executed), index first;
+  `#| ...` directive lines removed, cells left empty dropped; outputs kept as committed, nothing is executed; an escaped
+  `\\$` in prose kept a dollar for MathJax), index first;
 - `pages/api/<module>.md`: one API page per module of trader.core/research/live/ops, a `::: trader.x.y` for
   mkdocstrings, which reads the docstrings with griffe statically (the build fails if it imported trader, torch or ray);
 - `mkdocs.yml`: the navigation (home, the notebooks in nbs/ order titled by their first `# heading`, the API by layer),
@@ -22,6 +23,8 @@ from __future__ import annotations
 import argparse, fcntl, glob, json, os, re, shutil, subprocess, sys, time
 from pathlib import Path
 import yaml
+sys.path.insert(0, str(Path(__file__).parent))
+from docs_hooks import ESCAPED_DOLLAR  # noqa: E402  (the hooks find what this marks)
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT/'_docs_src'           # generated: pages, mkdocs.yml, the conversion cache
@@ -41,6 +44,7 @@ bad = sorted(m for m in ('trader', 'torch', 'ray') if m in sys.modules)
 sys.exit(f"the docs build imported {', '.join(bad)}: the API reference must be read statically (griffe)" if bad else code)
 '''
 DIRECTIVE = re.compile(r'^\s*#\|\s*(.*)$')
+
 
 def quarto(path:Path=ROOT/'_quarto.yml') -> dict:
     "The parsed `_quarto.yml`."
@@ -85,6 +89,7 @@ def prepare(nb:dict) -> dict:
             if d.get('echo') == 'false': c = {**c, 'metadata': {**c.get('metadata', {}), 'tags': [*c.get('metadata', {}).get('tags', []), 'remove_input']}}
             if not src.strip() and not c.get('outputs'): continue
         elif not src.strip(): continue
+        else: src = src.replace('\\$', ESCAPED_DOLLAR)
         cells.append({**c, 'source': src})
     return {**nb, 'cells': cells}
 

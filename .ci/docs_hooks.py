@@ -1,7 +1,11 @@
 """MkDocs hooks for the docs site (.ci/docs.py names this file in the generated mkdocs.yml).
 
 - Pages load nothing from the network: nbconvert's notebook template links MathJax and Mermaid from a CDN; those
-  scripts are removed (TeX stays as written, `$x$`; a Mermaid block shows its source).
+  scripts are removed (a Mermaid block shows its source).
+- TeX in notebook prose (`$x$`, `$$...$$`) is typeset by MathJax 2.7 served from the site itself (assets/mathjax/, copied
+  from the `jupyter-server-mathjax` package, the build classic Jupyter served offline), with nbconvert's settings
+  (`$`/`\\(` inline, escaped `\\$` literal) and the classic notebook's STIX web fonts. Outputs are not typeset: a
+  table of amounts in dollars is not TeX. Only pages whose prose has math load it.
 - A notebook's link to another notebook (`[Store](03_store.ipynb#the-schema)`, as it works in JupyterLab) points at that
   notebook's page.
 - A notebook page's table of contents links to its headings: mkdocs-jupyter slugs the headings with Python-Markdown (code
@@ -14,7 +18,7 @@
 - Every notebook page inlines the same ~0.6 MB of JupyterLab CSS and the same scripts; they are written once under
   assets/notebook/ (named by content hash) and linked, which keeps the site ~10x smaller and the pages cacheable.
 """
-import hashlib, posixpath, re
+import hashlib, importlib.util, json, posixpath, re, shutil
 from pathlib import Path
 import material
 from mkdocs.utils import get_relative_url
@@ -28,6 +32,39 @@ DOWNLOAD_ICON = (Path(material.__file__).parent/'templates'/'.icons'/'material'/
 HEADING = re.compile(r'<h([1-6])\b[^>]*\bid="([^"]+)"[^>]*>(.*?)</h\1>', re.S)
 TAG = re.compile(r'<[^>]+>')
 SHARED_MIN = 2000      # inline blocks at least this long (characters) go to a shared file
+MATHJAX = 'assets/mathjax'
+# `\$100` in prose is a dollar, not TeX (JupyterLab's reading); nbconvert's markdown would make it a bare `$` that MathJax
+# pairs with the next one, so .ci/docs.py writes it as a dollar MathJax is told to skip
+ESCAPED_DOLLAR = '<span class="tex2jax_ignore">$</span>'
+TEX = re.compile(r'(?<!\\)\$')   # an unescaped dollar in markdown: math (money is written `\$100`, as JupyterLab wants it)
+# nbconvert's MathJax settings (its base/mathjax.html.j2), with the classic notebook's fonts (the package ships STIX-Web
+# only), no messages, and output areas left alone
+MATHJAX_SETTINGS = {
+    'tex2jax': {'inlineMath': [['$', '$'], ['\\(', '\\)']], 'displayMath': [['$$', '$$'], ['\\[', '\\]']],
+                'processEscapes': True, 'processEnvironments': True, 'ignoreClass': 'tex2jax_ignore|jp-OutputArea-output'},
+    'TeX': {'equationNumbers': {'autoNumber': 'AMS', 'useLabelIds': True}},
+    'HTML-CSS': {'availableFonts': [], 'imageFont': None, 'preferredFont': None, 'webFont': 'STIX-Web', 'linebreaks': {'automatic': True}},
+    'displayAlign': 'center', 'messageStyle': 'none', 'showMathMenu': False,
+}
+
+def mathjax_static() -> Path:
+    "MathJax 2.7 as the `jupyter-server-mathjax` package ships it (found without importing jupyter_server)."
+    spec = importlib.util.find_spec('jupyter_server_mathjax')
+    if spec is None: raise SystemExit("the docs need the jupyter-server-mathjax package (a dev requirement): run `make install`")
+    return Path(next(iter(spec.submodule_search_locations)))/'static'
+
+def has_tex(page) -> bool:
+    "Whether a notebook page's prose has TeX (an unescaped `$`, outside code spans)."
+    nb = json.loads(Path(page.file.abs_src_path).read_text(encoding='utf-8'))
+    prose = ' '.join(re.sub(r'`[^`]*`', '', ''.join(c['source'])) for c in nb['cells'] if c['cell_type'] == 'markdown')
+    prose = prose.replace(ESCAPED_DOLLAR, '')                                   # money, as .ci/docs.py prepared it
+    return bool(TEX.search(prose))
+
+def mathjax_tags(page) -> str:
+    "The scripts that typeset a page's TeX with the site's own MathJax."
+    url = get_relative_url(f'{MATHJAX}/MathJax.js', page.url)
+    return (f'<script type="text/x-mathjax-config">MathJax.Hub.Config({json.dumps(MATHJAX_SETTINGS)});</script>\n'
+            f'<script src="{url}?config=TeX-AMS-MML_HTMLorMML-full,Safe"></script>\n')
 
 def on_page_content(html:str, page, config, files) -> str:
     "The page's HTML without scripts from other hosts, its links to notebooks pointing at their pages."
@@ -42,7 +79,8 @@ def on_page_content(html:str, page, config, files) -> str:
                 + html)
     html = MATHJAX_CONFIG.sub('', html)
     html = MERMAID.sub('', html)
-    return CDN_SCRIPT.sub('', html)
+    html = CDN_SCRIPT.sub('', html)
+    return html + mathjax_tags(page) if page.file.src_uri.endswith('.ipynb') and has_tex(page) else html
 
 def words(html:str) -> str:
     "A heading's text for matching: tags, the pilcrow and punctuation dropped, lower case."
@@ -90,9 +128,18 @@ def api_index(site:Path) -> dict[str, str]:
             seen.setdefault(key, set()).add(ref)
     return {k: v.pop() for k, v in seen.items() if len(v) == 1}
 
+def copy_mathjax(site:Path):
+    "MathJax into the site: the loader, its one configuration, extensions, TeX input, HTML-CSS output and STIX-Web fonts."
+    src, dst = mathjax_static(), site/MATHJAX
+    skip = shutil.ignore_patterns('localization', 'a11y', 'SVG')   # translations, accessibility explorer, SVG output: unused
+    shutil.rmtree(dst, ignore_errors=True); dst.mkdir(parents=True)
+    shutil.copy(src/'MathJax.js', dst); shutil.copy(src/'LICENSE', dst)
+    for d in ('config', 'extensions', 'jax', 'fonts'): shutil.copytree(src/d, dst/d, ignore=skip)
+
 def on_post_build(config):
-    "Backticked names in the notebook pages' prose linked to their API entries (the API pages exist only now)."
+    "MathJax copied in; backticked names in the notebook pages' prose linked to their API entries (the API pages exist only now)."
     site = Path(config['site_dir'])
+    copy_mathjax(site)
     index = api_index(site)
     for page in site.glob('*/index.html'):
         if not (page.parent/f'{page.parent.name}.ipynb').exists(): continue      # notebook pages only

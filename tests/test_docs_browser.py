@@ -5,8 +5,9 @@
   (and every #anchor to an element of the page it names), and no page or stylesheet loads anything from another host
   (the site is read offline);
 - in Chromium (Playwright, Debian's /usr/bin/chromium), served on 127.0.0.1 with every request elsewhere aborted and
-  recorded: the home page shows index.ipynb's heading, an API page shows a function with its docstring, the search box
-  finds a page, and no request left the machine. Without Chromium the browser test is skipped locally and fails in CI.
+  recorded: the home page shows index.ipynb's heading, an API page shows a function with its docstring, a notebook's TeX
+  is typeset by the site's own MathJax (its dollars of money and its output tables left alone), the search box finds a
+  page, no request left the machine and none asked for a missing file. Without Chromium the browser test is skipped locally and fails in CI.
 """
 import ast, functools, json, re, shlex, subprocess, sys, time
 from html.parser import HTMLParser
@@ -26,6 +27,7 @@ import docs, docs_hooks  # noqa: E402  (.ci/docs.py: the site's structure; .ci/d
 
 API_MODULE = 'trader.core.store'
 SEARCH = 'drift'
+TEX_PAGE, TEX_MIN = '10_metrics', 20     # a page whose prose defines the metrics in TeX (and writes money as \$)
 RESOURCE_ATTRS = {'script': 'src', 'img': 'src', 'iframe': 'src', 'source': 'src', 'video': 'src', 'audio': 'src',
                   'embed': 'src', 'object': 'data', 'link': 'href'}    # what a browser loads by itself (an <a> it does not)
 
@@ -178,7 +180,7 @@ def test_site_in_chromium(site, tmp_path):
     from playwright.sync_api import sync_playwright
     handler = functools.partial(Quiet, directory=str(site))
     with loopback_server(ThreadingHTTPServer, handler, SimpleNamespace()) as srv, sync_playwright() as pw:
-        base, blocked, errors = srv.url, [], []
+        base, blocked, errors, missing = srv.url, [], [], []
         b = pw.chromium.launch(executable_path=exe, args=CHROMIUM_ARGS)
         try:
             ctx = b.new_context(viewport={'width': 1400, 'height': 1000})
@@ -203,6 +205,21 @@ def test_site_in_chromium(site, tmp_path):
             assert ' '.join(words) in ' '.join(body.split()), f'{fn}: docstring {doc!r} not shown'
             page.screenshot(path=str(tmp_path/'docs-api.png'))
 
+            page.on('response', lambda r: r.status >= 400 and missing.append(r.url))
+            page.goto(f'{base}/{TEX_PAGE}/', wait_until='networkidle')
+            page.wait_for_function('window.MathJax && MathJax.Hub && MathJax.Hub.queue.pending === 0 && '
+                                   'document.querySelectorAll("span.MathJax").length > 0', timeout=60_000)
+            prose = page.locator('article .jp-MarkdownCell')
+            typeset, raw_tex = page.locator('article .jp-MarkdownCell span.MathJax').count(), prose.all_inner_texts()
+            assert typeset >= TEX_MIN, f'{TEX_PAGE}: {typeset} formulas typeset'
+            assert page.locator('.MathJax_Error, .mjx-merror').count() == 0, 'MathJax could not typeset a formula'
+            assert not [t for t in raw_tex if re.search(r'\\(frac|sqrt|operatorname)\b', t)], 'TeX left as source in the prose'
+            text = ' '.join(page.locator('article').inner_text().split())
+            assert 'half of $100,000 in each' in text, 'an escaped dollar in the prose is not a dollar'
+            outputs = ' '.join(' '.join(page.locator('article .jp-OutputArea-output').all_inner_texts()).split())
+            assert len(re.findall(r'\$\d{1,3},\d{3}', outputs)) >= 10, 'amounts in the output tables were typeset as TeX'
+            page.screenshot(path=str(tmp_path/'docs-tex.png'), full_page=False)
+
             page.goto(f'{base}/', wait_until='networkidle')
             box = page.locator('input.md-search__input')
             box.click(); box.press_sequentially(SEARCH, delay=30)
@@ -216,3 +233,4 @@ def test_site_in_chromium(site, tmp_path):
         finally: b.close()
     assert not blocked, f'the site asked for other hosts: {blocked[:10]}'
     assert not errors, f'JavaScript errors: {errors[:5]}'
+    assert not missing, f'files the pages asked for and the site lacks: {missing[:10]}'
