@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
-import numpy as np, pandas as pd
+import pandas as pd
 import ipywidgets as W
 from ..core.config import Settings, TraderError, load_settings
 from ..core.store import Store
@@ -94,7 +94,7 @@ def recorded_crossover(store:Store, model_id:str|None, before:pd.Timestamp) -> t
 
 def run_baselines(store:Store, meta, settings:Settings, start_equity:float|None=None) -> Baselines:
     "The run's baselines: the ones it stored, else buy-and-hold computed from the store's bars and the crossover its model's backtest recorded (see above)."
-    from trader.research.features import FeatureError, FeatureSet, pivot_bars
+    from trader.research.features import FeatureError, price_set
     from trader.research.backtest import buy_and_hold
     eq = meta.series['equity'].dropna() if 'equity' in meta.series else pd.Series(dtype=float)
     if not len(eq): return Baselines({}, {}, f'run {meta.id} has no bars yet: nothing to chart')
@@ -111,8 +111,7 @@ def run_baselines(store:Store, meta, settings:Settings, start_equity:float|None=
     curves, labels, notes = {}, {}, []
     through = bars.ts.max() if len(bars) else None
     try:
-        w = pivot_bars(bars, syms)        # buy-and-hold reads prices only: no features computed
-        fs = FeatureSet(list(syms), pd.DatetimeIndex(w['ts']), w['open'], w['high'], w['low'], w['close'], w['volume'], np.empty((len(w['ts']), len(syms), 0)))
+        fs = price_set(bars, syms)        # buy-and-hold reads prices only: no features computed
         bh = buy_and_hold(fs, t0, None, cash, fees, slip, p.get('lot', settings.env.lot))
         if bh.index[0] != t0: raise FeatureError(f"fewer than 252 stored bars before {t0:%Y-%m-%d}")
         curves['buy_hold'], labels['buy_hold'] = bh, _bh_label(syms)

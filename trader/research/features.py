@@ -13,7 +13,7 @@ from ..core.data import parse_symbols
 
 # %% auto #0
 __all__ = ['FEATURE_NAMES', 'N_FEATURES', 'WARMUP', 'LOOKBACK', 'feature_rows', 'features_at', 'FeatureError', 'FeatureSet',
-           'pivot_bars', 'build_features', 'Normaliser']
+           'pivot_bars', 'build_features', 'price_set', 'Normaliser']
 
 # %% ../../nbs/04_features.ipynb #0a9e4543
 FEATURE_NAMES = ('ret_1', 'ret_5', 'ret_20', 'rsi_14', 'ema_ratio_10', 'ema_ratio_50', 'macd_hist', 'bb_pctb',
@@ -205,6 +205,14 @@ def build_features(bars:pd.DataFrame, # long bars (symbol, ts, open, high, low, 
     if len(w['ts']) < WARMUP + 2: raise FeatureError(f"need more than {WARMUP + 1} bars for features, got {len(w['ts'])}")
     f = feature_rows(w['high'], w['low'], w['close'], w['volume'])
     return FeatureSet(syms, pd.DatetimeIndex(w['ts']), w['open'], w['high'], w['low'], w['close'], w['volume'], f)
+
+def price_set(bars:pd.DataFrame, # long bars (symbol, ts, open, high, low, close, volume)
+              symbols, # the assets, in observation order
+             ) -> FeatureSet:
+    "The bars aligned as a `FeatureSet` with no feature columns, for what reads prices only (a buy-and-hold baseline)."
+    w, syms = pivot_bars(bars, symbols), parse_symbols(symbols)
+    return FeatureSet(syms, pd.DatetimeIndex(w['ts']), w['open'], w['high'], w['low'], w['close'], w['volume'],
+                      np.empty((len(w['ts']), len(syms), 0)))
 
 # %% ../../nbs/04_features.ipynb #e967029d
 @dataclass
