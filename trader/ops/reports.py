@@ -107,8 +107,9 @@ def metrics_table(columns:dict[str,dict], # strategy name (model, buy_hold, ma_c
                          for k, label, kind in METRICS if keys is None or k in keys])
 
 def show_table(df:pd.DataFrame):
-    "A table for a notebook's output: no index column."
-    return df.style.hide(axis='index')
+    "A table for a notebook's output: no index column, and not typeset as TeX (JupyterLab runs MathJax over HTML outputs, "
+    "and two amounts such as $-2,085.31 < -$2,008.98 in one cell would read as a formula)."
+    return df.style.hide(axis='index').set_table_attributes('class="tex2jax_ignore"')
 
 # %% ../../nbs/15_reports.ipynb #16980693
 EVENT_LABELS = {'guardian': 'guardian fired', 'kill_switch': 'kill switch', 'emergency_level': 'emergency level change', 'max_drawdown_halt': 'drawdown halt',
