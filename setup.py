@@ -1,7 +1,7 @@
 """Package metadata is read from settings.ini (nbdev 2 layout); edit it there, not here."""
 from configparser import ConfigParser
 from pathlib import Path
-import setuptools, shlex
+import json, setuptools, shlex
 from setuptools.command.build_py import build_py
 
 config = ConfigParser(delimiters=['='])
@@ -27,16 +27,25 @@ min_python = cfg['min_python']
 lic = licenses.get(cfg['license'].lower(), (cfg['license'], None))
 dev_requirements = (cfg.get('dev_requirements') or '').split()
 
+def without_outputs(text:str) -> str:
+    """A notebook as the package ships it: every cell with its metadata (papermill's `parameters` tag), code cells without
+    outputs. nbs/ commits them executed, as documents; papermill and Voila write their own outputs on every run."""
+    nb = json.loads(text)
+    for c in nb['cells']:
+        if c['cell_type'] == 'code': c['outputs'], c['execution_count'] = [], None
+    return json.dumps(nb, indent=1, ensure_ascii=False) + '\n'
+
 class BuildPyWithNotebooks(build_py):
     """Copy the notebooks listed under `package_notebooks` in settings.ini (report templates, the Voila page) into the
-    built package at `package_notebooks_dir`; they are edited in nbs/ only, and no copy is committed under trader/."""
+    built package at `package_notebooks_dir`, without their outputs; they are edited in nbs/ only, and no copy is
+    committed under trader/."""
     def run(self):
         super().run()
         dest = Path(self.build_lib)/cfg['package_notebooks_dir']
         self.mkpath(str(dest))
         for src in shlex.split(cfg.get('package_notebooks', '')):
             if not Path(src).is_file(): raise FileNotFoundError(f"package notebook {src} (settings.ini package_notebooks) is missing")
-            self.copy_file(src, str(dest/Path(src).name))
+            (dest/Path(src).name).write_text(without_outputs(Path(src).read_text(encoding='utf-8')), encoding='utf-8')
 
 setuptools.setup(
     name=cfg['lib_name'],

@@ -1,5 +1,5 @@
 """A wheel built with `pip wheel --no-deps .` carries the report templates and the dashboard notebook (package data copied
-from nbs/ at build time), and `trader gate` runs from it: the imported `trader` is the wheel's, not the editable checkout's.
+from nbs/ at build time, without the outputs nbs/ commits), and `trader gate` runs from it: the imported `trader` is the wheel's, not the editable checkout's.
 Offline: no build isolation (the venv's setuptools), no index.
 
 `test_wheel_installed_in_a_clean_venv_runs_the_demo`: `pip install --no-deps` of the wheel into a new virtualenv made
@@ -22,6 +22,7 @@ from trader.core.store import Store
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGED = {'trader/ops/templates/backtest.ipynb': 'nbs/reports/backtest.ipynb',
             'trader/ops/templates/daily_gate.ipynb': 'nbs/reports/daily_gate.ipynb',
+            'trader/ops/templates/experiment.ipynb': 'nbs/reports/experiment.ipynb',
             'trader/ops/templates/dashboard.ipynb': 'nbs/dashboard.ipynb'}
 SKIP = {'.git', '.venv', 'var', '.cache', '.test-home', 'build', 'dist', '_docs', '_proc', '__pycache__',
         '.pytest_cache', '.hypothesis', '.ipynb_checkpoints', 'benchmarks', 'monitoring', 'tests'}
@@ -45,7 +46,13 @@ def test_wheel_carries_the_templates(wheel):
         names = set(z.namelist())
         for inside, source in PACKAGED.items():
             assert inside in names, sorted(n for n in names if not n.endswith('.py'))
-            assert z.read(inside) == (ROOT/source).read_bytes(), f"{inside} differs from {source} (it must be a build-time copy)"
+            shipped, committed = json.loads(z.read(inside)), json.loads((ROOT/source).read_bytes())
+            assert any(c.get('outputs') for c in committed['cells']), f'{source} is committed without outputs'
+            # a build-time copy of the notebook in nbs/: the same cells and metadata (the parameters tag), no outputs
+            strip = lambda c: {k: v for k, v in c.items() if k not in ('outputs', 'execution_count')}
+            assert [strip(c) for c in shipped['cells']] == [strip(c) for c in committed['cells']], f"{inside} differs from {source}"
+            assert shipped['metadata'] == committed['metadata']
+            assert not any(c.get('outputs') or c.get('execution_count') for c in shipped['cells']), f'{inside} ships outputs'
         ep = next(n for n in names if n.endswith('entry_points.txt'))
         assert 'trader = trader.ops.cli:main' in z.read(ep).decode()
     # the checkout itself commits no copies: nbs/ is the one place they are edited
