@@ -45,7 +45,6 @@ sys.exit(f"the docs build imported {', '.join(bad)}: the API reference must be r
 '''
 DIRECTIVE = re.compile(r'^\s*#\|\s*(.*)$')
 
-
 def quarto(path:Path=ROOT/'_quarto.yml') -> dict:
     "The parsed `_quarto.yml`."
     return yaml.safe_load(path.read_text()) or {}
