@@ -153,7 +153,7 @@ def execute(fn:str, images:bool) -> dict:
         with working_directory(fn.parent): k.run_all(nb, exc_stop=True, preproc=_no_eval)
     except BaseException:
         ok, err = False, k.prettytb(fname=fn)
-    outs = {c.idx_: clean_outputs(json.loads(json.dumps(c.get('outputs', []), default=str)))
+    outs = {c.idx_: clean_outputs(c.get('outputs', []))
             for c in nb.cells if c.cell_type == 'code' and c.idx_ not in skipped}
     return dict(ok=ok, secs=time.time() - t0, outputs=outs, skipped=skipped, error=err)
 

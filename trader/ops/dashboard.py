@@ -117,7 +117,10 @@ def run_baselines(store:Store, meta, settings:Settings, start_equity:float|None=
         curves['buy_hold'], labels['buy_hold'] = bh, _bh_label(syms)
         notes.append('buy & hold computed from the stored bars (equal weight, whole shares, the run\'s costs and capital)')
     except FeatureError as e: notes.append(f'no buy & hold: {e}')
-    model = meta.decisions.model_id.iloc[0] if meta.decisions is not None and len(meta.decisions) else meta.model_id
+    from trader.core.registry import Registry
+    from trader.live.drift import DriftError, run_model
+    try: model = run_model(store, meta, Registry(store, settings))
+    except DriftError: model = None
     rec = recorded_crossover(store, model, t0)
     if rec is None: notes.append('no crossover: no backtest of this model chose one before the run')
     else:
@@ -192,6 +195,7 @@ class ReportIndex:
         return out + ([g] if g and g.html not in {l.html for l in out} else [])
 
 # %% ../../nbs/30_dashboard.ipynb #82a3fb3b
+_REPORTS_EVERY_S = 15.0              # while nothing else changed, the report folder is listed again at most this often
 REPORTS_ROUTE = 'trader/reports/'     # served by `voila_main`; the page's kernel is told through TRADER_DASHBOARD_REPORTS_URL
 
 def report_url(root:Path, path:Path, base:str=REPORTS_ROUTE) -> str:
@@ -258,7 +262,7 @@ def snapshot(store:Store, run_id:str, settings:Settings|None=None, verify_audit:
         else: schedule(meta, start); b = b or Baselines({}, {}, 'computing the baselines...')   # meanwhile: the older ones, cut to the run
     out['series'] = {'ts': eq.index, 'equity': eq, 'drawdown': dd, 'baselines': b.on(eq.index)}
     out['baseline_labels'], out['baseline_note'] = b.labels, b.note
-    from trader.live.drift import DriftError, drift_report
+    from trader.live.drift import DriftError, drift_report, run_model
     try: drift = drift_report(store, run_id, s)      # once: the gate's drift figure and the data panel both show it
     except DriftError as e: drift = e
     try:
@@ -310,9 +314,8 @@ def snapshot(store:Store, run_id:str, settings:Settings|None=None, verify_audit:
     out['data'] = [{'symbol': r.symbol, 'quality': f'{r.score:.2f}%', 'report': str(r.created)[:19]} for r in q.itertuples() if r.symbol in syms]
     out['feed_state'] = st['feed_state'] if st else 'n/a (backtest)'
     out['drift'] = drift_panel(store, run_id, s, report=drift)
-    model = meta.decisions.model_id.iloc[0] if len(meta.decisions) else meta.model_id
-    try: out['experiment'] = (reg.get(model).get('tags') or {}).get('experiment') if model else None
-    except TraderError: out['experiment'] = None
+    try: out['experiment'] = (reg.get(run_model(store, meta, reg)).get('tags') or {}).get('experiment')
+    except TraderError: out['experiment'] = None        # no model to name (DriftError), or one the registry lacks
     out['reports'] = (reports or ReportIndex(s.reports_dir)).links(run_id, out['experiment'])
     if verify_audit:
         from trader.core.audit import Audit
@@ -353,6 +356,7 @@ class Dashboard:
         self._baselines: dict[str, Baselines] = {}                    # per run id: computed once, see `run_baselines`
         self._pending: dict[str, object] = {}                         # run id -> the future computing its baselines
         self._pool = ThreadPoolExecutor(1, thread_name_prefix='trader-baselines')
+        self._built = False                                           # the first draw (in __init__) computes them inline
         self.fig = self._figure()
         self.positions, self.orders = W.HTML().add_class('trader-positions'), W.HTML().add_class('trader-orders')
         self.risk, self.models, self.data, self.audit = (W.HTML().add_class(c) for c in ('trader-risk', 'trader-models', 'trader-data', 'trader-audit'))
@@ -364,6 +368,7 @@ class Dashboard:
         self.selector.observe(lambda ch: self.refresh(force=True), names='value')
         self._last = None
         self._audit_at = 0.0; self._audit_txt = ''
+        self._reports_at = 0.0
         self.populate()
         mode = 'control mode: the buttons act on the live system' if self.control else 'read-only: controls are disabled (start with `trader dashboard --control`)'
         # the page in three parts, the figure on its own: see `show`
@@ -421,12 +426,14 @@ class Dashboard:
         key = (rid, key[0], key[1], ctl[0][0] if ctl else None, self.store.query('SELECT MAX(seq) FROM champion_history')[0][0],
                id(self._baselines.get(rid)))      # redrawn when a run's baselines arrive
         if not force and key == self._last:
-            self._draw_reports(self.report_index.links(rid, self.snap.get('experiment'))); return
+            if time.monotonic() - self._reports_at > _REPORTS_EVERY_S:     # a report written meanwhile (the gate, by cron)
+                self._reports_at = time.monotonic(); self._draw_reports(self.report_index.links(rid, self.snap.get('experiment')))
+            return
         self._last = key
         verify = time.monotonic() - self._audit_at > 20
         # the page's first draw has its baselines (Voila sends the widgets' state as built); later ones are computed in a thread
         snap = snapshot(self.store, rid, self.s, verify_audit=verify, baselines=self._baselines, reports=self.report_index,
-                        schedule=self._schedule if getattr(self, '_built', False) else None)
+                        schedule=self._schedule if self._built else None)
         if verify: self._audit_at, self._audit_txt = time.monotonic(), (snap['audit'], snap['audit_ok'])
         self.snap = snap
         self.label.value = f"<div class='trader-label'><b>{html.escape(snap['label'])}</b></div>"
@@ -454,7 +461,7 @@ class Dashboard:
             self.fig.data[3].x, self.fig.data[3].y = x, (-dd*100).to_numpy()
         _sync_figure_state(self.fig)                      # a view that connects later (Voila) draws the figure as it is now
         self.chart_note.value = f"<div class='trader-label'>{html.escape(snap['baseline_note'])}</div>"
-        self._draw_reports(snap['reports'])
+        self._draw_reports(snap['reports']); self._reports_at = time.monotonic()
         self.positions.value = _table(snap['positions'])
         self.orders.value = _table(snap['orders']) + ("<div class='s'>fills are simulated (SimBroker: next open, slippage and fees)</div>" if 'simulated' in snap['label'] else '')
         lvl = f"emergency level {snap['level']} ({snap['level_name']})"

@@ -193,11 +193,13 @@ def run_gate(store:Store, run_id:str|None=None, date=None, settings:Settings|Non
     return res, paths
 
 # %% ../../nbs/16_gate.ipynb #a6c5be92
+def _value_text(f:GateFigure) -> str:
+    from trader.ops.reports import fmt          # the reports' one formatting of money
+    return fmt(f.value, 'money') if f.unit == '$' else f"{f.value:.2f}{f.unit}"
+
 def _figure_text(f:GateFigure) -> str:
     if f.value is None: return f"{f.name} not available" + (f" ({f.detail})" if f.detail else '')
-    from trader.ops.reports import fmt          # the reports' one formatting of money
-    v = fmt(f.value, 'money') if f.unit == '$' else f"{f.value:.2f}{f.unit}"
-    return f"{f.name} {v}"
+    return f"{f.name} {_value_text(f)}"
 
 def gate_summary(res:GateResult, model_id:str|None=None, # the monitored run's model
                  champion:str|None=None, # the champion model now (None: no champion yet)
@@ -220,5 +222,5 @@ def gate_summary(res:GateResult, model_id:str|None=None, # the monitored run's m
     if d is not None and d.colour == 'info': s += f" Feature drift was {d.detail or 'not measured'}."
     elif d is not None: s += f" Drift: {d.detail}."
     if 'cumulative P&L' in f and f['cumulative P&L'].value is not None:
-        s += f" Cumulative P&L {_figure_text(f['cumulative P&L']).split(' ', 2)[-1]}" + (f", max drawdown since the start {f['max drawdown overall'].value:.2f}%." if 'max drawdown overall' in f and f['max drawdown overall'].value is not None else '.')
+        s += f" Cumulative P&L {_value_text(f['cumulative P&L'])}" + (f", max drawdown since the start {f['max drawdown overall'].value:.2f}%." if 'max drawdown overall' in f and f['max drawdown overall'].value is not None else '.')
     return s

@@ -6,14 +6,14 @@
 from __future__ import annotations
 import os
 os.environ.setdefault('NUMBA_CACHE_DIR', os.path.expanduser('~/.cache/trader-numba'))   # compiled kernels persist between runs
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 import numpy as np, pandas as pd
 from ..core.config import TraderError
 from ..core.data import parse_symbols
 
 # %% auto #0
 __all__ = ['FEATURE_NAMES', 'N_FEATURES', 'WARMUP', 'LOOKBACK', 'feature_rows', 'features_at', 'FeatureError', 'FeatureSet',
-           'pivot_bars', 'build_features', 'price_set', 'Normaliser']
+           'pivot_bars', 'price_set', 'build_features', 'Normaliser']
 
 # %% ../../nbs/04_features.ipynb #0a9e4543
 FEATURE_NAMES = ('ret_1', 'ret_5', 'ret_20', 'rsi_14', 'ema_ratio_10', 'ema_ratio_50', 'macd_hist', 'bb_pctb',
@@ -196,16 +196,6 @@ def pivot_bars(bars:pd.DataFrame, symbols) -> dict[str, np.ndarray]:
     out['ts'] = wide.index
     return out
 
-def build_features(bars:pd.DataFrame, # long bars (symbol, ts, open, high, low, close, volume)
-                   symbols, # the assets, in observation order
-                  ) -> FeatureSet:
-    "Compute features once for a dataset."
-    w = pivot_bars(bars, symbols)
-    syms = parse_symbols(symbols)
-    if len(w['ts']) < WARMUP + 2: raise FeatureError(f"need more than {WARMUP + 1} bars for features, got {len(w['ts'])}")
-    f = feature_rows(w['high'], w['low'], w['close'], w['volume'])
-    return FeatureSet(syms, pd.DatetimeIndex(w['ts']), w['open'], w['high'], w['low'], w['close'], w['volume'], f)
-
 def price_set(bars:pd.DataFrame, # long bars (symbol, ts, open, high, low, close, volume)
               symbols, # the assets, in observation order
              ) -> FeatureSet:
@@ -213,6 +203,14 @@ def price_set(bars:pd.DataFrame, # long bars (symbol, ts, open, high, low, close
     w, syms = pivot_bars(bars, symbols), parse_symbols(symbols)
     return FeatureSet(syms, pd.DatetimeIndex(w['ts']), w['open'], w['high'], w['low'], w['close'], w['volume'],
                       np.empty((len(w['ts']), len(syms), 0)))
+
+def build_features(bars:pd.DataFrame, # long bars (symbol, ts, open, high, low, close, volume)
+                   symbols, # the assets, in observation order
+                  ) -> FeatureSet:
+    "Compute features once for a dataset: `price_set` with the feature columns filled in."
+    ps = price_set(bars, symbols)
+    if len(ps) < WARMUP + 2: raise FeatureError(f"need more than {WARMUP + 1} bars for features, got {len(ps)}")
+    return replace(ps, features=feature_rows(ps.high, ps.low, ps.close, ps.volume))
 
 # %% ../../nbs/04_features.ipynb #e967029d
 @dataclass
