@@ -96,7 +96,7 @@ DEMO_TOML = ('[demo]\ntrain_steps = 256\nwalkforward_steps = 256\nwalkforward_fo
              '[train]\nn_steps = 128\nbatch_size = 64\nn_epochs = 1\ncheckpoint_every = 0\n')
 STAGES = ['ingest', 'train', 'walk-forward', 'backtest', 'paper', 'drill', 'gate', 'audit']
 
-@pytest.mark.slow   # the whole demo from an installed wheel (about 2 min): CI time; run with --runslow
+@pytest.mark.slow   # the whole demo from an installed wheel (2-3 min): CI time; run with --runslow
 def test_wheel_installed_in_a_clean_venv_runs_the_demo(wheel, tmp_path):
     venv = tmp_path/'venv'
     r = subprocess.run([sys.executable, '-m', 'venv', str(venv)], capture_output=True, text=True, timeout=300)  # ensurepip: offline
