@@ -9,14 +9,17 @@ TRADER_REPORTS for both commands (Makefile; each notebook in its own sub-folder 
 
 What is compared (`check`): every executed code cell's outputs, in order: stream text, errors, and each rich output's text
 (`text/plain`, `text/html`, `text/markdown`) after normalisation (the repository's own path, temporary folders, object
-addresses). Images are compared by presence only (their bytes depend on the renderer). A plotly figure is stored as a PNG
-plus a text line holding the SHA-256 of the figure's JSON, so a chart whose data changed is stale even though its image
-is not compared. Cells tagged `volatile` (timings, benchmark figures, wall-clock dates) must run but their outputs are not
-compared. A cell whose committed outputs differ from a fresh run fails the check with a diff; the fix is `make nbs`.
+addresses), with runs of white space as layout and floats compared with a relative tolerance of 1e-6 (`REL_TOL`: their
+last digits differ between machines). A float is a number written with a decimal point or an exponent, standing alone
+(`_FLOAT`): integers, ids, hashes, dates, versions and every other character compare exactly. Images are compared by presence
+only (their bytes depend on the renderer). A plotly figure is stored as a PNG plus a text line holding the SHA-256 of the
+figure's JSON with its floating-point values taken out, and sums of those values compared with the same tolerance (three
+per float array: `chart_fingerprint`), so a chart whose data changed is stale even though its image is not compared.
+Cells tagged `volatile` (timings, benchmark figures, wall-clock dates) must run but their outputs are not compared. A cell whose committed outputs differ from a fresh run fails the check with a diff; the fix is `make nbs`.
 
 Charts: in `write`, plotly figures are rendered to PNG with kaleido (headless Chromium, offline); in JupyterLab the same
 figures stay interactive, because this renderer is installed only by this script."""
-import base64, contextlib, difflib, logging, hashlib, json, multiprocessing as mp, os, re, sys, time
+import base64, contextlib, difflib, logging, hashlib, json, math, multiprocessing as mp, os, re, sys, time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,6 +94,43 @@ def clean_outputs(outputs:list) -> list:
     return res
 
 # --------------------------------------------------------------------------------------------------------- charts
+def chart_fingerprint(fig:dict) -> tuple[object, list[float]]:
+    """A figure as (its shape, sums of its floats). The shape is the figure with every floating-point value replaced by a
+    marker (a float array, plotly's base64 `bdata` included, by its length, shape and count of non-finite values). The sums,
+    three per float array (the finite values) and three for all scalar floats together, are sum |x|, sum max(x, 0) and
+    sum i*|x|/n (i the index): no term cancels another, so each is as exact as the values (see `REL_TOL`), and a value
+    changed, moved or of flipped sign changes one of them. The shape is hashed exactly; the sums are compared with the
+    tolerance. The limit: one value of an array of n changed by less than about n*REL_TOL of the array's mean size
+    goes unseen (a chart is a picture; the figures a notebook states are in its text outputs)."""
+    import numpy as np
+    arrays, scalars = [], []
+    def floats(a, shape):
+        a = np.asarray(a, dtype=float).ravel()
+        ok = np.isfinite(a); arrays.append(a[ok])
+        return {'floats': int(a.size), 'non_finite': int((~ok).sum()), 'shape': shape}
+    def walk(o):
+        if isinstance(o, dict):
+            if 'bdata' in o and 'dtype' in o:
+                dt = np.dtype(o['dtype'])
+                if dt.kind != 'f': return {k: o[k] for k in sorted(o)}
+                return floats(np.frombuffer(base64.b64decode(o['bdata']), dtype=dt), o.get('shape'))
+            return {k: walk(o[k]) for k in sorted(o)}
+        if isinstance(o, (list, tuple)):
+            if len(o) > 1 and all(isinstance(x, (float, np.floating)) for x in o): return floats(o, None)
+            return [walk(x) for x in o]
+        if isinstance(o, np.ndarray):
+            return floats(o, list(o.shape)) if o.dtype.kind == 'f' else walk(o.tolist())
+        if isinstance(o, (float, np.floating)):
+            if not math.isfinite(o): return repr(float(o))
+            scalars.append(float(o)); return '<float>'
+        return o
+    shape = walk(fig)
+    def sums(x):
+        ax = np.abs(x)
+        return [ax.sum(), np.maximum(x, 0).sum(), (np.arange(1, len(x) + 1)*ax).sum()/max(len(x), 1)]
+    return shape, [v for a in arrays + [np.array(scalars)] for v in sums(a)]
+
+# --------------------------------------------------------------------------------------------------------- rendering
 def install_chart_renderer(images:bool):
     "plotly figures display as a PNG (`images`; kaleido + headless Chromium) plus a text line naming the figure's data hash."
     import plotly.io as pio
@@ -99,13 +139,15 @@ def install_chart_renderer(images:bool):
 
     class Static(MimetypeRenderer):
         def to_mimebundle(self, fig_dict):
-            js = json.dumps(fig_dict, cls=PlotlyJSONEncoder, sort_keys=True)
+            shape, sums = chart_fingerprint(fig_dict)
+            js = json.dumps(shape, cls=PlotlyJSONEncoder, sort_keys=True)
             for rx, to in _WALL: js = rx.sub(to, js)                     # a run id in a title is not the chart's data
             title = ((fig_dict.get('layout') or {}).get('title') or {})
             title = title.get('text', '') if isinstance(title, dict) else str(title)
             lay = fig_dict.get('layout') or {}
             w, h = lay.get('width') or 900, lay.get('height') or 450
-            b = {'text/plain': f"plotly figure {title!r} ({w}x{h}, data sha256 {hashlib.sha256(js.encode()).hexdigest()[:16]})"}
+            b = {'text/plain': f"plotly figure {title!r} ({w}x{h}, data sha256 {hashlib.sha256(js.encode()).hexdigest()[:16]}, "
+                               f"values {' '.join(repr(float(x)) for x in sums)})"}
             if not images: b['image/png'] = ''                          # `check` compares images by presence: none drawn
             else:
                 for attempt in range(3):                # kaleido's page can be called before its script loaded (a loaded machine)
@@ -175,6 +217,29 @@ def _words(blocks:list[str]) -> list[str]:
     breaks depends on how long that path is. Runs of white space compare equal; every character else still counts."""
     return [re.sub(r'\s+', ' ', b) for b in blocks]
 
+# Floating-point results that pass through BLAS, torch or threads can differ in their last digits between two machines, and
+# on one machine under another load (09_train's mean confidence 0.11450457143380675 came back as 0.11450457146343132 on
+# another host): a relative difference of 1e-6 is far below anything a notebook's prose or tests read from a figure
+# (4-6 significant digits), and far above such noise (1e-10 and below). Values within 1e-12 of each other (a zero that
+# comes out as 1e-17 or -2e-17) are equal too.
+REL_TOL, ABS_TOL = 1e-6, 1e-12
+
+# A float is a number written with a decimal point or an exponent (0.1145, -3.5e-72, 1e-05, 57.976, 2.): integers (counts,
+# share quantities, ids' digits), dates (2013-03-01), versions (2.4.14) and hex digests have neither and compare exactly. It
+# stands alone: not inside a word or an identifier (a hash's 3e5, v1.2) and not part of a dotted sequence.
+_FLOAT = re.compile(r'(?<![\w.])-?(?:\d+\.\d*(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?|\d+[eE][-+]?\d+)(?!\w|\.\d)')
+
+def same_text(a:str, b:str) -> bool:
+    "Two outputs agree: equal once their floats are taken out, and each pair of floats within `REL_TOL` (or `ABS_TOL`)."
+    if a == b: return True
+    if _FLOAT.sub('<f>', a) != _FLOAT.sub('<f>', b): return False
+    return all(math.isclose(float(x), float(y), rel_tol=REL_TOL, abs_tol=ABS_TOL) for x, y in zip(_FLOAT.findall(a), _FLOAT.findall(b)))
+
+def same_outputs(old:list[str], new:list[str]) -> bool:
+    "A cell's normalised outputs agree: as many blocks, each the same text up to layout and float noise."
+    old, new = _words(old), _words(new)
+    return len(old) == len(new) and all(same_text(a, b) for a, b in zip(old, new))
+
 def compare(fn:Path, res:dict) -> list[str]:
     "Stale cells of `fn` against a fresh run `res`, as readable diffs."
     nb, probs = json.loads(fn.read_text()), []
@@ -182,7 +247,7 @@ def compare(fn:Path, res:dict) -> list[str]:
         if c['cell_type'] != 'code' or tagged(c, VOLATILE): continue
         fresh = res['outputs'].get(i, []) if i not in res['skipped'] else []
         old, new = norm_outputs(c.get('outputs', [])), norm_outputs(fresh)
-        if _words(old) != _words(new):
+        if not same_outputs(old, new):
             diff = list(difflib.unified_diff('\n'.join(old).splitlines(), '\n'.join(new).splitlines(), 'committed', 'fresh', n=1, lineterm=''))
             src = _join(c['source']).strip().splitlines()
             probs.append(f"cell {i} ({src[0][:60] if src else ''!s}):\n    " + '\n    '.join(diff[:30]) + ('\n    …' if len(diff) > 30 else ''))

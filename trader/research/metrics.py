@@ -11,7 +11,7 @@ import numpy as np, pandas as pd
 # %% auto #0
 __all__ = ['MONTHS', 'PERFORMANCE_KEYS', 'EXPOSURE_TOL', 'drawdown', 'returns_of', 'sharpe_ratio', 'max_drawdown',
            'monthly_returns', 'psr_from_moments', 'probabilistic_sharpe', 'expected_max_sharpe', 'deflated_sharpe',
-           'performance', 'attribution_by_symbol', 'attribution_by_month', 'attribution_by_action']
+           'performance', 'rounded', 'attribution_by_symbol', 'attribution_by_month', 'attribution_by_action']
 
 # %% ../../nbs/10_metrics.ipynb #38cc8c63
 def _qs():
@@ -231,6 +231,25 @@ def performance(equity:pd.Series, # strategy equity at each bar close, DatetimeI
         s = s[np.isfinite(s)]
         if len(s) >= 2: out['dsr'] = _num(deflated_sharpe(r, n_trials, s.var(ddof=1)/P))
     return out
+
+# %% ../../nbs/10_metrics.ipynb #17bc2d9a
+def rounded(x, sig:int=6):
+    "`x` with every float rounded to `sig` significant digits (dicts, lists, tuples, dataclasses, arrays, Series/DataFrames): for display."
+    import dataclasses
+    if isinstance(x, bool) or x is None or isinstance(x, (int, np.integer, str)): return x
+    if isinstance(x, (float, np.floating)):
+        x = float(x)
+        return x if x == 0 or not math.isfinite(x) else round(x, sig - 1 - math.floor(math.log10(abs(x))))
+    if isinstance(x, dict): return {k: rounded(v, sig) for k, v in x.items()}
+    if isinstance(x, (pd.Series, pd.DataFrame)):
+        return x.apply(lambda c: c.map(lambda v: rounded(v, sig)) if c.dtype.kind == 'f' else c) if isinstance(x, pd.DataFrame) \
+               else (x.map(lambda v: rounded(v, sig)) if x.dtype.kind == 'f' else x)
+    if isinstance(x, np.ndarray): return np.vectorize(lambda v: rounded(v, sig), otypes=[float])(x) if x.dtype.kind == 'f' else x
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return dataclasses.replace(x, **{f.name: rounded(getattr(x, f.name), sig) for f in dataclasses.fields(x) if f.init})
+    if isinstance(x, tuple) and hasattr(x, '_fields'): return type(x)(*(rounded(v, sig) for v in x))
+    if isinstance(x, (list, tuple)): return type(x)(rounded(v, sig) for v in x)
+    return x
 
 # %% ../../nbs/10_metrics.ipynb #2b9a8de6
 def attribution_by_symbol(pnl:pd.DataFrame, # $ P&L per bar and symbol, after costs (ts x symbol)
