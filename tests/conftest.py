@@ -197,3 +197,13 @@ def loopback_server(server_cls, handler_cls, fake):
     t.start()
     try: yield fake
     finally: httpd.shutdown(); httpd.server_close(); t.join(5)
+
+
+# -- waits on a process, a server or a clock: a deadline only guards against a hang ------------------------------------
+# A test waits for what it needs (a READY notification, a committed bar, a page drawn), never for a fixed time, and never
+# fails because the machine is slow: each wait gives up only after HANG_FACTOR times what it takes on an idle machine.
+HANG_FACTOR = 10
+
+def hang_guard(idle_s:float) -> float:
+    "Seconds a wait may take before the test calls it a hang: `HANG_FACTOR` times `idle_s`, what it takes on an idle machine."
+    return HANG_FACTOR*idle_s

@@ -6,7 +6,7 @@ what alpaca-py sent over the wire as well as what the broker and the feed made o
 refuse as malformed are collected by the fake in `problems`, which must be empty at the end of each test.
 """
 from __future__ import annotations
-import datetime as dt, json, logging, time, traceback, uuid
+import datetime as dt, json, logging, traceback, uuid
 
 import pandas as pd, pytest
 from conftest import free_port
@@ -185,9 +185,9 @@ def test_invalid_quantity_is_refused_before_sending(tmp_path, server):
 def test_outages_are_broker_unavailable(tmp_path, server, fault, expect):
     b = broker_for(tmp_path, server, timeout=0.3)
     server.faults = [fault]
-    t = time.monotonic()
+    server.hang = 600.0     # 'hang': no answer for 10 minutes, so 'no answer' can only be the client's 0.3 s timeout
     with pytest.raises(BrokerUnavailable, match=expect): b.account()
-    assert time.monotonic() - t < 2 and len(server.requests) == 1     # alpaca-py's own retries are off
+    assert len(server.requests) == 1, server.requests                # alpaca-py's own retries are off
     assert b.account().cash == 100_000.0                               # and the next call works
 
 def test_connection_refused_is_broker_unavailable(tmp_path):

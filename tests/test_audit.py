@@ -8,6 +8,7 @@ Tests taking `store` or `db_url` run once on SQLite and once on PostgreSQL (see 
 """
 import hashlib, json, shutil, subprocess, sys, threading, time
 from argparse import Namespace
+from unittest import mock
 from pathlib import Path
 import numpy as np, pandas as pd
 import pytest
@@ -561,11 +562,13 @@ def test_checkpoints_follow_commits_only(store):
     b = Audit(store, load_settings(audit={'checkpoint_every': 0, 'checkpoint_seconds': 0, 'checkpoint_kinds': ['session']}))
     b.append('session', {'event': 'finished'})
     _test_eq(b.checkpoints()[-1].seq, 14)
-    # and by time
-    c = Audit(store, load_settings(audit={'checkpoint_every': 0, 'checkpoint_seconds': 0.2, 'checkpoint_kinds': []}))
+    # and by time: not before `checkpoint_seconds` since the last one (an hour: however slow the machine), due after it (the
+    # clock moved on by an hour rather than waited for)
+    c = Audit(store, load_settings(audit={'checkpoint_every': 0, 'checkpoint_seconds': 3600, 'checkpoint_kinds': []}))
     c.append('decision', {'x': 2}); _test_eq(c.checkpoints()[-1].seq, 14)
-    time.sleep(0.25)
-    c.append('decision', {'x': 3}); _test_eq(c.checkpoints()[-1].seq, 16)
+    real = time.monotonic
+    with mock.patch('time.monotonic', lambda: real() + 3600): c.append('decision', {'x': 3})
+    _test_eq(c.checkpoints()[-1].seq, 16)
 
 def test_a_failing_checkpoint_never_fails_the_bar(sqlite_store, tmp_path, caplog):
     s = load_settings(audit={'checkpoint_file': str(tmp_path), 'checkpoint_kinds': ['session']})   # a folder: the write fails

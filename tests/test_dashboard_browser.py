@@ -3,7 +3,8 @@
 * read-only: the KPI tiles show the store's figures, the P&L figure is drawn with data, the gate light is shown and the
   controls are disabled;
 * control mode (`--control`): the kill switch pressed on the page halts a running paper replay at its next bar, and the
-  page then says so;
+  page then says so (the replay is slow enough that only a hang lets it finish before the switch is pressed; the test stops
+  it at its end);
 * the equity chart draws the run's baselines, labelled (buy-and-hold computed from the bars for a paper run, and the
   crossover its model's backtest chose), and the report links work: a click on the daily gate's link opens it (200),
   its PDF is served as a PDF; the reports route serves nothing else (`test_reports_route_is_read_only`, no browser).
@@ -16,7 +17,7 @@ Everything listens on loopback ports picked at random; the browser is not allowe
 import json, os, re, socket, subprocess, sys, time, urllib.error, urllib.request
 from pathlib import Path
 import pytest
-from conftest import free_port, tail
+from conftest import free_port, hang_guard, stop, tail
 
 ROOT = Path(__file__).resolve().parents[1]
 TRADER = str(Path(sys.executable).parent/'trader')
@@ -25,9 +26,15 @@ CHROMIUM_ARGS = ['--no-sandbox', '--disable-gpu', '--disable-background-networki
                  '--disable-sync', '--no-first-run', '--disable-quic']
 FAST = '[train]\nn_steps = 128\nbatch_size = 64\nn_epochs = 2\ncheckpoint_every = 0\n'
 REPLAY = '2012-01-03:2012-03-30'                       # the finished run the read-only page shows
-LIVE_REPLAY, LIVE_SPEED = '2012-04-02:2012-12-31', 4    # ~190 bars at 4 bars/s: still running when the kill switch is pressed
-PAGE_WAIT = 90.0    # Voila starts a kernel and executes the notebook on the first request
-HALT_WAIT = 30.0
+# waits, each a guard against a hang (tests/conftest.py): what they wait for takes a fraction of that on an idle machine
+START_WAIT = hang_guard(6)      # the paper replay's first committed bar
+PAGE_WAIT = hang_guard(15)      # the dashboard listening; then the page drawn (Voila starts a kernel and executes the notebook)
+SELECT_WAIT = hang_guard(2)     # the page showing the run chosen in its selector
+HALT_WAIT = hang_guard(5)       # the run halted after the kill switch was pressed (its next bar), the page saying so (its next refresh)
+# ~189 bars at 0.4 bars/s: ~470 s, longer than all the waits before the kill switch is pressed put together, so only a hang
+# lets the replay finish first; the test stops it at its end
+LIVE_REPLAY, LIVE_SPEED = '2012-04-02:2012-12-31', 0.4
+assert 180/LIVE_SPEED > START_WAIT + 2*PAGE_WAIT + SELECT_WAIT
 # the smallest valid PDF (one empty page), written beside a gate report where the report step did not write its own
 MINIMAL_PDF = (b'%PDF-1.4\n1 0 obj<</Type/Catalog/Pages 2 0 R>>endobj 2 0 obj<</Type/Pages/Kids[3 0 R]/Count 1>>endobj '
                b'3 0 obj<</Type/Page/Parent 2 0 R/MediaBox[0 0 612 792]>>endobj\ntrailer<</Root 1 0 R>>\n%%EOF\n')
@@ -235,7 +242,7 @@ def test_readonly_page_shows_the_store(home, spawn, page, tmp_path):
 def test_control_mode_kill_switch_halts_the_loop(home, spawn, page, tmp_path):
     from trader.core.runs import Runs
     from trader.live.loop import status_report
-    store = open_store(home)
+    store, paper = open_store(home), None
     try:
         before = Runs(store).latest('paper')
         # the guardian off for this replay: on a loaded machine the page can take long enough for the guardian to halt the
@@ -245,10 +252,10 @@ def test_control_mode_kill_switch_halts_the_loop(home, spawn, page, tmp_path):
                       env=trader_env(home, TRADER_CONFIG=str(home/'no-guardian.toml')), name='paper')
         proc, url = dashboard(spawn, home, control=True)
         # the new run is in the store (with a committed bar) before the page is built, so the selector lists it first
-        end, rid = time.monotonic() + 60, None
+        end, rid = time.monotonic() + START_WAIT, None
         while not rid:
             if paper.poll() is not None: pytest.fail(f'the paper replay exited ({paper.returncode}) early:\n{tail(paper.out)}')
-            if time.monotonic() > end: pytest.fail(f'the paper replay did not start within 60s:\n{tail(paper.out)}')
+            if time.monotonic() > end: pytest.fail(f'the paper replay did not start within {START_WAIT:g}s:\n{tail(paper.out)}')
             new = Runs(store).latest('paper')
             if new != before and store.query('SELECT 1 FROM loop_state WHERE run_id = ?', (new,)): rid = new
             else: time.sleep(0.2)
@@ -258,7 +265,7 @@ def test_control_mode_kill_switch_halts_the_loop(home, spawn, page, tmp_path):
         label = next((o for o in opts if rid in o), None); assert label, (rid, opts)
         if rid not in page.eval_on_selector(sel, 's => s.options[s.selectedIndex].text'):
             page.select_option(sel, label=label)
-            page.wait_for_function('rid => document.querySelector(".trader-run-label").innerText.includes(rid)', arg=rid, timeout=15_000)
+            page.wait_for_function('rid => document.querySelector(".trader-run-label").innerText.includes(rid)', arg=rid, timeout=SELECT_WAIT*1000)
         label = label.replace('\xa0', ' ')      # the dropdown shows its options with non-breaking spaces
         assert 'replay of historical bars 2012-04-02' in label and 'simulated fills' in label, label
         assert rid in page.inner_text('.trader-run-label')
@@ -292,7 +299,9 @@ def test_control_mode_kill_switch_halts_the_loop(home, spawn, page, tmp_path):
         shot = save_shot(page, tmp_path, 'dashboard-control.png')
         print(f'\ncontrol page drawn in {took:.1f}s; run {rid} halted {halted_after:.1f}s after the kill switch was pressed, '
               f'page showed it {time.monotonic() - t0:.1f}s after; screenshot {shot}')
-    finally: store.close()
+    finally:
+        store.close()
+        if paper is not None: stop(paper)       # the replay (halted, or not if the test failed first) has most of its bars to go
 
 def _get(url:str, method:str='GET'):
     "(status, headers, body) of one request."

@@ -3,18 +3,21 @@
 Needs `promtool` and `prometheus` (Debian: `apt-get install prometheus`; `.ci/run` installs it). Without them the tests
 are skipped locally and fail in CI (CI=true). Everything listens on loopback ports picked at random.
 """
-import json, os, re, shutil, subprocess, sys, time, urllib.parse, urllib.request
+import json, os, re, shutil, signal, subprocess, sys, time, urllib.parse, urllib.request
 from pathlib import Path
 import pytest
-from conftest import free_port, stop, tail
+from conftest import free_port, hang_guard, stop, tail
 
 ROOT = Path(__file__).resolve().parents[1]
 RULES, RULES_TEST = ROOT/'monitoring'/'alerts.yml', ROOT/'monitoring'/'alerts_test.yml'
 TRADER = str(Path(sys.executable).parent/'trader')
 FAST = '[train]\nn_steps = 128\nbatch_size = 64\nn_epochs = 2\ncheckpoint_every = 0\n'
-REPLAY, SPEED = '2012-01-03:2012-04-30', 20      # ~82 bars at 20 bars/s: ~4 s of serving, so several 1 s scrapes land
 ALERTS = {'KillSwitchFired', 'HeartbeatStale', 'DecisionLatencyP95High', 'OrderLatencyP99High', 'DataQualityLow', 'ModelInputDrift'}
-WAIT = 60.0                                     # bound of every wait loop, seconds
+WAIT = hang_guard(6)                            # bound of every wait loop, seconds: Prometheus ready, a target seen, a rule evaluated
+SCRAPED_WAIT = hang_guard(12)                   # the paper replay's start (~8 s idle) until two scrapes of it with a bar counted
+# ~250 bars at 1 bar/s: ~250 s of serving, longer than SCRAPED_WAIT, so only a hang lets the replay end before Prometheus has
+# scraped it twice while it serves; the test stops it (SIGTERM) as soon as it has
+REPLAY, SPEED = '2012-01-03:2012-12-31', 1
 HINT = "install it with `apt-get install prometheus` (Debian; provides /usr/bin/prometheus and /usr/bin/promtool)"
 
 def binary(name:str) -> str:
@@ -125,9 +128,14 @@ def test_prometheus_scrapes_paper_replay(prometheus, home, spawn):
     prom.wait('the scrape target to be discovered', lambda: [t for t in prom.targets() if t['labels'].get('job') == 'trader'])
     paper = spawn(TRADER, 'paper', '--broker', 'sim', '--model', 'champion', '--replay', REPLAY, '--speed', str(SPEED),
                   '--metrics-port', str(prom.metrics_port), env=trader_env(home), name='paper')
-    seen_up, counts, end = False, [], time.monotonic() + WAIT
-    while paper.poll() is None:                 # while the loop serves: target up, then the count as Prometheus has it
-        assert time.monotonic() < end, f'paper replay still running after {WAIT:g}s:\n{tail(paper.out)}'
+    def scraped_twice() -> bool:
+        try: return len([v for v in series(prom, 'trader_decision_latency_seconds_count').values() if v > 0]) >= 2
+        except OSError: return False
+    seen_up, counts, end = False, [], time.monotonic() + SCRAPED_WAIT
+    while not scraped_twice():
+        # while the loop serves: target up, then the count as Prometheus has it, until two scrapes counted a bar
+        assert paper.poll() is None, f'the paper replay ended ({paper.returncode}) before Prometheus scraped it twice:\n{tail(paper.out)}'
+        assert time.monotonic() < end, f'Prometheus did not scrape the paper replay twice within {SCRAPED_WAIT:g}s:\n{tail(paper.out)}\n{prom.targets()}'
         try:
             if any(t['health'] == 'up' for t in prom.targets()):
                 seen_up = True
@@ -135,8 +143,10 @@ def test_prometheus_scrapes_paper_replay(prometheus, home, spawn):
                 if res: counts.append(float(res[0]['value'][1]))
         except OSError: pass
         time.sleep(0.2)
+    paper.send_signal(signal.SIGTERM)           # done: it stops after the bar in progress, its endpoint lingers a few seconds
+    assert paper.wait(hang_guard(5)) == 0, tail(paper.out)
     out = paper.out.read_text(errors='replace')
-    assert paper.returncode == 0, out
+    assert 'stopped (SIGTERM)' in out, out
     m = re.search(r'(\d+) bars in', out); assert m, out
     bars = int(m.group(1))
     assert seen_up, f'prometheus never reported the target 127.0.0.1:{prom.metrics_port} up:\n{prom.targets()}\n{out}'

@@ -9,13 +9,16 @@
   restart resumes from the committed state to the end of the window, with ledger = broker.
 * The systemd unit in deploy/ passes `systemd-analyze verify`.
 
-The lead adds the same service test against the Alpaca fake (tests/fake_alpaca.py) after merging.
+The same service against the Alpaca fake (tests/fake_alpaca.py) is tests/test_service_alpaca.py.
+Nothing here depends on the machine's speed: a paced replay's clock starts when the service first reads it (after READY), and
+each wait gives up only after `hang_guard` (tests/conftest.py) of what it takes on an idle machine.
 """
 import json, math, os, shutil, signal, socket, sqlite3, subprocess, sys, tempfile, threading, time
 from pathlib import Path
 import pandas as pd
 import pytest
 from fastcore.test import test_eq as _test_eq
+from conftest import hang_guard
 
 ROOT = Path(__file__).resolve().parents[1]
 TRADER = str(Path(sys.executable).parent/'trader')
@@ -74,7 +77,7 @@ def test_two_copies_second_refused(prepared, tmp_path):
     home = home_copy(prepared, tmp_path/'home')
     cmd = [TRADER, 'paper', '--broker', 'sim', '--model', 'champion', '--replay', '2012-01-03:2012-08-31', '--speed', '12', '-q']
     ps = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(home), cwd=ROOT) for _ in range(2)]
-    outs = [p.communicate(timeout=600) for p in ps]
+    outs = [p.communicate(timeout=hang_guard(60)) for p in ps]
     codes = [p.returncode for p in ps]
     _test_eq(sorted(codes), [0, 6])
     win, lose = codes.index(0), codes.index(6)
@@ -121,30 +124,29 @@ def bar_days(home, rid):
 def test_service_weekend_holiday_sigterm_resume(prepared, tmp_path, monkeypatch, capsys):
     from trader.core.config import load_settings
     from trader.core.store import Store
-    from trader.live.loop import status_report, uptime_pct
+    from trader.live.loop import heartbeat_timeout, status_report, uptime_pct
     home = home_copy(prepared, tmp_path/'home')
     nl = NotifyListener()
     try:
         log = open(tmp_path/'first.out', 'w')
         p = subprocess.Popen([TRADER, *PACE], stdout=log, stderr=subprocess.STDOUT, env=_env(home, NOTIFY_SOCKET=nl.path), cwd=ROOT)
         # wait until the bar of Thursday 2012-07-05 (after the weekend and July 4th) is committed; look at the service meanwhile
-        end, seen_status = time.monotonic() + 240, None
+        end, seen_status, rid, last = time.monotonic() + hang_guard(25), None, None, None   # ~25 s idle: the launch, then a week at 2 s a day
         while time.monotonic() < end and p.poll() is None:
             rid, last = committed(home)
             if last is not None and seen_status is None:
                 with Store(f"sqlite:///{home}/trader.db", settings=load_settings(env=_env(home))) as st: seen_status = status_report(st, rid)
             if last is not None and last >= pd.Timestamp('2012-07-05', tz='UTC'): break
             time.sleep(0.02)
-        assert p.poll() is None, (tmp_path/'first.out').read_text()
+        assert p.poll() is None and last is not None and last >= pd.Timestamp('2012-07-05', tz='UTC'), (tmp_path/'first.out').read_text()
         before = bar_days(home, rid)
-        t0 = time.monotonic(); p.send_signal(signal.SIGTERM)
-        rc = p.wait(60); stop_s = time.monotonic() - t0
+        p.send_signal(signal.SIGTERM)
+        rc = p.wait(hang_guard(4))                                 # 2-4 s idle: the summary, then the interpreter's exit
         log.close()
         out1 = (tmp_path/'first.out').read_text()
         _test_eq(rc, 0)
         after = bar_days(home, rid)
-        assert len(after) - len(before) <= 1, (before, after)      # the bar in progress, no more
-        assert stop_s < 20, stop_s
+        assert len(after) - len(before) <= 1, (before, after)      # stopped within one bar: the bar in progress, no more
         assert 'stopped (SIGTERM)' in out1, out1
         _test_eq(after, SESSIONS[:len(after)])                     # no bar on a weekend or on July 4th; none skipped
         assert len(after) < len(SESSIONS)
@@ -154,18 +156,23 @@ def test_service_weekend_holiday_sigterm_resume(prepared, tmp_path, monkeypatch,
         l = seen_status['lease']
         assert l and l['pid'] == p.pid and l['host'] == socket.gethostname() and not l['expired'], seen_status
         assert seen_status['next_bar_due'] and pd.Timestamp(seen_status['next_bar_due']) > pd.Timestamp(seen_status['last_bar'])
-        assert seen_status['heartbeat_age_s'] < 10 and not seen_status['heartbeat_stale'], seen_status
-        # systemd: READY first, WATCHDOG while running (heartbeats and bars), STOPPING last
-        msgs = [m for _, m in nl.msgs]
-        assert msgs and msgs[0].startswith('READY=1') and msgs[-1] == 'STOPPING=1', msgs[:3] + msgs[-3:]
-        assert sum(m == 'WATCHDOG=1' for m in msgs) > 50, (len(msgs), msgs[:20])
+        # a heartbeat of this process (written after it took the lease), not stale (its age is the machine's speed: not asserted)
+        assert seen_status['last_heartbeat'] and pd.Timestamp(seen_status['last_heartbeat']) >= pd.Timestamp(l['since']), seen_status
+        assert not seen_status['heartbeat_stale'], seen_status
         # heartbeats between bars: liveness rows while waiting through the weekend (last bar Friday 06-29) and the holiday (07-03)
         hb = q(home, 'SELECT ts, bar_ts FROM heartbeats WHERE run_id = ? ORDER BY ts', (rid,))
         by_bar = pd.Series([pd.Timestamp(b, tz='UTC').strftime('%Y-%m-%d') if b is not None else None for _, b in hb]).value_counts()
-        # every 30 simulated minutes, less the simulated time the writes themselves take at this pace (a real ms is 43 simulated s)
+        # every 30 simulated minutes of waiting (~69 h from Friday's bar to Monday's, ~51 h over July 4th, ~21 h from Monday's
+        # to the half day's), less the simulated time the service's own work takes at this pace (a real ms is 43 simulated s):
+        # at least one per 3 hours, which only heartbeats stalling for a quarter of a real second each fall short of; a service
+        # that slept through a wait without heartbeats would write one
         night, weekend, holiday = (by_bar.get(d, 0) for d in ('2012-07-02', '2012-06-29', '2012-07-03'))
-        assert weekend > 20 and holiday > 20 and night > 5, by_bar  # ~69 h from Friday's bar to Monday's; ~51 h over July 4th; ~24 h
-        assert weekend > night and holiday > night, by_bar
+        assert weekend >= 69/3 and holiday >= 51/3 and night >= 21/3, by_bar
+        # systemd: READY first, a WATCHDOG with every heartbeat and every bar, STOPPING last
+        msgs = [m for _, m in nl.msgs]
+        assert msgs and msgs[0].startswith('READY=1') and msgs[-1] == 'STOPPING=1', msgs[:3] + msgs[-3:]
+        assert 'X_CLOCK_EPOCH=' not in msgs[0], msgs[0]                 # a paced replay's clock is its own: nothing to share
+        assert sum(m == 'WATCHDOG=1' for m in msgs) >= len(hb) + len(after), (len(msgs), len(hb), msgs[:20])
         # `trader status` after the stop: nobody holds the session, the next bar due is Friday's (its close + 15 min)
         for k, v in _env(home).items():
             if k.startswith('TRADER'): monkeypatch.setenv(k, v)
@@ -179,17 +186,20 @@ def test_service_weekend_holiday_sigterm_resume(prepared, tmp_path, monkeypatch,
         js = json.loads(capsys.readouterr().out)
         assert js['lease'] is None and js['next_bar_due'].startswith('2012-07-06 20:15') and js['last_heartbeat'], js
         # restart: resumes from the committed state and finishes the window
-        r2 = subprocess.run([TRADER, *PACE], capture_output=True, text=True, env=_env(home), cwd=ROOT, timeout=300)
+        r2 = subprocess.run([TRADER, *PACE], capture_output=True, text=True, env=_env(home), cwd=ROOT, timeout=hang_guard(30))
         _test_eq(r2.returncode, 0)
         assert f'paper run {rid} (resumed' in r2.stdout and 'finished' in r2.stdout, r2.stdout + r2.stderr
         _test_eq(paper_runs(home), [(rid, 'done')])
         _test_eq(bar_days(home, rid), SESSIONS)
         assert_ledger_is_broker(home, rid)
-        with Store(f"sqlite:///{home}/trader.db", settings=load_settings(env=_env(home))) as st:
-            up, why = uptime_pct(st, rid)
+        s_home = load_settings(env=_env(home))
+        with Store(f"sqlite:///{home}/trader.db", settings=s_home) as st:
+            up, why = uptime_pct(st, rid, timeout=heartbeat_timeout(s_home))
             from trader.core.audit import Audit
             assert Audit(st).verify().ok
-        assert up > 95, (up, why)                                    # the restart's gap is a few seconds against a 60 s timeout
+        # no heartbeat gap counts as down: the longest, the restart's (the service was stopped for seconds), is far below the
+        # heartbeat timeout (2 x heartbeat_s = 3600 s); only a hang would reach it
+        _test_eq((up, why.split(', ')[1]), (100.0, '0 gap(s) > 3600s'))
         kinds = [json.loads(d).get('event') for (d,) in q(home, "SELECT payload FROM audit_log WHERE kind = 'session'")]
         _test_eq(kinds, ['started', 'stopped', 'resumed', 'finished'])
     finally:

@@ -7,6 +7,7 @@ skip without a server unless CI=true.
 import json, subprocess, sys, threading, time
 import numpy as np, pandas as pd
 import pytest
+from conftest import hang_guard
 from trader.core.config import QualitySettings
 from trader.core.data import BAR_COLUMNS, bars_sha256, load_sample
 from trader.core.quality import CORRUPTIONS, DataQualityGate, QualityGateBlocked, corrupt
@@ -267,15 +268,15 @@ def test_sqlite_reader_in_another_process_is_not_blocked_by_a_writer(sqlite_stor
     read = ("import sys; from trader.core.store import Store; s = Store(sys.argv[1]); "
             "print(s.count_bars(), len(s.read_bars('AAPL')), len(s.quality_reports()))")
     def reader():
-        return subprocess.run([sys.executable, '-c', read, sqlite_store.url], capture_output=True, text=True, timeout=30)
+        return subprocess.run([sys.executable, '-c', read, sqlite_store.url], capture_output=True, text=True, timeout=hang_guard(10))
     with sqlite_store.transaction():
         sqlite_store.write_bars(bars_of('IBM'))
         sqlite_store.save_quality_report(sample_report, 'check')
-        t0 = time.perf_counter()
+        # not blocked: it answers while the transaction is still open (blocked, it would wait for the commit that only comes
+        # after it answered, until its own busy timeout of 60 s, and fail with 'database is locked')
         out = reader()
         assert out.returncode == 0, out.stderr
         assert out.stdout.split() == [str(SAMPLE_BARS), str(SAMPLE_BARS // 2), '1']   # the last commit, not the open transaction
-        assert time.perf_counter() - t0 < 20
     out = reader()
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == [str(SAMPLE_BARS + 3270), str(SAMPLE_BARS // 2), '2']

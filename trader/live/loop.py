@@ -391,6 +391,8 @@ def paper_session(broker:str='sim', # sim or alpaca
                                             release=s.service.release), None)
         metrics = LoopMetrics(metrics_port) if metrics_port is not None else LoopMetrics()
         loop = TradingLoop(store, b, feed, run_id, syms, model, s, metrics, hist_end, SimulatedMarket(b) if broker == 'sim' else LiveMarket())
+        # loaded: a rehearsal clock waiting for `ready` starts now, so the session's entry records its epoch (READY carries it too)
+        if getattr(clock, 'waiting', False): clock.begin()
         with store.transaction():
             loop.journal.audit.append_many([('session', {'run_id': run_id, 'event': 'resumed' if resumed else 'started', 'params': params,
                                                                  'history_sha256': loop.history_sha256, 'history_bars': int(loop._n),

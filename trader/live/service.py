@@ -241,24 +241,41 @@ class WallClock:
     def __repr__(self): return f"{type(self).__name__}(now={self.now()})"
 
 class ScaledClock(WallClock):
-    "Simulated time from `start`, `rate` times faster than real time; it starts running when first read (not while the model loads), or at `epoch` when given."
+    "Simulated time from `start`, `rate` times faster than real time; it starts running when first read (not while the model loads), at `epoch` when given, or, with `epoch='ready'`, at `begin`."
     def __init__(self, start, rate:float=1.0,
-                 epoch:float|None=None, # Unix time (real) at which the clock leaves `start`: processes given the same start, rate and epoch agree
+                 epoch:float|str|None=None, # Unix time (real) at which the clock leaves `start` (processes given the same start, rate and epoch agree), or 'ready': it stands at `start` until `begin`
                 ):
         super().__init__()
         if not rate > 0: raise ValueError(f"clock rate must be > 0, got {rate}")
-        self.start, self.rate, self._t0, self.epoch = to_utc(start), float(rate), None, epoch
+        if isinstance(epoch, str) and epoch != 'ready': raise ValueError(f"clock epoch must be a Unix time or 'ready', got {epoch!r}")
+        self.start, self.rate, self._t0 = to_utc(start), float(rate), None
+        self.on_ready = epoch == 'ready'                    # started by `begin` (the service, once ready), its epoch chosen then
+        self.epoch = None if self.on_ready else epoch
+    @property
+    def waiting(self) -> bool:
+        "Whether the clock stands at `start` waiting for `begin` (an `epoch='ready'` clock not started yet)."
+        return self.on_ready and self.epoch is None
+    def begin(self, epoch:float|None=None) -> float:
+        "Start an `epoch='ready'` clock: now, or at Unix time `epoch` (another process's, e.g. read from the service's READY); returns its epoch."
+        if not self.on_ready: raise ValueError("only a clock made with epoch='ready' is started by `begin`")
+        e = round(time.time() if epoch is None else float(epoch), 6)     # to the microsecond, as `spec` writes it: a clock read back from it agrees exactly
+        if self.epoch is None: self.epoch = e
+        elif epoch is not None and e != self.epoch: raise ValueError(f"clock already started at epoch {self.epoch:.6f}, not {e:.6f}")
+        return self.epoch
     def now(self) -> pd.Timestamp:
+        if self.waiting: return self.start
         if self.epoch is not None: return (self.start + pd.Timedelta(seconds=max(0.0, time.time() - self.epoch)*self.rate)).floor('us')
         if self._t0 is None: self._t0 = time.monotonic()
         return (self.start + pd.Timedelta(seconds=(time.monotonic() - self._t0)*self.rate)).floor('us')   # microseconds, as a real clock
     def sleep(self, seconds:float) -> None:
+        if self.waiting: self.begin()                    # standing still until `begin`, it would never end the sleep: waiting on it starts it
         self.now()
         if seconds > 0 and not self._wake.is_set():     # before its epoch the clock stands still: wait for it to start, then `seconds`
             self._wake.wait(max(0.0, (self.epoch or 0.0) - time.time()) + seconds/self.rate)
     def spec(self) -> str:
-        "`START@RATE@EPOCH`, which `parse_clock` reads back into a clock agreeing with this one."
-        if self.epoch is None: raise ValueError("only a clock with an epoch can be shared")
+        "`START@RATE@EPOCH` (`START@RATE@ready` until `begin`), which `parse_clock` reads back into a clock agreeing with this one."
+        if self.waiting: return f"{self.start.isoformat()}@{self.rate:g}@ready"
+        if self.epoch is None: raise ValueError("only a clock with an epoch (or 'ready') can be shared")
         return f"{self.start.isoformat()}@{self.rate:g}@{self.epoch:.6f}"
 
 class ManualClock(WallClock):
@@ -271,15 +288,20 @@ class ManualClock(WallClock):
 
 # %% ../../nbs/23d_service.ipynb #4d4a6b06
 def parse_clock(spec:str) -> ScaledClock:
-    "A `ScaledClock` from `START@RATE[@EPOCH]`: ISO time (UTC unless it says otherwise), rate > 0, Unix time the clock starts running (default: now)."
+    "A `ScaledClock` from `START@RATE[@EPOCH]`: ISO time (UTC unless it says otherwise), rate > 0, and the Unix time the clock starts running (default: now) or `ready` (it stands at START until the service is ready: `ScaledClock.begin`)."
     parts = spec.split('@')
-    if len(parts) not in (2, 3): raise ConfigError(f"clock {spec!r}: expected START@RATE[@EPOCH], e.g. 2012-06-29T22:00Z@43200")
+    if len(parts) not in (2, 3):
+        raise ConfigError(f"clock {spec!r}: expected START@RATE[@EPOCH] (EPOCH a Unix time or 'ready'), e.g. 2012-06-29T22:00Z@43200 or 2012-06-29T22:00Z@43200@ready")
     try: start = to_utc(pd.Timestamp(parts[0]))
     except (ValueError, TypeError): raise ConfigError(f"clock {spec!r}: start {parts[0]!r} is not a time") from None
-    try: rate, epoch = float(parts[1]), float(parts[2]) if len(parts) == 3 else time.time()
-    except ValueError: raise ConfigError(f"clock {spec!r}: rate and epoch must be numbers") from None
+    try: rate = float(parts[1])
+    except ValueError: raise ConfigError(f"clock {spec!r}: rate {parts[1]!r} is not a number") from None
     if not (math.isfinite(rate) and rate > 0): raise ConfigError(f"clock {spec!r}: rate must be > 0, got {parts[1]}")
-    if not math.isfinite(epoch): raise ConfigError(f"clock {spec!r}: epoch must be a Unix time, got {parts[2]}")
+    if len(parts) == 2: return ScaledClock(start, rate, epoch=time.time())
+    if parts[2] == 'ready': return ScaledClock(start, rate, epoch='ready')
+    try: epoch = float(parts[2])
+    except ValueError: raise ConfigError(f"clock {spec!r}: epoch {parts[2]!r} is neither a Unix time nor 'ready'") from None
+    if not math.isfinite(epoch): raise ConfigError(f"clock {spec!r}: epoch must be a Unix time or 'ready', got {parts[2]}")
     return ScaledClock(start, rate, epoch=epoch)
 
 def _loopback(url:str|None) -> bool:
@@ -402,7 +424,9 @@ class Service:
         from trader.live.feeds import FeedError
         lp, sv = self.loop, self.s.service
         lat, t0, backoff, ended = [], time.perf_counter(), sv.poll_initial, 'stopped'
-        self.notify('READY=1', f'STATUS=trading run {lp.run_id}')
+        if getattr(self.clock, 'waiting', False): self.clock.begin()   # a rehearsal clock waiting for `ready` starts now (nothing slept on it before)
+        epoch = getattr(self.clock, 'epoch', None)                       # a shared simulated clock: its epoch goes out with READY (systemd ignores X_)
+        self.notify('READY=1', f'STATUS=trading run {lp.run_id}', *([f'X_CLOCK_EPOCH={epoch:.6f}'] if epoch is not None else []))
         self.heartbeat()
         while self.stopping is None:
             if self.max_bars is not None and self.bars >= self.max_bars: ended = 'max_bars'; break

@@ -285,7 +285,8 @@ def cmd_paper(args) -> int:
     if args.clock is not None:
         from trader.live.service import rehearsal_clock
         clock = rehearsal_clock(args.clock, s)
-        if not args.quiet: _say(f"rehearsal: simulated clock from {clock.start} at {clock.rate:g}x real time (loopback Alpaca)")
+        if not args.quiet: _say(f"rehearsal: simulated clock from {clock.start} at {clock.rate:g}x real time (loopback Alpaca)"
+                                f"{'; it starts when the service is ready' if clock.waiting else ''}")
     out = paper_session(args.broker, args.model, replay, speed, args.cash, settings=s, metrics_port=args.metrics_port, on_bar=tick,
                         pace=args.pace, clock=clock, signals=True)
     st, m = out['state'], out['metrics']
@@ -715,7 +716,9 @@ def build_parser() -> argparse.ArgumentParser:
                          'replay (or its last committed bar) and running RATE times real time (1, the default, is wall-clock pace)')
     sp.add_argument('--clock', metavar='START@RATE[@EPOCH]',
                     help='rehearsals only: run --live on a simulated clock, at START (ISO time) at Unix time EPOCH (default: now), RATE times '
-                         'real time, shared with a loopback Alpaca fake; refused unless TRADER_ALPACA_TRADING_URL and alpaca.data_url are loopback')
+                         'real time, shared with a loopback Alpaca fake; EPOCH `ready`: the clock stands at START until the service is '
+                         'loaded, then starts, and READY=1 to $NOTIFY_SOCKET carries the Unix time it started as X_CLOCK_EPOCH=; '
+                         'refused unless TRADER_ALPACA_TRADING_URL and alpaca.data_url are loopback')
     sp.add_argument('--cash', type=arg_cash_amount, default=100_000.0, help='starting cash of a new simulated account')
     sp.add_argument('--metrics-port', type=arg_port_number, help='serve Prometheus metrics on 127.0.0.1:PORT')
     sp.add_argument('-q', '--quiet', action='store_true')
