@@ -163,7 +163,8 @@ def run_optuna_ray(ex:Experiment, say=print):
     tmp = tempfile.mkdtemp(prefix='trader-tune-')
     try:
         tuner = tune.Tuner(tune.with_resources(tune.with_parameters(_tune_trainable, ctx=ctx), {'cpu': 0, 'memory': 1}),
-                           tune_config=tune.TuneConfig(search_alg=search, scheduler=sched, num_samples=int(opt['trials']), max_concurrent_trials=1),
+                           tune_config=tune.TuneConfig(search_alg=search, scheduler=sched, num_samples=int(opt['trials']), max_concurrent_trials=1,
+                                                       reuse_actors=True),      # one trial actor for every configuration (see above)
                            run_config=tune.RunConfig(name=f'trader-{ex.name}', storage_path=tmp, verbose=0,
                                                      failure_config=tune.FailureConfig(fail_fast=True)))
         grid = tuner.fit()
