@@ -241,9 +241,8 @@ def rounded(x, sig:int=6):
         x = float(x)
         return x if x == 0 or not math.isfinite(x) else round(x, sig - 1 - math.floor(math.log10(abs(x))))
     if isinstance(x, dict): return {k: rounded(v, sig) for k, v in x.items()}
-    if isinstance(x, (pd.Series, pd.DataFrame)):
-        return x.apply(lambda c: c.map(lambda v: rounded(v, sig)) if c.dtype.kind == 'f' else c) if isinstance(x, pd.DataFrame) \
-               else (x.map(lambda v: rounded(v, sig)) if x.dtype.kind == 'f' else x)
+    if isinstance(x, pd.DataFrame): return x.apply(lambda col: rounded(col, sig))
+    if isinstance(x, pd.Series): return x.map(lambda v: rounded(v, sig)) if x.dtype.kind == 'f' else x
     if isinstance(x, np.ndarray): return np.vectorize(lambda v: rounded(v, sig), otypes=[float])(x) if x.dtype.kind == 'f' else x
     if dataclasses.is_dataclass(x) and not isinstance(x, type):
         return dataclasses.replace(x, **{f.name: rounded(getattr(x, f.name), sig) for f in dataclasses.fields(x) if f.init})
