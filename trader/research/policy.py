@@ -8,7 +8,7 @@ import base64
 from dataclasses import dataclass
 import numpy as np
 from ..core.config import EnvSettings, RiskSettings, load_settings
-from .features import FeatureSet, Normaliser
+from .features import FEATURE_NAMES, FeatureError, FeatureSet, Normaliser
 from .metrics import max_drawdown, returns_of, sharpe_ratio
 from ..core.registry import Registry
 
@@ -49,12 +49,22 @@ def _actor_step(arrays, x:np.ndarray, h:np.ndarray, c:np.ndarray):
         z = (w @ z + bias) if kind == 'linear' else np.tanh(z) if kind == 'tanh' else np.maximum(z, 0)
     return Wa @ z + ba, h, c
 
+def _check_features(model_id:str, names:list|None):
+    "Refuse a model trained on other features than this package computes (a model registered before names were recorded passes)."
+    if names is None or list(names) == list(FEATURE_NAMES): return
+    missing, extra = [n for n in FEATURE_NAMES if n not in names], [n for n in names if n not in FEATURE_NAMES]
+    what = '; '.join([f"this package adds {missing}"] * bool(missing) + [f"it no longer computes {extra}"] * bool(extra)) \
+           or ('the same names in another order' if sorted(names) == sorted(FEATURE_NAMES) else 'a name repeated')
+    raise FeatureError(f"model {model_id} was trained on the features {list(names)}, but this package computes {list(FEATURE_NAMES)} "
+                       f"({what}): train a new model (`trader train`) or use the package version it was trained with")
+
 class Policy:
     "A registered RecurrentPPO model behind one `decide` function."
     def __init__(self, model, meta:dict):
         self.model, self.meta = model, meta
         self.id = meta.get('id', 'unregistered')
         self.symbols = tuple(meta['symbols'])
+        _check_features(self.id, (meta.get('features') or {}).get('names'))
         self.normaliser = Normaliser.from_dict(meta['normaliser'])
         self.env_settings = EnvSettings(**meta['env']) if 'env' in meta else load_settings().env
         self.risk_settings = RiskSettings(**meta['risk']) if 'risk' in meta else load_settings().risk
