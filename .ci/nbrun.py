@@ -15,7 +15,8 @@ last digits differ between machines). A float is a number written with a decimal
 only (their bytes depend on the renderer). A plotly figure is stored as a PNG plus a text line holding the SHA-256 of the
 figure's JSON with its floating-point values taken out, and sums of those values compared with the same tolerance (three
 per float array: `chart_fingerprint`), so a chart whose data changed is stale even though its image is not compared.
-Cells tagged `volatile` (timings, benchmark figures, wall-clock dates) must run but their outputs are not compared. A cell whose committed outputs differ from a fresh run fails the check with a diff; the fix is `make nbs`.
+Cells tagged `volatile` (timings, benchmark figures, wall-clock dates) must run but their outputs are not compared. A cell
+whose committed outputs differ from a fresh run fails the check with a diff; the fix is `make nbs`.
 
 Charts: in `write`, plotly figures are rendered to PNG with kaleido (headless Chromium, offline); in JupyterLab the same
 figures stay interactive, because this renderer is installed only by this script."""

@@ -4,7 +4,7 @@
 
 # %% ../../nbs/10_metrics.ipynb #0d32093b
 from __future__ import annotations
-import logging, math
+import dataclasses, logging, math
 from statistics import NormalDist
 import numpy as np, pandas as pd
 
@@ -235,7 +235,6 @@ def performance(equity:pd.Series, # strategy equity at each bar close, DatetimeI
 # %% ../../nbs/10_metrics.ipynb #17bc2d9a
 def rounded(x, sig:int=6):
     "`x` with every float rounded to `sig` significant digits (dicts, lists, tuples, dataclasses, arrays, Series/DataFrames): for display."
-    import dataclasses
     if isinstance(x, bool) or x is None or isinstance(x, (int, np.integer, str)): return x
     if isinstance(x, (float, np.floating)):
         x = float(x)
