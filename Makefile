@@ -29,7 +29,7 @@ $(STAMP): settings.ini setup.py requirements.lock
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --no-deps -r requirements.lock $(if $(FIND_LINKS),--find-links $(FIND_LINKS),)
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
-	$(BIN)/pip check
+	$(BIN)/python .ci/lock.py pipcheck
 	$(BIN)/python -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python (trader)" >/dev/null
 	@touch $(STAMP)
 
@@ -37,12 +37,12 @@ lock:   ## re-compile requirements.lock from settings.ini: keeps every pin that 
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@test -x $(BIN)/uv || $(BIN)/pip install -q "$$(grep -m1 '^uv==' requirements.lock || echo uv)"
 	$(BIN)/python .ci/lock.py in | $(BIN)/uv pip compile - -q -o requirements.lock --python $(BIN)/python \
-	  --custom-compile-command "make lock" $(if $(FIND_LINKS),--find-links $(FIND_LINKS),) $(if $(filter 1 yes true,$(UPGRADE)),--upgrade,)
+	  --custom-compile-command "make lock" --override .ci/overrides.txt $(if $(FIND_LINKS),--find-links $(FIND_LINKS),) $(if $(filter 1 yes true,$(UPGRADE)),--upgrade,)
 	$(BIN)/python .ci/lock.py check
 
 lock-check: install   ## the lock is in step with settings.ini, the venv holds exactly the lock, and pip check passes
 	$(BIN)/python .ci/lock.py check --installed
-	$(BIN)/pip check
+	$(BIN)/python .ci/lock.py pipcheck
 
 lab: install   ## JupyterLab on 127.0.0.1 (LAB_PORT, default 8888; the next free one if taken), opened at nbs/index.ipynb
 	$(BIN)/jupyter lab --ip=127.0.0.1 --port=$(LAB_PORT) --no-browser --ServerApp.root_dir=$(CURDIR) \

@@ -5,6 +5,9 @@
       every requirement in settings.ini is pinned in the lock and the pin satisfies it; the lock has no stale top-level
       entry (one the compiler added for the input that settings.ini no longer asks for, or one nothing needs); torch is
       the CPU build and no nvidia-* package is locked; with --installed, this Python's packages are exactly the pins.
+  python .ci/lock.py pipcheck
+      `pip check`, accepting only the conflicts .ci/overrides.txt causes (a dependency's declared bound that an
+      override overrules, each with its reason in that file).
 Exit 1 with one line per problem."""
 import configparser, re, shlex, sys
 from pathlib import Path
@@ -74,6 +77,20 @@ def installed_versions() -> dict[str, str]:
     from importlib.metadata import distributions
     return {canonicalize_name(d.metadata['Name']): d.version for d in distributions()}
 
+def overrides(path:Path=ROOT/'.ci'/'overrides.txt') -> dict[str, Requirement]:
+    "{canonical name: requirement} of the overrides file (comments and blank lines skipped)."
+    reqs = [Requirement(l.split('#')[0].strip()) for l in path.read_text().splitlines() if l.split('#')[0].strip()] if path.is_file() else []
+    return {canonicalize_name(r.name): r for r in reqs}
+
+def pip_check_problems(output:str, over:dict[str, Requirement]) -> list[str]:
+    "The lines of `pip check`'s output that no override explains."
+    out = []
+    for line in output.splitlines():
+        m = re.match(r'^\S+ \S+ has requirement ([A-Za-z0-9._-]+)\S*, but you have \1 (\S+?)\.?$', line.strip())
+        if m and canonicalize_name(m.group(1)) in over and over[canonicalize_name(m.group(1))].specifier.contains(m.group(2), prereleases=True): continue
+        if line.strip() and line.strip() != 'No broken requirements found.': out.append(line.strip())
+    return out
+
 def main(argv:list[str]) -> int:
     if argv[:1] == ['in']: print('\n'.join(requirements())); return 0
     if argv[:1] == ['check']:
@@ -81,6 +98,13 @@ def main(argv:list[str]) -> int:
         for p in problems: print(p, file=sys.stderr)
         if not problems: print(f"lock check: requirements.lock pins every requirement in settings.ini"
                                + (" and matches the installed packages" if '--installed' in argv else ""))
+        return 1 if problems else 0
+    if argv[:1] == ['pipcheck']:
+        import subprocess
+        r = subprocess.run([sys.executable, '-m', 'pip', 'check'], capture_output=True, text=True)
+        problems = pip_check_problems(r.stdout + r.stderr, overrides())
+        for p in problems: print(p, file=sys.stderr)
+        if not problems: print(f"pip check: no broken requirements" + (" beyond .ci/overrides.txt's" if r.returncode else ""))
         return 1 if problems else 0
     print(__doc__, file=sys.stderr); return 2
 
