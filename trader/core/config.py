@@ -83,6 +83,12 @@ class RiskSettings(_Section):
     level_drawdown: list[float] = Field([0.06, 0.08, 0.10], description="levels 3, 4, 5 at these drawdowns from the peak")
     tactical_bars: int = Field(5, ge=1, description="positions opened within this many bars are 'tactical' (closed at level 4)")
     core_weight: float = Field(0.10, ge=0, description="the one position kept at level 5 is cut to this weight")
+    halt_resume_sessions: int = Field(0, ge=0, description="how long a guardian halt lasts in research (training, backtests, experiments, paper replays on the "
+                                      "simulated broker). 0: until a person runs `trader resume` (the plans' rule). N > 0: trading resumes at the start of the "
+                                      "N-th session after the one the guardian fired in, at the caution level (level 2: increases sized at half for that session), "
+                                      "the 3-day rule counting from the resume (`trader.research.engine`). Live sessions, sessions at a real broker and drills "
+                                      "always keep the manual resume; kill-switch and max-drawdown halts are never lifted automatically. Default 0: the plans' "
+                                      "rule, and what every result recorded before this setting was run with")
 
 class EnvSettings(_Section):
     "The trading environment (`trader.research.env`): costs, sizing, reward and episodes."

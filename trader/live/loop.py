@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'check_bar', 'LoopState', 'LoopError', 'TradingLoop', 'step', 'run', 'heartbeat_timeout', 'uptime_pct',
-           'heartbeat_age', 'make_broker', 'paper_session', 'service_status', 'status_report']
+           'heartbeat_age', 'make_broker', 'auto_resume', 'paper_session', 'service_status', 'status_report']
 
 # %% ../../nbs/23_live.ipynb #10876301
 def check_bar(b:BarSet, last_ts=None) -> list[str]:
@@ -89,6 +89,7 @@ class TradingLoop:
     "Trade `model` on `feed` through `broker`: each bar, controls -> checks -> the engine (open, close) -> a decision -> the journal."
     def __init__(self, store:Store, broker:Broker, feed, run_id:str, symbols, model:str='champion', settings:Settings|None=None,
                  metrics:LoopMetrics|None=None, history_end=None, market=None, # `SimulatedMarket` for a replay on a simulated broker
+                 auto_resume:bool=False, # honour `risk.halt_resume_sessions` (`auto_resume`: a replay on the simulated broker); False: a halt waits for `trader resume`
                 ):
         self.s = settings or load_settings()
         self.store, self.broker, self.feed, self.run_id = store, broker, feed, run_id
@@ -101,7 +102,8 @@ class TradingLoop:
         self.journal = Journal(store, run_id, self.symbols, self.registry)
         self.controls = Controls(store, self.registry, run_id, model)
         self.state = self._load_state()
-        self.engine = TradingEngine(len(self.symbols), risk=self.s.risk, guardian=self.s.risk.guardian, names=self.symbols, state=self.state.engine,
+        risk = self.s.risk if auto_resume else self.s.risk.model_copy(update={'halt_resume_sessions': 0})   # the plans' manual resume
+        self.engine = TradingEngine(len(self.symbols), risk=risk, guardian=risk.guardian, names=self.symbols, state=self.state.engine,
                                     lot=self.s.env.lot)   # the broker's order rule (whole shares for opg orders), as the backtest applies it
         self.execution = BrokerExecution(broker, market or LiveMarket(), run_id, self.symbols, self.state, self.metrics)
         self.execution.in_ledger = self.journal.in_ledger
@@ -320,6 +322,10 @@ def make_broker(kind:str, store:Store, run_id:str, s:Settings, cash:float, fees_
         return AlpacaBroker(settings=s)
     raise LoopError(f"unknown broker {kind!r}; use sim or alpaca")
 
+def auto_resume(broker:str, replay:str|None, drill:dict|None=None) -> bool:
+    "Whether a session lifts a guardian halt by `risk.halt_resume_sessions`: only a replay on the simulated broker (research, the backtest's twin); live, a real broker's and a drill's wait for `trader resume`."
+    return broker == 'sim' and bool(replay) and not drill
+
 def paper_session(broker:str='sim', # sim or alpaca
                   model:str='champion', # model id, or 'champion' (follows promotions and rollbacks)
                   replay:str|None='2012-01-03:2013-03-01', # 'A:B' replays stored bars; None trades the live feed (alpaca) as a service
@@ -345,8 +351,10 @@ def paper_session(broker:str='sim', # sim or alpaca
     syms = reg.get(model)['symbols']
     fees = s.env.fees_bps if fees_bps is None else fees_bps
     slip = s.env.slippage_bps if slippage_bps is None else slippage_bps
+    resumes = auto_resume(broker, replay, drill)
     params = {'broker': broker, 'model': model, 'replay': replay, 'symbols': syms, 'cash': cash, 'fees_bps': fees, 'slippage_bps': slip,
-              'drill': drill, 'tag': tag, 'guardian': s.risk.guardian}
+              'drill': drill, 'tag': tag, 'guardian': s.risk.guardian,
+              **({'halt_resume_sessions': s.risk.halt_resume_sessions} if resumes and s.risk.halt_resume_sessions else {})}   # only when it applies: earlier runs keep their key
     key = store.json_param(params)
     # one process per session: the lease is named by the session's parameters, and taken before its run is looked up or created,
     # so two processes started together cannot both create (or both resume) the run
@@ -390,7 +398,8 @@ def paper_session(broker:str='sim', # sim or alpaca
             feed = ResilientFeed(AlpacaFeed(syms, settings=s, after=last_ts or hist_end, clock=clock.now, settle=s.service.bar_final_after,
                                             release=s.service.release), None)
         metrics = LoopMetrics(metrics_port) if metrics_port is not None else LoopMetrics()
-        loop = TradingLoop(store, b, feed, run_id, syms, model, s, metrics, hist_end, SimulatedMarket(b) if broker == 'sim' else LiveMarket())
+        loop = TradingLoop(store, b, feed, run_id, syms, model, s, metrics, hist_end, SimulatedMarket(b) if broker == 'sim' else LiveMarket(),
+                           auto_resume=resumes)
         # loaded: a rehearsal clock waiting for `ready` starts now, so the session's entry records its epoch (READY carries it too)
         if getattr(clock, 'waiting', False): clock.begin()
         with store.transaction():

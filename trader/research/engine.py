@@ -54,6 +54,9 @@ class EngineState:
     opened_at: list = field(default_factory=list)  # bar index when each position was opened (None if flat)
     bar_index: int = 0
     pending: list = field(default_factory=list)    # simulated executions only: [[asset, qty, reference]] to fill at the next open
+    resumable: bool = False              # the halt is the guardian's, which `halt_resume_sessions` may lift (a kill or a max-drawdown halt is not)
+    halt_sessions: int = 0               # sessions begun since that halt
+    caution: bool = False                # the session of an automatic resume: the emergency level is at least caution
 
     @classmethod
     def new(cls, cash:float, n_assets:int) -> 'EngineState':
@@ -194,13 +197,27 @@ class TradingEngine:
 def _three_day(st:EngineState) -> float|None:
     return st.closes[-3][1] if len(st.closes) >= 3 else None
 
-def _begin(self:TradingEngine, bar:BarPrices):
-    "A new day starts at the previous close."
+def _begin(self:TradingEngine, bar:BarPrices, step:Step):
+    "A new day starts at the previous close; a guardian halt that has lasted `halt_resume_sessions` sessions is lifted."
     st = self.state
     if st.day != bar.day:
         prev = self.value(bar.prev_close) if bar.prev_close is not None else st.initial_equity
         if st.day is not None: st.closes = (st.closes + [[st.day, prev]])[-4:]
         st.day, st.day_start, st.day_high = bar.day, prev, prev
+        st.caution = False
+        if st.halted and st.resumable:
+            st.halt_sessions += 1
+            n = self.limits.halt_resume_sessions
+            if n and st.halt_sessions >= n: _resume(self, step, prev)
+
+def _resume(self:TradingEngine, step:Step, equity:float):
+    "The resume policy: trading resumes at the caution level, and the 3-day rule counts from `equity` (the account now, flat)."
+    st = self.state
+    step.events.append(RiskEvent(RiskEventKind.EMERGENCY_LEVEL, EmergencyLevel.CAUTION,
+                                 {'name': EmergencyLevel.CAUTION.description, 'resume': f'auto-resume after {st.halt_sessions} sessions',
+                                  'sessions': st.halt_sessions, 'halt_reason': st.halt_reason}))
+    st.closes = [[d, equity] for d, _ in st.closes]
+    st.halted, st.halt_reason, st.level, st.caution, st.resumable, st.halt_sessions = False, '', int(EmergencyLevel.CAUTION), True, False, 0
 
 def _fire(self:TradingEngine, step:Step, execution, prices, reason:str, kind:RiskEventKind, rollback:bool, at:str):
     "Flatten every position now, halt; the event asks for a rollback of the champion when the guardian fired."
@@ -210,13 +227,14 @@ def _fire(self:TradingEngine, step:Step, execution, prices, reason:str, kind:Ris
     step.orders += orders
     st.targets = [0.0]*self.n
     st.halted, st.halt_reason, st.level = True, reason, int(EmergencyLevel.MANUAL)
+    st.resumable, st.halt_sessions, st.caution = kind == RiskEventKind.GUARDIAN, 0, False
     step.fired, step.rollback, step.fired_at = reason, rollback, at
     step.events.append(RiskEvent(kind, EmergencyLevel.MANUAL, {'reason': reason, 'flatten': [[self.names[o.asset], o.qty] for o in orders]}))
 
 def advance(self:TradingEngine, bar:BarPrices, execution, kill:str|None=None) -> Step:
     "The market moves through `bar`: fills at the open, the kill switch and the guardian at the open and at the close, emergency levels."
     st, lim, step = self.state, self.limits, Step()
-    _begin(self, bar)
+    _begin(self, bar, step)
     ok = execution.at_open(self, bar, step)
     eq_open = self.value(bar.open)
     st.day_high = max(st.day_high, eq_open)
@@ -232,17 +250,18 @@ def advance(self:TradingEngine, bar:BarPrices, execution, kill:str|None=None) ->
         v = self.guardian.check(equity, st.day_high, three, st.peak)
         if v.fire: _fire(self, step, execution, bar.close, 'at the close: ' + '; '.join(v.reasons), RiskEventKind.GUARDIAN, True, 'close')
         else:
-            entered = v.level > st.level
-            if v.level != st.level and v.level > 0:
-                step.events.append(RiskEvent(RiskEventKind.EMERGENCY_LEVEL, EmergencyLevel(v.level),
-                                             {'name': EmergencyLevel(v.level).description, 'drawdown_today': v.day_drawdown}))
-            st.level = v.level
+            lvl = max(v.level, int(EmergencyLevel.CAUTION)) if st.caution else v.level     # the session of an automatic resume: at least caution
+            entered = lvl > st.level
+            if lvl != st.level and lvl > 0:
+                step.events.append(RiskEvent(RiskEventKind.EMERGENCY_LEVEL, EmergencyLevel(lvl),
+                                             {'name': EmergencyLevel(lvl).description, 'drawdown_today': v.day_drawdown}))
+            st.level = lvl
             # level 3 halves exposure once, on entry; levels 4-5 are caps that hold while the level lasts
-            forced = None if (v.level == 3 and not entered) else \
-                self.guardian.level_targets(v.level, self.weights(bar.close), tuple(None if a is None else st.bar_index - a for a in st.opened_at))
+            forced = None if (lvl == 3 and not entered) else \
+                self.guardian.level_targets(lvl, self.weights(bar.close), tuple(None if a is None else st.bar_index - a for a in st.opened_at))
             if forced is not None:
                 w = self.weights(bar.close)
-                orders = self.orders_for(forced, bar.close, [i for i in range(self.n) if abs(forced[i]) < abs(w[i]) - 1e-9], OrderType.MARKET, f'level{v.level}')
+                orders = self.orders_for(forced, bar.close, [i for i in range(self.n) if abs(forced[i]) < abs(w[i]) - 1e-9], OrderType.MARKET, f'level{lvl}')
                 if orders:
                     execution.now(self, orders, bar.close, step)
                     step.orders += orders
@@ -265,7 +284,7 @@ def decide(self:TradingEngine, bar:BarPrices, wanted:tuple[float, ...], # target
                                   self.names, market)
     else: dec = RiskDecision(tuple(wanted), (), False)
     if dec.halted and not st.halted:
-        st.halted, st.halt_reason, st.level = True, dec.breaches[0], int(EmergencyLevel.MANUAL)
+        st.halted, st.halt_reason, st.level, st.resumable = True, dec.breaches[0], int(EmergencyLevel.MANUAL), False
         step.events.append(RiskEvent(RiskEventKind.MAX_DRAWDOWN_HALT, EmergencyLevel.MANUAL, {'breach': dec.breaches[0]}))
     changed = [i for i in range(self.n) if dec.targets[i] != st.targets[i]]
     if changed and place:
@@ -284,10 +303,11 @@ from .book import lot_qty
 
 # scalar state slots
 _CASH, _PEAK, _INIT, _DAY, _DSTART, _DHIGH, _LEVEL, _HALT, _BAR, _NCL, _C0 = range(11)
-_NSTATE = _C0 + 4           # four closes for the 3-day rule
+_HAUTO, _HSESS, _CAUT = _C0 + 4, _C0 + 5, _C0 + 6   # after the four closes for the 3-day rule: `EngineState.resumable`, `.halt_sessions`, `.caution`
+_NSTATE = _C0 + 7           # all zero is a fresh engine's (but for the cash and the day), as `BatchedTradingEnv` resets it
 # limit slots
 (_FEES, _SLIP, _CHECKS, _GUARD, _MAXPOS, _MAXDD, _PTR, _ATRSTOP, _DLOSS, _CORRCAP, _CORRMAX, _GDD, _GPNL3, _GBASE,
- _LD0, _LD1, _LD2, _LDD0, _LDD1, _TACT, _CORE, _LOT) = range(22)
+ _LD0, _LD1, _LD2, _LDD0, _LDD1, _TACT, _CORE, _LOT, _RESUME) = range(23)
 
 def kernel_params(limits:RiskSettings, fees_bps:float, slippage_bps:float, guardian:bool, risk_checks:bool=True,
                   lot:float=1.0, # share increment of orders, as `TradingEngine`'s
@@ -296,7 +316,8 @@ def kernel_params(limits:RiskSettings, fees_bps:float, slippage_bps:float, guard
     L = limits
     return np.array([fees_bps*1e-4, slippage_bps*1e-4, float(risk_checks), float(guardian), L.max_position, L.max_drawdown, L.per_trade_risk,
                      L.atr_stop, L.daily_loss_limit, L.correlation_cap, L.correlated_gross_max, L.guardian_day_drawdown, L.guardian_pnl_3d,
-                     L.guardian_pnl_base_equity or 0.0, *L.level_drawdown, *L.level_day_drawdown, L.tactical_bars, L.core_weight, lot], dtype=np.float64)
+                     L.guardian_pnl_base_equity or 0.0, *L.level_drawdown, *L.level_day_drawdown, L.tactical_bars, L.core_weight, lot,
+                     L.halt_resume_sessions], dtype=np.float64)
 
 @dataclass
 class KernelState:
@@ -425,6 +446,7 @@ def _flatten_nb(s, shares, targets, opened, px, P):
         if shares[i] < 0: traded += _fill_nb(s, shares, opened, i, -shares[i], px[i], P)
     targets[:] = 0.0
     s[_HALT] = 1.0; s[_LEVEL] = 6.0
+    s[_HAUTO] = 1.0; s[_HSESS] = 0.0; s[_CAUT] = 0.0    # the kernel flattens for the guardian only: a halt the resume policy may lift
     return traded
 
 @njit(cache=True)
@@ -440,6 +462,12 @@ def engine_advance_nb(s, shares, targets, opened, pending, t, open_, close, day,
                 k = 3
             s[_C0 + k] = prev; s[_NCL] = k + 1
         s[_DAY] = day[t]; s[_DSTART] = prev; s[_DHIGH] = prev
+        s[_CAUT] = 0.0
+        if s[_HALT] != 0 and s[_HAUTO] != 0:
+            s[_HSESS] += 1
+            if P[_RESUME] > 0 and s[_HSESS] >= P[_RESUME]:      # the resume policy, as `_resume`
+                for j in range(int(s[_NCL])): s[_C0 + j] = prev
+                s[_HALT] = 0.0; s[_LEVEL] = 2.0; s[_CAUT] = 1.0; s[_HAUTO] = 0.0; s[_HSESS] = 0.0
     traded = _execute_nb(s, shares, opened, pending, open_[t], P)
     pending[:] = 0.0
     eq_open = _value_nb(s, shares, open_[t])
@@ -459,6 +487,7 @@ def engine_advance_nb(s, shares, targets, opened, pending, t, open_, close, day,
         if fire:
             traded += _flatten_nb(s, shares, targets, opened, close[t], P); fired = 2
         else:
+            if s[_CAUT] != 0 and lvl < 2: lvl = 2
             entered = lvl > s[_LEVEL]
             s[_LEVEL] = lvl
             if (lvl == 3 and entered) or lvl == 4 or lvl == 5:
@@ -500,7 +529,7 @@ def engine_decide_nb(s, shares, targets, pending, wanted, t, close, atr, corr, P
     nb = 0
     if P[_CHECKS] > 0:
         nb, halt = _pre_trade_nb(wanted, shares, close[t], equity, s[_PEAK], s[_HALT] > 0, s[_DSTART], s[_LEVEL], atr[t], corr[t], P)
-        if halt and s[_HALT] == 0: s[_HALT] = 1.0; s[_LEVEL] = 6.0
+        if halt and s[_HALT] == 0: s[_HALT] = 1.0; s[_LEVEL] = 6.0; s[_HAUTO] = 0.0
     for i in range(n):
         if wanted[i] != targets[i]: pending[i] = _order_qty(wanted, shares, close[t], equity, i, P)
     for i in range(n): targets[i] = wanted[i]
