@@ -12,15 +12,16 @@ from ..core.config import ConfigError, TraderError, load_settings
 from ..core.data import DataError, Source, Timeframe, fetch_bars, parse_symbols, to_utc
 from ..core.quality import DataQualityGate, QualityGateBlocked
 from ..core.store import Store
+from ..research.synthetic import EdgeKind, NoiseKind
 
 # %% auto #0
 __all__ = ['arg_cash_amount', 'arg_bps', 'arg_count', 'arg_seed_value', 'arg_port_number', 'cmd_ingest', 'cmd_quality',
            'cmd_bars', 'cmd_train', 'cmd_models', 'cmd_backtest', 'cmd_holdout', 'cmd_experiment', 'cmd_sweep',
            'cmd_report', 'cmd_gate', 'cmd_promote', 'cmd_runs', 'cmd_paper', 'cmd_status', 'cmd_kill', 'cmd_resume',
            'cmd_drill', 'cmd_audit', 'cmd_dashboard', 'cmd_nightly', 'cmd_demo', 'cmd_drift', 'job_lease', 'ArgError',
-           'arg_number', 'arg_speed', 'arg_date', 'arg_window', 'arg_symbol', 'arg_symbols', 'arg_model_id', 'arg_name',
-           'arg_run_id', 'arg_ma_range', 'arg_existing_file', 'arg_existing_dir', 'arg_text', 'arg_out_dir',
-           'check_args', 'build_parser', 'main']
+           'arg_number', 'arg_strength', 'arg_speed', 'arg_date', 'arg_window', 'arg_symbol', 'arg_symbols',
+           'arg_model_id', 'arg_name', 'arg_run_id', 'arg_ma_range', 'arg_existing_file', 'arg_existing_dir',
+           'arg_text', 'arg_out_dir', 'check_args', 'build_parser', 'main']
 
 # %% ../../nbs/20_cli.ipynb #47322f2d
 def _say(*a, **kw): print(*a, **kw, flush=True)
@@ -42,12 +43,20 @@ def _save_rejected(report, settings) -> Path:
     p.write_text(report.to_json(indent=1))
     return p
 
+def _synthetic_bars(args) -> tuple[pd.DataFrame, str]:
+    "`--source synthetic`: a generated market and its description (the generator is research-layer code, so ops calls it, not core.data)."
+    from trader.research.synthetic import DEFAULT_END, DEFAULT_START, generate
+    m = generate(args.edge or 'ar1', args.strength or 'strong', args.seed or 0, args.assets, args.noise or 'garch',
+                 args.start or DEFAULT_START, args.end or DEFAULT_END, symbols=args.symbols)
+    return m.bars, m.description
+
 def cmd_ingest(args) -> int:
     "Fetch bars from a source, pass them through the quality gate, store them."
     s = load_settings()
     t0 = time.perf_counter()
-    df, what = fetch_bars(args.source, args.symbols, args.start, args.end, path=args.path, symbol=args.symbol, raw=args.raw,
-                          timeframe=args.timeframe, adjustment=args.adjustment, settings=s)
+    if args.source == Source.SYNTHETIC.value: df, what = _synthetic_bars(args)
+    else: df, what = fetch_bars(args.source, args.symbols, args.start, args.end, path=args.path, symbol=args.symbol, raw=args.raw,
+                                timeframe=args.timeframe, adjustment=args.adjustment, settings=s)
     tf = args.timeframe
     report = DataQualityGate(s.quality).check(df, tf, source=what)
     if report.blocked:
@@ -427,6 +436,12 @@ arg_count = arg_number(int, 1, what='a whole number >= 1')
 arg_seed_value = arg_number(int, 0, 2**32 - 1, what='a whole number between 0 and 4294967295')
 arg_port_number = arg_number(int, 1, 65535, what='a port number between 1 and 65535')
 
+def arg_strength(v:str) -> str:
+    "A synthetic edge's strength: 'strong', 'weak' or a number >= 0 (returned as given; the edge's own range is checked with --edge)."
+    if str(v).strip().lower() in ('strong', 'weak'): return str(v).strip().lower()
+    arg_number(float, 0, what="'strong', 'weak' or a number >= 0")(v)
+    return v
+
 def arg_speed(v:str):
     "'max' or bars per second (> 0)."
     if str(v).strip().lower() == 'max': return 'max'
@@ -517,6 +532,32 @@ def _port_free(port:int) -> bool:
         try: so.bind(('127.0.0.1', port)); return True
         except OSError: return False
 
+_SYNTHETIC_ARGS = (('edge', '--edge'), ('strength', '--strength'), ('seed', '--seed'), ('assets', '--assets'), ('noise', '--noise'))
+
+def _check_ingest_source(args) -> None:
+    "`ingest --source indices|synthetic`: daily only, their own symbols, and the synthetic options only with synthetic."
+    src, g = args.source, (lambda k: getattr(args, k, None))
+    for k, flag in _SYNTHETIC_ARGS:
+        if g(k) is not None and src != 'synthetic': raise ArgError(flag, 'only with --source synthetic')
+    if src not in ('indices', 'synthetic'): return
+    if args.timeframe != '1Day': raise ArgError('--timeframe', f'--source {src} has daily bars only (1Day)')
+    for k, flag in (('path', '--path'), ('symbol', '--symbol'), ('raw', '--raw')):
+        if g(k): raise ArgError(flag, f'not used with --source {src}')
+    syms = parse_symbols(args.symbols) if args.symbols else None
+    if src == 'indices':
+        from trader.core.data import INDEX_SOURCES
+        bad = [x for x in syms or () if x not in INDEX_SOURCES]
+        if bad: raise ArgError('--symbols', f"--source indices has {', '.join(f'{k} ({v[1]})' for k, v in INDEX_SOURCES.items())}; not {', '.join(bad)}")
+        return
+    from trader.research.synthetic import SyntheticError, edge_strength
+    n = args.assets or (len(syms) if syms else 2)
+    if syms and len(syms) != n: raise ArgError('--symbols', f"{len(syms)} names for --assets {n}")
+    if syms and (bad := [x for x in syms if not x.startswith('SYN')]):
+        raise ArgError('--symbols', f"synthetic symbols must start with SYN, so nobody takes them for real ones: {', '.join(bad)}")
+    try: edge_strength(args.edge or 'ar1', args.strength or 'strong')
+    except SyntheticError as e: raise ArgError('--strength', str(e)) from None
+    if args.edge == 'leadlag' and n < 2: raise ArgError('--assets', 'a lead-lag market needs at least 2 assets (asset 0 leads the others)')
+
 def check_args(args) -> None:
     "What argparse types cannot see, checked before a subcommand creates anything: combinations, and references (models, runs, stored bars, ports) looked up read-only."
     c, g = args.command, (lambda k: getattr(args, k, None))
@@ -525,6 +566,7 @@ def check_args(args) -> None:
         if args.source in ('csv', 'parquet') and not args.path: raise ArgError('--path', f"required with --source {args.source}")
         if args.source == 'alpaca' and not args.symbols: raise ArgError('--symbols', 'required with --source alpaca')
         if args.source == 'alpaca' and not args.start: raise ArgError('--start', 'required with --source alpaca')
+        _check_ingest_source(args)
     if c == 'models' and args.action == 'show' and not args.id: raise ArgError('ID', 'required: trader models show ID')
     if c == 'experiment' and args.action in ('show', 'report') and not args.target: raise ArgError('NAME', f'required: trader experiment {args.action} NAME')
     if c == 'experiment' and args.action == 'run' and args.target and not Path(args.target).is_file(): raise ArgError('SPEC', f'{args.target} is not a file')
@@ -590,9 +632,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add('ingest', cmd_ingest, 'fetch bars, gate them, store them',
              epilog='examples:\n  trader ingest --source sample --symbols AAPL,MSFT\n  trader ingest --source csv --path bars.csv --symbol AAPL\n'
-                    '  trader ingest --source alpaca --symbols AAPL,MSFT --start 2024-01-01 --end 2024-06-30')
+                    '  trader ingest --source alpaca --symbols AAPL,MSFT --start 2024-01-01 --end 2024-06-30\n'
+                    '  trader ingest --source indices --symbols SPX,NDX\n'
+                    '  trader ingest --source synthetic --edge ar1 --strength strong --seed 7\n'
+                    '  trader ingest --source synthetic --edge null --seed 7 --noise bootstrap --symbols SYNNULL0,SYNNULL1\n\n'
+                    'indices: daily OHLCV 1999-2018 as the arch package ships it (arch.data.sp500, arch.data.nasdaq); SPX is the\n'
+                    '  S&P 500 and NDX the NASDAQ Composite (not the NASDAQ-100).\n'
+                    'synthetic: generated prices with a planted edge (trader.research.synthetic), labelled as such: symbols start with\n'
+                    '  SYN and the stored source says "synthetic (not real prices)" with the arguments that make the same bars again.')
     sp.add_argument('--source', choices=[x.value for x in Source], default='sample', help='where the bars come from')
-    sp.add_argument('--symbols', type=arg_symbols, help='comma-separated symbols (sample, alpaca)')
+    sp.add_argument('--symbols', type=arg_symbols, help='comma-separated symbols (sample, alpaca; indices: SPX, NDX, default both; '
+                                                        'synthetic: names starting with SYN, default SYN0, SYN1, ...)')
     sp.add_argument('--start', type=arg_date, help='first date (inclusive)')
     sp.add_argument('--end', type=arg_date, help='last date (inclusive)')
     sp.add_argument('--raw', action='store_true', help='sample: keep unadjusted prices (splits included; the gate will block them)')
@@ -600,6 +650,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument('--symbol', type=arg_symbol, help='csv/parquet: symbol for a file without a symbol column')
     sp.add_argument('--timeframe', default='1Day', choices=[t.value for t in Timeframe], help='bar size')
     sp.add_argument('--adjustment', default='all', choices=['raw', 'split', 'dividend', 'all'], help='alpaca: price adjustment')
+    sp.add_argument('--edge', choices=[k.value for k in EdgeKind], help='synthetic: the planted edge (default ar1; null: the same noise, no edge)')
+    sp.add_argument('--strength', type=arg_strength, help="synthetic: 'strong', 'weak' or a number (default strong; see trader.research.synthetic.PRESETS)")
+    sp.add_argument('--seed', type=arg_seed_value, help='synthetic: random seed (default 0); the same arguments give the same bars')
+    sp.add_argument('--assets', type=arg_count, help='synthetic: number of assets (default: the number of --symbols, else 2)')
+    sp.add_argument('--noise', choices=[k.value for k in NoiseKind], help="synthetic: garch (GARCH(1,1), Student-t shocks) or bootstrap (real days' shocks); default garch")
     sp.add_argument('-q', '--quiet', action='store_true', help='print only the summary line')
 
     sp = add('quality', cmd_quality, 'run the quality gate on stored bars')
