@@ -14,7 +14,7 @@ from .env import apply_action, action_table, describe_action
 from ..core.config import RiskSettings
 from ..core.domain import Decision, RunKind
 from .book import Book
-from .engine import BarPrices, SimExecution, TradingEngine
+from .engine import BarPrices, MarketArrays, SimExecution, TradingEngine
 from .policy import Policy
 from ..core.registry import Registry
 from ..core.runs import Runs
@@ -22,8 +22,8 @@ from ..core.store import Store
 from . import metrics as M
 
 # %% auto #0
-__all__ = ['BacktestError', 'BacktestResult', 'simulate', 'vectorbt_portfolio', 'buy_and_hold', 'ma_selection_window', 'best_ma',
-           'backtest']
+__all__ = ['BacktestError', 'BacktestResult', 'simulate', 'vectorbt_portfolio', 'buy_and_hold', 'simulate_weights',
+           'ma_selection_window', 'best_ma', 'backtest']
 
 # %% ../../nbs/14_backtest.ipynb #47abead6
 class BacktestError(TraderError):
@@ -56,22 +56,13 @@ class BacktestResult:
         return pd.DataFrame({name: {k: m.get(k) for k in keys} for name, m in cols.items()})
 
 # %% ../../nbs/14_backtest.ipynb #d46c7ddb
-def simulate(policy:Policy, fs, start, end, limits:RiskSettings, cash:float, fees_bps:float, slippage_bps:float,
-             guardian:bool=True, # simulate the guardian and the emergency levels
-             lot:float|None=None, # share increment of orders; default: the lot the model was trained with
-            ):
-    "Walk `policy` over [start, end] on the engine; returns per-bar frames, fills, decisions and risk events."
-    env = policy.make_env(fs, start, end)
-    market = env.market          # built once by the environment, with the policy's correlation window
-    lo, hi = env.lo, env.hi
+def _walk(fs, lo:int, hi:int, eng:TradingEngine, market:MarketArrays,
+          choose, # (t, ts, current targets) -> (wanted targets, note): what is asked for at row t's close
+         ):
+    "Step `eng` over rows lo..hi of `fs`: the market moves through each bar (`advance`), then `choose` asks for targets at its close (`decide`). Returns (frame, orders, [(ts, note, RiskDecision)], risk events)."
     n, syms = fs.n_assets, list(fs.symbols)
-    table = action_table(n)
-    sizes, allow_short = env.sizes, policy.env_settings.allow_short
-    eng = TradingEngine(n, cash, limits, fees_bps, slippage_bps, guardian=guardian, names=tuple(syms),
-                        lot=policy.env_settings.lot if lot is None else lot)
     ex = SimExecution()
-    state = policy.initial_state()
-    rows, fills, decisions, events = [], [], [], []
+    rows, fills, notes, events = [], [], [], []
     placed = {}         # asset -> decision ts of the orders waiting for the next open
     stamps = list(fs.ts[lo:hi + 1])
     for t in range(lo, hi + 1):
@@ -88,21 +79,42 @@ def simulate(policy:Policy, fs, start, end, limits:RiskSettings, cash:float, fee
         pnl = [eng.state.shares[i]*close[i] - before[i]*prev_close[i]
                - sum(f.qty*f.price + f.fees for f in step.fills if f.asset == i) for i in range(n)] if t > lo else [0.0]*n
         rows.append((ts, step.equity, eng.state.cash, *eng.weights(close), *eng.state.shares, *pnl))
-        targets = tuple(eng.state.targets)
-        a, state, conf = policy.decide(env.observation(t, targets), state)
-        d = eng.decide(bar, apply_action(targets, a, sizes, allow_short, table), market.at(t), ex, place=t < hi)
+        wanted, note = choose(t, ts, tuple(eng.state.targets))
+        d = eng.decide(bar, wanted, market.at(t), ex, place=t < hi)
         placed = {o.asset: ts for o in d.orders}
         events += [(ts, e) for e in d.events]
-        decisions.append(Decision(ts, a, describe_action(a, syms), conf, policy.id, d.decision.targets, d.decision.breaches))
+        notes.append((ts, note, d.decision))
     cols = ['equity', 'cash'] + [f'weight:{s}' for s in syms] + [f'shares:{s}' for s in syms] + [f'pnl:{s}' for s in syms]
     frame = pd.DataFrame([r[1:] for r in rows], index=pd.DatetimeIndex([r[0] for r in rows], name='ts'), columns=cols)
     orders = pd.DataFrame([{'seq': k, 'ts': ts, 'symbol': syms[f.asset], 'side': str(f.side), 'qty': abs(f.qty), 'price': f.price,
                             'fees': f.fees, 'slippage': f.slippage_cost, 'reference_price': f.order_price, 'open_price': f.reference,
                             'decision_ts': dts, 'status': 'filled', 'signed_qty': f.qty, 'tag': f.tag, 'phase': ph}
-                           for k, (ts, f, dts, ph) in enumerate(fills)])
+                           for k, (ts, f, dts, ph) in enumerate(fills)],
+                          columns=['seq', 'ts', 'symbol', 'side', 'qty', 'price', 'fees', 'slippage', 'reference_price', 'open_price',
+                                   'decision_ts', 'status', 'signed_qty', 'tag', 'phase'])
     risk_events = pd.DataFrame([{'bar_ts': ts, 'kind': str(e.kind), 'level': int(e.level), 'detail': e.detail} for ts, e in events],
                                columns=['bar_ts', 'kind', 'level', 'detail'])
-    return frame, orders, pd.DataFrame([d.__dict__ for d in decisions]), risk_events
+    return frame, orders, notes, risk_events
+
+def simulate(policy:Policy, fs, start, end, limits:RiskSettings, cash:float, fees_bps:float, slippage_bps:float,
+             guardian:bool=True, # simulate the guardian and the emergency levels
+             lot:float|None=None, # share increment of orders; default: the lot the model was trained with
+            ):
+    "Walk `policy` over [start, end] on the engine; returns per-bar frames, fills, decisions and risk events."
+    env = policy.make_env(fs, start, end)
+    syms = list(fs.symbols)
+    table = action_table(fs.n_assets)
+    sizes, allow_short = env.sizes, policy.env_settings.allow_short
+    eng = TradingEngine(fs.n_assets, cash, limits, fees_bps, slippage_bps, guardian=guardian, names=tuple(syms),
+                        lot=policy.env_settings.lot if lot is None else lot)
+    state = policy.initial_state()
+    def choose(t, ts, targets):          # the policy-specific step: an action from the observation, as target weights
+        nonlocal state
+        a, state, conf = policy.decide(env.observation(t, targets), state)
+        return apply_action(targets, a, sizes, allow_short, table), (a, conf)
+    frame, orders, notes, events = _walk(fs, env.lo, env.hi, eng, env.market, choose)   # the market built once by the environment
+    decisions = [Decision(ts, a, describe_action(a, syms), conf, policy.id, d.targets, d.breaches) for ts, (a, conf), d in notes]
+    return frame, orders, pd.DataFrame([d.__dict__ for d in decisions]), events
 
 # %% ../../nbs/14_backtest.ipynb #b4cbf397
 def vectorbt_portfolio(fs, frame:pd.DataFrame, orders:pd.DataFrame, cash:float, fees_bps:float, slippage_bps:float):
@@ -133,6 +145,38 @@ def buy_and_hold(fs, start, end, cash:float, fees_bps:float, slippage_bps:float,
         if t == w.start + 1: book.rebalance(tuple(1.0/n for _ in range(n)), fs.open[t].tolist())
         eq.append(book.value(fs.close[t].tolist()))
     return pd.Series(eq, index=fs.ts[w.start:w.stop], name='buy_hold')
+
+# %% ../../nbs/14_backtest.ipynb #9efa2300
+def simulate_weights(weights, # (T, N) target weights aligned with the rows of `fs` (NaN: nothing new asked for that asset), or a callable (t, current targets) -> weights (None: keep)
+                     fs, start, end, limits:RiskSettings, cash:float, fees_bps:float, slippage_bps:float,
+                     guardian:bool=True, # simulate the guardian and the emergency levels
+                     lot:float=1.0, # share increment of orders (1 whole shares, 0 fractional)
+                     risk_checks:bool=True, # False: the pre-trade rules do not cut the targets (research only)
+                     market:MarketArrays|None=None, # per-bar ATR and correlation for the rules; default: built from `fs` with `corr_window`
+                     corr_window:int=30, # bars of the rolling correlation (`EnvSettings.corr_window`)
+                    ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    "Trade a schedule of target weights over [start, end] on the engine, as `simulate` trades a policy: (frame, orders, risk events); the frame adds the targets the rules let through (`target:`) and how many rules cut them (`cuts`)."
+    w = fs.window(start, end)
+    lo, hi = w.start, w.stop - 1
+    if hi - lo < 2: raise BacktestError(f"window {start}..{end} has too few bars after the warm-up")
+    n, syms = fs.n_assets, list(fs.symbols)
+    if callable(weights): ask = weights
+    else:
+        W = np.asarray(weights, dtype=float)
+        if W.shape != (len(fs), n): raise BacktestError(f"weights have shape {W.shape}; the data has {len(fs)} rows x {n} assets")
+        ask = lambda t, cur: W[t]
+    eng = TradingEngine(n, cash, limits, fees_bps, slippage_bps, guardian=guardian, risk_checks=risk_checks, names=tuple(syms), lot=lot)
+    standing, halted = [None]*n, [False]      # the last weight asked per asset; whether the engine was halted at the last close
+    def choose(t, ts, targets):
+        x = ask(t, targets)
+        x = np.full(n, np.nan) if x is None else np.asarray(x, dtype=float)
+        resumed, halted[0] = halted[0] and not eng.state.halted, eng.state.halted   # a halt lifted since the last close: ask the standing weights again
+        for i in range(n):
+            if not np.isnan(x[i]): standing[i] = float(x[i])
+        return tuple(standing[i] if standing[i] is not None and (resumed or not np.isnan(x[i])) else targets[i] for i in range(n)), None
+    frame, orders, notes, events = _walk(fs, lo, hi, eng, market or MarketArrays(fs, corr_window), choose)
+    approved = pd.DataFrame([d.targets for _, _, d in notes], index=frame.index, columns=[f'target:{s}' for s in syms])
+    return pd.concat([frame, approved.assign(cuts=[len(d.breaches) for _, _, d in notes])], axis=1), orders, events
 
 # %% ../../nbs/14_backtest.ipynb #6f62b96b
 def _records(df:pd.DataFrame) -> list[dict]:

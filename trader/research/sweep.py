@@ -14,8 +14,8 @@ from .features import pivot_bars
 from .metrics import deflated_sharpe
 
 # %% auto #0
-__all__ = ['SweepError', 'parse_range', 'ma_grid', 'signals_for', 'ma_baseline', 'ma_baseline_equity', 'SweepResult', 'ma_sweep',
-           'bare_sweep']
+__all__ = ['SweepError', 'parse_range', 'ma_grid', 'ma_long_state', 'signals_for', 'ma_baseline', 'ma_baseline_equity',
+           'SweepResult', 'ma_sweep', 'bare_sweep']
 
 # %% ../../nbs/12_sweep.ipynb #f9664898
 class SweepError(TraderError, ValueError):
@@ -119,6 +119,12 @@ def _simulate(close:np.ndarray, open_:np.ndarray, size:np.ndarray, n:int, fees:f
 # %% ../../nbs/12_sweep.ipynb #a8b68f49
 def _check_pair(fast:int, slow:int):
     if not 1 <= int(fast) < int(slow): raise SweepError(f"a crossover needs 1 <= fast < slow, got fast={fast}, slow={slow}")
+
+def ma_long_state(close:np.ndarray, # (T, N) closes, the rows before a window included (the averages warm up on them)
+                  fast:int, slow:int) -> np.ndarray:
+    "(T, N) bool: fast MA > slow MA of each asset at each row's close (NaN averages: not above), the signal the sweep trades; row t reads closes <= t only."
+    _check_pair(fast, slow)
+    return _long_state(close, [(int(fast), int(slow))], 0)
 
 def signals_for(bars:pd.DataFrame, # long bars (symbol, ts, open, high, low, close, volume)
                 symbols, # the assets, e.g. 'AAPL,MSFT'
