@@ -4,12 +4,14 @@
 
 # %% ../../nbs/04_features.ipynb #f546076c
 from __future__ import annotations
-import os
+import logging, os
 os.environ.setdefault('NUMBA_CACHE_DIR', os.path.expanduser('~/.cache/trader-numba'))   # compiled kernels persist between runs
 from dataclasses import dataclass, replace
 import numpy as np, pandas as pd
 from ..core.config import TraderError
 from ..core.data import parse_symbols
+
+_log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['FEATURE_NAMES', 'N_FEATURES', 'WARMUP', 'LOOKBACK', 'feature_rows', 'features_at', 'FeatureError', 'FeatureSet',
@@ -153,7 +155,7 @@ class FeatureError(TraderError):
 
 @dataclass
 class FeatureSet:
-    "Aligned arrays for N assets over T bars."
+    "Aligned arrays for N assets over T bars (the span all N share)."
     symbols: list[str]
     ts: pd.DatetimeIndex
     open: np.ndarray     # (T, N)
@@ -162,6 +164,7 @@ class FeatureSet:
     close: np.ndarray
     volume: np.ndarray
     features: np.ndarray # (T, N, 12)
+    dropped_rows: int = 0 # leading bars dropped because some symbol started later (the common-span rule of `pivot_bars`)
 
     @property
     def n_assets(self) -> int: return len(self.symbols)
@@ -180,20 +183,40 @@ class FeatureSet:
         "Features of asset `i` as a DataFrame (for reading, not for hot loops)."
         return pd.DataFrame(self.features[:, i, :], index=self.ts, columns=FEATURE_NAMES)
 
+_SAID: set = set()   # (symbols, start) already reported in this process
+
 def pivot_bars(bars:pd.DataFrame, symbols) -> dict[str, np.ndarray]:
-    "Wide (T, N) arrays per column from long bars; raises if timestamps differ across symbols."
+    "Wide (T, N) arrays per column from long bars over the span every symbol has (leading rows of earlier symbols dropped, counted in 'dropped'); raises on a gap inside it or a symbol that ends early."
     syms = parse_symbols(symbols)
     have = set(bars['symbol'].unique())
     missing = [s for s in syms if s not in have]
     if missing: raise FeatureError(f"no bars for {', '.join(missing)}; ingest them first (trader ingest)")
     b = bars[bars['symbol'].isin(syms)]
+    span = b.groupby('symbol')['ts'].agg(['min', 'max'])
+    start, end = span['min'].max(), span['max'].max()
+    early = [f"{s} ends {span.at[s, 'max']:%Y-%m-%d}" for s in syms if span.at[s, 'max'] < end]
+    if early:
+        raise FeatureError(f"bars of {', '.join(syms)} are not aligned: {', '.join(early)}, "
+                           f"before the last bar of the others ({end:%Y-%m-%d}); a symbol that stops early is stale or delisted data, "
+                           f"not trimmed: read bars up to {span['max'].min():%Y-%m-%d} or ingest the missing ones")
     wide = b.pivot(index='ts', columns='symbol')
-    gaps = wide['close'].isna()
+    dropped = int((wide.index < start).sum())
+    if dropped:
+        wide = wide[wide.index >= start]
+        if (tuple(syms), start) not in _SAID:
+            _SAID.add((tuple(syms), start))
+            late, others = [s for s in syms if span.at[s, 'min'] == start], [s for s in syms if span.at[s, 'min'] < start]
+            _log.warning("%s: the dataset starts on %s, the first bar of %s; %d earlier bars of %s are dropped (a dataset covers the span all its symbols share)",
+                        ','.join(syms), f"{start:%Y-%m-%d}", ', '.join(late), dropped, ', '.join(others))
+    gaps = wide['close'][syms].isna()
     if gaps.any().any():
         first = gaps.any(axis=1).idxmax()
-        raise FeatureError(f"bars of {', '.join(syms)} are not aligned: {gaps.any(axis=1).sum()} timestamps missing for some symbol, first {first:%Y-%m-%d}")
+        who = [s for s in syms if gaps[s].any()]
+        raise FeatureError(f"bars of {', '.join(syms)} are not aligned: {gaps.any(axis=1).sum()} timestamps missing for some symbol ({', '.join(who)}) "
+                           f"after all have started on {start:%Y-%m-%d}, first {first:%Y-%m-%d}")
     out = {c: wide[c][syms].to_numpy('float64') for c in ('open', 'high', 'low', 'close', 'volume')}
     out['ts'] = wide.index
+    out['dropped'] = dropped
     return out
 
 def price_set(bars:pd.DataFrame, # long bars (symbol, ts, open, high, low, close, volume)
@@ -202,7 +225,7 @@ def price_set(bars:pd.DataFrame, # long bars (symbol, ts, open, high, low, close
     "The bars aligned as a `FeatureSet` with no feature columns, for what reads prices only (a buy-and-hold baseline)."
     w, syms = pivot_bars(bars, symbols), parse_symbols(symbols)
     return FeatureSet(syms, pd.DatetimeIndex(w['ts']), w['open'], w['high'], w['low'], w['close'], w['volume'],
-                      np.empty((len(w['ts']), len(syms), 0)))
+                      np.empty((len(w['ts']), len(syms), 0)), w['dropped'])
 
 def build_features(bars:pd.DataFrame, # long bars (symbol, ts, open, high, low, close, volume)
                    symbols, # the assets, in observation order
