@@ -5,30 +5,67 @@
 # %% ../../nbs/06_env.ipynb #5bf51847
 from __future__ import annotations
 import math
-from itertools import product
+from collections.abc import Sequence
 import numpy as np
 import gymnasium as gym
 from gymnasium import spaces
 from ..core.config import EnvSettings, RiskSettings, load_settings
 from .features import FeatureSet, Normaliser, N_FEATURES
 from .risk import MarketContext, PortfolioState, RiskEngine
-from .engine import MarketArrays, rolling_corr_at, KernelState, engine_advance_nb, engine_step_nb, kernel_params, market_arrays, _value_nb, _HALT
+from .engine import MarketArrays, rolling_corr_at, KernelState, engine_advance_nb, engine_step_nb, kernel_params, market_arrays, _value_nb, _HALT, _HAUTO, _RESUME
 
 # %% auto #0
-__all__ = ['SELL', 'HOLD', 'BUY', 'ACTION_NAMES', 'action_table', 'describe_action', 'asset_sizes', 'apply_action',
-           'build_observation', 'TradingEnv', 'RiskCheckedEnv']
+__all__ = ['SELL', 'HOLD', 'BUY', 'ACTION_NAMES', 'encode_action', 'decode_action', 'action_codes', 'ActionTable', 'action_table',
+           'describe_action', 'asset_sizes', 'apply_action', 'build_observation', 'TradingEnv', 'RiskCheckedEnv']
 
 # %% ../../nbs/06_env.ipynb #d8465ed6
 SELL, HOLD, BUY = 0, 1, 2
 ACTION_NAMES = ('SELL', 'HOLD', 'BUY')
 
-def action_table(n_assets:int) -> tuple[tuple[int, ...], ...]:
-    "Per-asset actions for every joint action (base 3, first asset most significant)."
-    return tuple(product(range(3), repeat=n_assets))
+def encode_action(codes) -> int:
+    "The joint action id of per-asset codes (SELL 0, HOLD 1, BUY 2): base 3, the first asset most significant."
+    a = 0
+    for c in codes:
+        if not 0 <= int(c) <= 2: raise ValueError(f"action code {c!r} is not SELL 0, HOLD 1 or BUY 2 (codes {list(codes)})")
+        a = 3*a + int(c)
+    return a
 
-def describe_action(action:int, symbols) -> str:
-    "'AAPL BUY, MSFT HOLD' for a joint action."
-    return ', '.join(f'{s} {ACTION_NAMES[a]}' for s, a in zip(symbols, action_table(len(symbols))[int(action)]))
+def decode_action(action:int, # a joint action id, 0 .. 3**n_assets - 1
+                  n_assets:int) -> tuple[int, ...]:
+    "Per-asset codes of a joint action id (`encode_action`'s inverse), by arithmetic."
+    a, n = int(action), int(n_assets)
+    if not 0 <= a < 3**n: raise ValueError(f"joint action {action!r} is outside 0..{3**n - 1} ({n} assets)")
+    out = [HOLD]*n
+    for i in range(n - 1, -1, -1): a, out[i] = divmod(a, 3)
+    return tuple(out)
+
+def action_codes(action, # a joint id (int), or N codes (a sequence or array, as `MultiDiscrete` gives them)
+                 n_assets:int) -> tuple[int, ...]:
+    "Per-asset codes from either form of an action, validated."
+    if np.ndim(action) == 0: return decode_action(action, n_assets)
+    codes = tuple(int(c) for c in np.asarray(action).reshape(-1))
+    if len(codes) != n_assets: raise ValueError(f"an action of {len(codes)} codes for {n_assets} assets: {list(codes)}")
+    encode_action(codes)                       # the range check
+    return codes
+
+class ActionTable(Sequence):
+    "The per-asset codes of every joint action, by index, computed on access (`decode_action`): its 3**N rows are never stored."
+    def __init__(self, n_assets:int): self.n_assets = int(n_assets)
+    def __len__(self) -> int: return 3**self.n_assets
+    def __getitem__(self, action):
+        if isinstance(action, slice): return tuple(self[i] for i in range(*action.indices(len(self))))
+        a = int(action) + (len(self) if int(action) < 0 else 0)
+        if not 0 <= a < len(self): raise IndexError(f"joint action {action} is outside 0..{len(self) - 1}")
+        return decode_action(a, self.n_assets)
+    def __repr__(self): return f"ActionTable({self.n_assets}: {len(self):,} joint actions)"
+
+def action_table(n_assets:int) -> ActionTable:
+    "Per-asset actions for every joint action (base 3, first asset most significant), as a lazy sequence: `action_table(n)[a] == decode_action(a, n)`."
+    return ActionTable(n_assets)
+
+def describe_action(action, symbols) -> str:
+    "'AAPL BUY, MSFT HOLD' for a joint action id (or N codes)."
+    return ', '.join(f'{s} {ACTION_NAMES[a]}' for s, a in zip(symbols, action_codes(action, len(symbols))))
 
 def asset_sizes(n_assets:int, env:EnvSettings, risk:RiskSettings) -> tuple[float, ...]:
     "Target weight per asset on BUY: configured, or equal weight capped at the per-asset limit."
@@ -38,19 +75,19 @@ def asset_sizes(n_assets:int, env:EnvSettings, risk:RiskSettings) -> tuple[float
     return tuple(min(1.0/n_assets, risk.max_position) for _ in range(n_assets))
 
 def apply_action(current:tuple[float, ...], # current target weights
-                 action:int, # joint action
+                 action, # a joint action id, or N per-asset codes
                  sizes:tuple[float, ...], # weight per asset on BUY
                  allow_short:bool=False,
-                 table=None, # action_table(N), precomputed by callers in hot loops
+                 table=None, # not needed (codes are computed); accepted for callers that pass `action_table(N)`
                 ) -> tuple[float, ...]:
     "New target weights after `action`."
-    codes = (table or action_table(len(current)))[int(action)]
     out = []
-    for c, cur, size in zip(codes, current, sizes):
+    for c, cur, size in zip(action_codes(action, len(current)), current, sizes):
         if c == BUY: out.append(size)
         elif c == SELL: out.append(-size if allow_short else 0.0)
         else: out.append(cur)
     return tuple(out)
+
 
 # %% ../../nbs/06_env.ipynb #896f4e14
 def _rolling_corr_beta(close:np.ndarray, window:int) -> tuple[np.ndarray, np.ndarray]:
@@ -81,12 +118,13 @@ def build_observation(z:np.ndarray, # (N, F) normalised features of one bar, flo
 from ..core.jit import njit
 
 @njit(cache=True)
-def _env_step_into_nb(s, shares, targets, opened, pending, action, codes, sizes, allow_short, t, open_, close, day, atr, corr, P, obs0, pos_idx,
+def _env_step_into_nb(s, shares, targets, opened, pending, codes, sizes, allow_short, t, open_, close, day, atr, corr, P, obs0, pos_idx,
                       wanted, obs):
-    "The action to targets (as `apply_action`), one engine step (`engine_step_nb`), and the next observation written into `obs`; `wanted` is scratch."
+    "Per-asset codes (N,) to targets (as `apply_action`), one engine step (`engine_step_nb`), and the next observation written into `obs`; `wanted` is scratch."
     n = len(shares)
     for i in range(n):
-        c = codes[action, i]
+        c = codes[i]
+        if c < 0 or c > 2: raise ValueError("an action code is not SELL 0, HOLD 1 or BUY 2")   # before the engine is touched
         wanted[i] = sizes[i] if c == 2 else ((-sizes[i] if allow_short else 0.0) if c == 0 else targets[i])
     before, after, traded, cuts, fired = engine_step_nb(s, shares, targets, opened, pending, wanted, t, open_, close, day, atr, corr, P)
     obs[:] = obs0[t + 1]
@@ -94,15 +132,20 @@ def _env_step_into_nb(s, shares, targets, opened, pending, action, codes, sizes,
     return before, after, traded, cuts, fired
 
 @njit(cache=True)
-def _env_step_nb(s, shares, targets, opened, pending, action, codes, sizes, allow_short, t, open_, close, day, atr, corr, P, obs0, pos_idx):
+def _env_step_nb(s, shares, targets, opened, pending, codes, sizes, allow_short, t, open_, close, day, atr, corr, P, obs0, pos_idx):
     "`_env_step_into_nb` with fresh buffers: returns (observation, equity before, after, traded value, cuts, fired)."
     obs = np.empty(obs0.shape[1], obs0.dtype)
-    before, after, traded, cuts, fired = _env_step_into_nb(s, shares, targets, opened, pending, action, codes, sizes, allow_short, t, open_, close,
+    before, after, traded, cuts, fired = _env_step_into_nb(s, shares, targets, opened, pending, codes, sizes, allow_short, t, open_, close,
                                                            day, atr, corr, P, obs0, pos_idx, np.empty(len(shares)), obs)
     return obs, before, after, traded, cuts, fired
 
+@njit(cache=True)
+def _terminal_nb(s, P, equity) -> bool:
+    "Whether an episode ends: equity is gone, or the engine halted for good (a max-drawdown halt; a guardian halt unless `halt_resume_sessions` > 0 lifts it)."
+    return equity <= 0 or (s[_HALT] != 0 and (P[_RESUME] <= 0 or s[_HAUTO] == 0))
+
 class TradingEnv(gym.Env):
-    "A gymnasium environment trading N assets at daily (or any) bars on the `TradingEngine`, from precomputed arrays."
+    "A gymnasium environment trading N assets at daily (or any) bars on the `TradingEngine`, from precomputed arrays; one SELL/HOLD/BUY code per asset."
     metadata = {'render_modes': []}
 
     def __init__(self, fs:FeatureSet, # the dataset
@@ -111,15 +154,17 @@ class TradingEnv(gym.Env):
                  settings:EnvSettings|None=None,
                  risk_settings:RiskSettings|None=None,
                  episode_len:int|None=None, # None: settings.episode_len; 0: the whole window as one episode
-                 initial_cash:float=100_000.0):
+                 initial_cash:float=100_000.0,
+                 joint_actions:bool=False, # True: the former `Discrete(3**N)` space of joint ids (to resume a model trained on it)
+                ):
         s = settings or load_settings().env
         self.settings, self.fs, self.normaliser = s, fs, normaliser
         self.symbols = tuple(fs.symbols)
         n = self.n_assets = fs.n_assets
         rs = self.risk_settings = risk_settings or load_settings().risk
         self.sizes = asset_sizes(n, s, rs)
-        self._table = action_table(n)
-        self.action_space = spaces.Discrete(3**n)
+        self.joint_actions = bool(joint_actions)
+        self.action_space = spaces.Discrete(3**n) if joint_actions else spaces.MultiDiscrete([3]*n)
         self.obs_dim = n*(N_FEATURES + 1) + (3 if s.portfolio_features else 0)
         self.observation_space = spaces.Box(-np.inf, np.inf, (self.obs_dim,), np.float32)
         w = fs.window(start, end)
@@ -134,7 +179,7 @@ class TradingEnv(gym.Env):
         if s.portfolio_features: obs0 = np.concatenate([obs0, np.zeros((len(fs), 3), np.float32)], axis=1)
         self._obs0 = np.ascontiguousarray(obs0)
         self._pos_idx = [i*(N_FEATURES + 1) + N_FEATURES for i in range(n)]
-        self._pos_arr, self._codes = np.array(self._pos_idx, dtype=np.int64), np.array(self._table, dtype=np.int64)
+        self._pos_arr, self._act = np.array(self._pos_idx, dtype=np.int64), np.empty(n, np.int64)
         self._sizes = np.array(self.sizes, dtype=np.float64)
         if s.portfolio_features:
             corr, beta = _rolling_corr_beta(fs.close, s.corr_window)
@@ -196,13 +241,24 @@ class TradingEnv(gym.Env):
 
     def action_targets(self, action) -> tuple[float, ...]:
         "Target weights the agent asks for with `action`."
-        return apply_action(self._w, action, self.sizes, self.settings.allow_short, self._table)
+        return apply_action(self._w, action, self.sizes, self.settings.allow_short)
+
+    def _codes(self, action) -> np.ndarray:
+        "The action as N int64 codes: an array or sequence of codes as it is (the kernel checks the range), a joint id decoded."
+        if type(action) is np.ndarray and action.shape == self._act.shape: return np.ascontiguousarray(action, dtype=np.int64)   # SB3's
+        if np.ndim(action) == 0:
+            self._act[:] = decode_action(action, self.n_assets); return self._act
+        a = np.ascontiguousarray(action, dtype=np.int64).reshape(-1)
+        if len(a) != self.n_assets: raise ValueError(f"an action of {len(a)} codes for {self.n_assets} assets: {a.tolist()}")
+        return a
 
     def step(self, action):
+        "One decision at this close: N codes (the `MultiDiscrete` action), or a joint id (either action space)."
+        codes = self._codes(action)
         if self.settings.portfolio_features:
-            return self.step_targets(apply_action(self._w, action, self.sizes, self.settings.allow_short, self._table))
+            return self.step_targets(apply_action(self._w, codes, self.sizes, self.settings.allow_short))
         t, k = self._t, self.engine
-        obs, before, equity, traded, cuts, fired = _env_step_nb(k.s, k.shares, k.targets, k.opened, k.pending, int(action), self._codes, self._sizes,
+        obs, before, equity, traded, cuts, fired = _env_step_nb(k.s, k.shares, k.targets, k.opened, k.pending, codes, self._sizes,
                                                                 self.settings.allow_short, t, self._open, self._close, self._day, self._atr,
                                                                 self._corr_arr, self._P, self._obs0, self._pos_arr)
         return self._after(obs, before, equity, traded, cuts, fired)
@@ -233,7 +289,7 @@ class TradingEnv(gym.Env):
             reward = ((math.log(growth) if growth > 0 else -10.0) - s.turnover_penalty*turnover - s.drawdown_penalty*max(0.0, dd - prev_dd))*s.reward_scale
         self._t += 1
         halted = bool(k.s[_HALT])
-        terminated = equity <= 0 or halted
+        terminated = equity <= 0 or (halted and bool(_terminal_nb(k.s, self._P, equity)))   # a halt `halt_resume_sessions` lifts does not end it
         truncated = self._t >= self._end
         info = {'equity': equity, 'turnover': turnover, 'drawdown': dd, 'weights': self._w,
                 'risk_cuts': cuts, 'risk_halted': halted, 'guardian_fired': fired}   # flat keys: SB3's DummyVecEnv deep-copies info

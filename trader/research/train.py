@@ -11,8 +11,9 @@ import numpy as np, pandas as pd
 from ..core.config import Settings, TraderError, load_settings
 from ..core.data import bars_sha256, parse_symbols, to_utc
 from .features import FEATURE_NAMES, WARMUP, Normaliser, build_features
-from .env import RiskCheckedEnv, TradingEnv
+from .env import RiskCheckedEnv, TradingEnv, decode_action
 from .vecenv import BatchedTradingEnv
+from .augment import bootstrap_bars
 from .risk import RiskEngine
 from ..core.registry import ARTIFACT, Registry, new_model_id
 from .policy import Policy, evaluate
@@ -117,11 +118,11 @@ class TrainResult:
     seconds: float
     fps: float
 
-def _build_env(fs, norm, window, s:Settings, seed:int, n_envs:int=1):
+def _build_env(fs, norm, window, s:Settings, seed:int, n_envs:int=1, joint_actions:bool=False):
     "Monitor(TradingEnv) for one env (SB3 wraps it in a DummyVecEnv); VecMonitor(BatchedTradingEnv) for n_envs > 1."
     from stable_baselines3.common.monitor import Monitor
     from stable_baselines3.common.vec_env import VecMonitor
-    env = TradingEnv(fs, norm, window[0], window[1], s.env, s.risk)
+    env = TradingEnv(fs, norm, window[0], window[1], s.env, s.risk, joint_actions=joint_actions)
     if s.train.risk_wrapper: env = RiskCheckedEnv(env, RiskEngine(s.risk))
     if n_envs == 1: return Monitor(env)
     if s.env.portfolio_features:
@@ -185,7 +186,12 @@ def train(symbols='AAPL,MSFT', # assets, in observation order
     set_random_seed(seed)
     n_steps = int((parent_meta.get('train') or {}).get('n_steps', s.train.n_steps)) if resume else s.train.n_steps   # a resumed model keeps its rollout length
     n_envs = envs_for(steps, s.train.n_envs, n_steps)
-    env = _build_env(fs, norm, tw, s, seed, n_envs)
+    joint = bool(resume) and parent_meta.get('action_space', 'joint') == 'joint'   # models from before the per-asset space chose one of 3^N joint actions
+    if s.train.augment > 0:       # a bootstrap path of the window's days (`trader.research.augment`), traded in fractional shares
+        w = fs.window(*tw)
+        path = bootstrap_bars(fs, tw[0], tw[1], int(round(s.train.augment*(w.stop - w.start))) + WARMUP, s.train.augment_block, seed)
+        env = _build_env(path, norm, (None, None), s.model_copy(update={'env': s.env.model_copy(update={'lot': 0.0})}), seed, n_envs, joint_actions=joint)
+    else: env = _build_env(fs, norm, tw, s, seed, n_envs, joint_actions=joint)
     ws_report = None
     if resume:
         model = RecurrentPPO.load(reg.artifact(parent_meta['id']), env=env, device='cpu')
@@ -214,11 +220,13 @@ def train(symbols='AAPL,MSFT', # assets, in observation order
                 'features': {'names': list(FEATURE_NAMES), 'warmup': WARMUP}, 'normaliser': norm.to_dict(),
                 'windows': {'train': f"{tw[0]:%Y-%m-%d}:{tw[1]:%Y-%m-%d}", 'valid': f"{vw[0]:%Y-%m-%d}:{vw[1]:%Y-%m-%d}",
                             'holdout': s.train.holdout_window, 'allow_holdout': allow_holdout, 'used_holdout': bool(used_holdout)},
-                'data': {'sha256': data_sha, 'bars': int(len(bars)), 'first': str(bars.ts.min()), 'last': str(bars.ts.max()), 'store': store.display_url},
+                'data': {'sha256': data_sha, 'bars': int(len(bars)), 'first': str(bars.ts.min()), 'last': str(bars.ts.max()), 'store': store.display_url,
+                         'span_first': str(fs.ts[0]), 'dropped_rows': int(fs.dropped_rows), 'train_first': str(fs.ts[fs.window(*tw).start])},
                 'train': s.train.model_dump(), 'env': s.env.model_dump(), 'risk': s.risk.model_dump(),
                 'params_sha256': params_sha256(model), 'warm_start': ws_report,
                 'validation': val.metrics, 'train_seconds': round(secs, 2), 'fps': round(steps/secs, 1),
-                'obs_dim': int(model.observation_space.shape[0]), 'n_actions': int(model.action_space.n),
+                'obs_dim': int(model.observation_space.shape[0]), 'n_actions': 3**len(syms),   # joint action ids (decisions and drift count these)
+                'action_space': 'joint' if joint else 'per_asset',
                 'versions': _versions()}
         meta = reg.register(model_id, meta)
     except BaseException:
@@ -238,11 +246,11 @@ def _versions() -> dict:
 def tiny_settings(settings:Settings, n_steps:int=128, n_epochs:int=2) -> Settings:
     "`settings` with a small RecurrentPPO budget (drills, bootstrapping an empty store, prepared models)."
     return settings.model_copy(update={'train': settings.train.model_copy(update={'n_steps': n_steps, 'batch_size': 64, 'n_epochs': n_epochs,
-                                                                                   'checkpoint_every': 0, 'n_envs': 1})})
+                                                                                   'checkpoint_every': 0, 'n_envs': 1, 'augment': 0.0})})
 
 def fixed_action_model(store:Store, settings:Settings, action:int, # the joint action it always takes
                        symbols=('AAPL', 'MSFT'), note:str='') -> str:
-    "Register a model that always chooses `action`; returns its id."
+    "Register a model that always chooses the joint action `action` (each asset's code of it); returns its id."
     import torch
     from sb3_contrib import RecurrentPPO
     base = train(','.join(symbols), steps=64, seed=0, settings=tiny_settings(settings, 64, 1), store=store, progress=False)
@@ -251,7 +259,7 @@ def fixed_action_model(store:Store, settings:Settings, action:int, # the joint a
     with torch.no_grad():
         model.policy.action_net.weight.zero_()
         model.policy.action_net.bias.fill_(-20.0)
-        model.policy.action_net.bias[action] = 20.0
+        for i, code in enumerate(decode_action(action, len(symbols))): model.policy.action_net.bias[3*i + code] = 20.0   # 3 logits per asset
     mid = new_model_id(symbols)
     d = reg.model_dir(mid); d.mkdir(parents=True)
     model.save(d/ARTIFACT)

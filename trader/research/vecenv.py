@@ -9,7 +9,7 @@ import gymnasium as gym
 from ..core.jit import njit
 from stable_baselines3.common.vec_env import VecEnv
 from .engine import engine_advance_nb, _value_nb, _NSTATE, _CASH, _PEAK, _INIT, _DAY, _DSTART, _DHIGH, _HALT
-from .env import TradingEnv, _env_step_into_nb
+from .env import TradingEnv, _env_step_into_nb, _terminal_nb
 
 # %% auto #0
 __all__ = ['BatchedTradingEnv']
@@ -33,15 +33,15 @@ def _batch_reset_nb(idx, starts, S, SH, TG, OP, PD, T, END, PEAK, hi, episode_le
         _reset_one_nb(idx[k], starts[k], S, SH, TG, OP, PD, T, END, PEAK, hi, episode_len, cash, open_, close, day, P, obs0, pos_idx, sizes, obs)
 
 @njit(cache=True)
-def _batch_step_nb(actions, S, SH, TG, OP, PD, W, T, END, PEAK, NEXT, codes, sizes, allow_short, open_, close, day, atr, corr, P, obs0, pos_idx,
+def _batch_step_nb(actions, S, SH, TG, OP, PD, W, T, END, PEAK, NEXT, sizes, allow_short, open_, close, day, atr, corr, P, obs0, pos_idx,
                    hi, episode_len, cash, turnover_penalty, drawdown_penalty, reward_scale, reward_kind, dsr_eta, RS,
                    obs, rew, term, trunc, done, last_obs, equity, turnover, drawdown, cuts, fired):
-    "One step of every env: `_env_step_nb` (action -> targets -> engine step -> observation), the reward and termination of `TradingEnv`, auto-reset."
+    "One step of every env (`actions`: (n_envs, N) per-asset codes): `_env_step_nb` (codes -> targets -> engine step -> observation), the reward and termination of `TradingEnv`, auto-reset."
     N = S.shape[0]
     ndone = 0
     for e in range(N):
         t = T[e]
-        before, eq, traded, nb, fr = _env_step_into_nb(S[e], SH[e], TG[e], OP[e], PD[e], actions[e], codes, sizes, allow_short, t,
+        before, eq, traded, nb, fr = _env_step_into_nb(S[e], SH[e], TG[e], OP[e], PD[e], actions[e], sizes, allow_short, t,
                                                        open_, close, day, atr, corr, P, obs0, pos_idx, W[e], obs[e])
         to = traded/before if before > 0 else 0.0
         prev_dd = 1.0 - before/PEAK[e]
@@ -59,7 +59,7 @@ def _batch_step_nb(actions, S, SH, TG, OP, PD, W, T, END, PEAK, NEXT, codes, siz
             r = (np.log(growth) if growth > 0 else -10.0) - turnover_penalty*to - drawdown_penalty*max(0.0, dd - prev_dd)
             rew[e] = r*reward_scale
         T[e] = t + 1
-        tm = eq <= 0 or S[e, _HALT] != 0
+        tm = _terminal_nb(S[e], P, eq)
         tr = T[e] >= END[e]
         term[e] = tm; trunc[e] = tr; done[e] = tm or tr
         equity[e] = eq; turnover[e] = to; drawdown[e] = dd; cuts[e] = nb; fired[e] = fr
@@ -99,7 +99,8 @@ class BatchedTradingEnv(VecEnv):
         self.equity, self.turnover, self.drawdown = np.zeros(N), np.zeros(N), np.zeros(N)
         self.risk_cuts, self.guardian_fired = np.zeros(N, np.int64), np.zeros(N, np.int64)
         self.starts = np.zeros(N, np.int64)        # the row each env's current episode started at
-        self._actions = np.zeros(N, np.int64)
+        self._actions = np.full((N, n), 1, np.int64)      # HOLD everywhere until the first `step_async`
+        self._place = 3**np.arange(n - 1, -1, -1, dtype=np.int64)   # a joint id's base-3 digit weights, the first asset most significant
         self._rng = np.random.default_rng(seed)
         super().__init__(N, te.observation_space, te.action_space)
 
@@ -127,12 +128,20 @@ class BatchedTradingEnv(VecEnv):
         self.reset_infos = [{'t': int(t), 'ts': str(self.template.fs.ts[t].date())} for t in starts]
         return self._obs.copy()
 
-    def step_async(self, actions): self._actions = np.ascontiguousarray(actions, dtype=np.int64).reshape(-1)
+    def step_async(self, actions):
+        "Each env's action: (n_envs, N) per-asset codes (the kernel checks their range), or (n_envs,) joint ids, decoded here."
+        a, N, n = np.asarray(actions), self.num_envs, self.template.n_assets
+        if a.shape == (N, n): self._actions = np.ascontiguousarray(a, dtype=np.int64)
+        elif a.shape in ((N,), (N, 1)):
+            j = a.reshape(-1).astype(np.int64)
+            if j.min() < 0 or j.max() >= 3**n: raise ValueError(f"joint actions outside 0..{3**n - 1} ({n} assets): {j[(j < 0) | (j >= 3**n)][:5].tolist()}")
+            self._actions = np.ascontiguousarray(j[:, None]//self._place % 3)
+        else: raise ValueError(f"actions of shape {a.shape}: expected ({N}, {n}) per-asset codes or ({N},) joint ids")
 
     def step_wait(self):
         te = self.template
         ndone = _batch_step_nb(self._actions, self._S, self._SH, self._TG, self._OP, self._PD, self._W, self._T, self._END, self._PEAK, self._next,
-                               te._codes, te._sizes, self._allow_short, te._open, te._close, te._day, te._atr, te._corr_arr, self._P, te._obs0,
+                               te._sizes, self._allow_short, te._open, te._close, te._day, te._atr, te._corr_arr, self._P, te._obs0,
                                te._pos_arr, self.hi, self.episode_len, self.initial_cash, self._tp, self._dp, self._scale, self._reward_kind, self._eta, self._RS,
                                self._obs, self.rewards, self.terminated, self.truncated, self._done, self._last_obs,
                                self.equity, self.turnover, self.drawdown, self.risk_cuts, self.guardian_fired)
