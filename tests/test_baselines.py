@@ -5,7 +5,9 @@
   asking for more than `risk.max_position` is cut;
 - every choice a baseline makes reads the training window only: moving the test window's bars changes none;
 - an experiment stores the four baselines per fold, with the guardian as set and off, and `trader experiment show NAME --json`
-  carries them under `buy_hold`, `vol_target`, `ma_cross`, `supervised`; an experiment stored before them still shows.
+  carries them under `buy_hold`, `vol_target`, `ma_cross`, `supervised`, with the data-snooping figures over them (the SPA test
+  against buy-and-hold's stored test returns, the model confidence set with the stored baselines as candidates); an experiment
+  stored before them still shows.
 """
 import json, os, subprocess, sys
 from dataclasses import replace
@@ -236,6 +238,14 @@ def test_show_json_has_every_baseline_per_fold(exp_home):
     for name in ('vol-targeted buy-and-hold', 'the best MA crossover', 'the supervised classifier', 'Every baseline was judged by the same engine',
                  'With the guardian off its Sharpe IQM is'):
         assert name in v, (name, v)
+    # the data-snooping figures: over the one configuration, against buy-and-hold's stored test returns on the same bars
+    assert got['pbo'] is None and got['pbo_why'].startswith('one configuration')
+    assert 0 <= got['spa_pvalue'] <= 1 and got['spa']['n_models'] == 1 and got['spa']['bars_unmatched'] == 0
+    assert got['spa']['bars'] == sum(f['buy_hold']['bars'] - 1 for f in got['folds'])
+    _test_eq(got['mcs']['baselines'], ['buy_hold', 'vol_target', 'ma_cross', 'supervised'])
+    assert set(got['mcs']['pvalues']) == {got['best']['config_id'], 'buy_hold', 'vol_target', 'ma_cross', 'supervised'}
+    assert all(got['baselines'][b]['prob_improvement']['p'] >= 0 for b in got['baselines']) and got['prob_improvement'] == got['baselines']['buy_hold']['prob_improvement']
+    assert got['evidence']['why'] in v and isinstance(got['evidence']['promote'], bool)
 
 def test_an_experiment_stored_before_still_shows(exp_home):
     got = _show(exp_home, 'old')
@@ -244,3 +254,7 @@ def test_an_experiment_stored_before_still_shows(exp_home):
     assert got['iqm_guardian_off'] is None and got['baselines']['vol_target'] is None
     v = got['verdict']
     assert 'were not stored for this experiment' in v and 'simulated by vectorbt' in v and 'With the guardian off' not in v, v
+    # the data-snooping figures come from its stored rows: the baselines it has are the set's candidates, the others are not
+    _test_eq(got['mcs']['baselines'], ['buy_hold', 'ma_cross']); assert got['spa_pvalue'] is not None and got['spa_why'] is None
+    _test_eq(set(got['performance_profile']['profiles']), {got['best']['config_id'], 'buy_hold', 'ma_cross'})
+    assert got['evidence']['promote'] in (True, False) and 'SPA p' in got['evidence']['why']

@@ -15,9 +15,10 @@ from ..core.registry import Registry
 from .train import parse_window, check_holdout
 
 # %% auto #0
-__all__ = ['TRIAL_KEYS', 'ExperimentError', 'FoldSpec', 'Spec', 'parse_spec', 'load_spec', 'Fold', 'make_folds', 'configurations',
-           'apply_config', 'config_id', 'TrialKey', 'run_trial', 'fold_baselines', 'Experiment', 'run', 'summary',
-           'verdict', 'list_experiments', 'load_experiment']
+__all__ = ['TRIAL_KEYS', 'SNOOPING_REPS', 'MCS_SIZE', 'PBO_CHUNKS', 'PROFILE_REPS', 'EVIDENCE_ALPHA', 'ExperimentError',
+           'FoldSpec', 'Spec', 'parse_spec', 'load_spec', 'Fold', 'make_folds', 'configurations', 'apply_config',
+           'config_id', 'TrialKey', 'run_trial', 'fold_baselines', 'Experiment', 'run', 'summary', 'verdict',
+           'evidence', 'list_experiments', 'load_experiment']
 
 # %% ../../nbs/14b_experiments.ipynb #f9e80c40
 class ExperimentError(TraderError):
@@ -51,12 +52,33 @@ class Spec:
     def sha256(self) -> str: return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True, default=str).encode()).hexdigest()
 
 _TOP = {'name', 'symbols', 'seeds', 'steps', 'folds', 'settings', 'grid', 'optuna'}
-_OPTUNA = {'trials', 'seed', 'params', 'seeds_per_config', 'pruner_warmup'}
+_OPTUNA = {'trials', 'seed', 'params', 'seeds_per_config', 'pruner_warmup', 'enqueue_default'}
 _DIST = {'low', 'high', 'log', 'step', 'choices'}
 
 def _unknown(got, allowed, where):
     bad = sorted(set(got) - set(allowed))
     if bad: raise ExperimentError(f"spec: unknown key(s) {', '.join(bad)} in {where} (allowed: {', '.join(sorted(allowed))})")
+
+def _dist(spec:dict):
+    "The Optuna distribution of one `[optuna.params]` entry."
+    import optuna.distributions as D
+    if 'choices' in spec: return D.CategoricalDistribution(list(spec['choices']))
+    lo, hi = spec['low'], spec['high']
+    if isinstance(lo, int) and isinstance(hi, int) and not spec.get('log') and 'step' not in spec: return D.IntDistribution(lo, hi)
+    return D.FloatDistribution(float(lo), float(hi), log=bool(spec.get('log', False)), step=spec.get('step'))
+
+def _default_params(base:Settings, params:dict) -> dict:
+    "Each searched setting's value in `base`: the default configuration that `enqueue_default` makes the search's first trial; refuses a value its distribution cannot draw."
+    out = {}
+    for k, spec in params.items():
+        sec, fld = _setting_path(k, base)
+        v, dist = getattr(getattr(base, sec), fld), _dist(spec)
+        if type(dist).__name__ == 'FloatDistribution' and isinstance(v, (int, float)) and not isinstance(v, bool): v = float(v)
+        try: ok = dist._contains(dist.to_internal_repr(v))
+        except (ValueError, TypeError): ok = False
+        if not ok: raise ExperimentError(f"spec: [optuna] enqueue_default: the default {k} = {v!r} is outside its search range {spec}; widen the range or drop enqueue_default")
+        out[k] = v
+    return out
 
 def _setting_path(key:str, base:Settings):
     "Check a dotted settings key like 'train.learning_rate' exists."
@@ -95,6 +117,8 @@ def parse_spec(d:dict, base:Settings|None=None) -> Spec:
             _setting_path(k, base); _unknown(v, _DIST, f'[optuna.params] {k}')
         if int(opt.get('trials', 0)) < 1: raise ExperimentError("spec: [optuna] trials must be >= 1")
         if len(seeds) < 3: raise ExperimentError("spec: an Optuna search scores each configuration over at least 3 seeds")
+        if not isinstance(opt.get('enqueue_default', False), bool): raise ExperimentError("spec: [optuna] enqueue_default must be true or false")
+        if opt.get('enqueue_default'): _default_params(apply_config(base, d.get('settings', {})), opt['params'])   # refuses a default outside its range
     name = str(d.get('name', 'default'))
     if not re.match(r'^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$', name): raise ExperimentError(f"spec: name {name!r} must be letters, digits, '.', '_' or '-'")
     return Spec(name, parse_symbols(d.get('symbols', ['AAPL', 'MSFT'])), seeds, steps, fs,
@@ -349,21 +373,15 @@ def _execute(self:Experiment, todo:list[TrialKey], workers:int|None=None, say=pr
             for i, f in enumerate(as_completed(futs), 1): note(f.result(), i)
     return len(jobs)
 
-def _dist(spec:dict):
-    import optuna.distributions as D
-    if 'choices' in spec: return D.CategoricalDistribution(list(spec['choices']))
-    lo, hi = spec['low'], spec['high']
-    if isinstance(lo, int) and isinstance(hi, int) and not spec.get('log') and 'step' not in spec: return D.IntDistribution(lo, hi)
-    return D.FloatDistribution(float(lo), float(hi), log=bool(spec.get('log', False)), step=spec.get('step'))
-
 def _run_optuna(self:Experiment, workers:int|None=None, say=print):
-    "A seeded TPE search: each configuration runs fold by fold over every seed; the median pruner stops it early on its running mean Sharpe."
+    "A seeded TPE search (its first trial the default configuration with `enqueue_default`): each configuration runs fold by fold over every seed; the median pruner stops it early on its running mean Sharpe."
     import optuna
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     opt = self.spec.optuna
     study = optuna.create_study(direction='maximize', sampler=optuna.samplers.TPESampler(seed=int(opt.get('seed', 0))),
                                 pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=int(opt.get('pruner_warmup', 1))))
     dists = {k: _dist(v) for k, v in opt['params'].items()}
+    if opt.get('enqueue_default'): study.enqueue_trial(_default_params(self.base, opt['params']))
     for i in range(int(opt['trials'])):
         t = study.ask(dists)
         config, scores = dict(t.params), []
@@ -381,6 +399,8 @@ def _run_optuna(self:Experiment, workers:int|None=None, say=print):
 
 def run(self:Experiment, workers:int|None=None, say=print, ray:bool=False, address:str|None=None) -> dict:
     "Run (or continue) the experiment; returns its summary. `ray=True`: on a private local Ray instance; `address`: on that Ray cluster."
+    if (ray or address) and (self.spec.optuna or {}).get('enqueue_default'):
+        raise ExperimentError("spec: [optuna] enqueue_default runs locally only (the Ray search does not enqueue it yet); run without --ray/--address")
     self._register()
     self._baselines()
     self.placement = {}                   # {trial key: Ray node id} of the trials run on Ray
@@ -397,11 +417,46 @@ def run(self:Experiment, workers:int|None=None, say=print, ray:bool=False, addre
 Experiment._execute, Experiment._run_optuna, Experiment.run = _execute, _run_optuna, run
 
 # %% ../../nbs/14b_experiments.ipynb #0aa0a85a
+SNOOPING_REPS = 1000   # resamples of the SPA test and the model confidence set: arch's default (p-values in steps of 0.001)
+MCS_SIZE = 0.1         # level of the model confidence set: the 90% sets of Hansen, Lunde & Nason's (2011) examples
+PBO_CHUNKS = 16        # CSCV chunks of the PBO: the S = 16 of Bailey, Borwein, Lopez de Prado & Zhu (2017)
+PROFILE_REPS = 500     # resamples of the performance profiles' bands: enough for a chart (2,000 take ~5 s per summary on a loaded 2-core machine)
+EVIDENCE_ALPHA = 0.05  # `evidence`'s level of the SPA test: the conventional 5%
+
 def _sharpe0(x) -> float: return 0.0 if x is None or (isinstance(x, float) and not math.isfinite(x)) else float(x)
 
 def _off(m:dict) -> dict|None:
     "A trial's or baseline's figures with the guardian off (None: stored before they were recorded)."
     return m.get('guardian_off')
+
+def _bars(j:dict) -> pd.Series:
+    "A stored return stream (`_returns_json`) on its dates, without its first bar (the walk's start: 0 by construction)."
+    return pd.Series(np.asarray(j['r'][1:], dtype='float64'), index=pd.DatetimeIndex(j['ts'][1:]))
+
+def _snooping(configs:pd.DataFrame, # per-bar returns on dates, one column per complete configuration (its seeds' mean, folds concatenated)
+              baselines:pd.DataFrame, # per-bar returns on dates, one column per baseline stored for every fold
+              n_trials:int, # trials run (configurations x seeds, pruned ones included)
+              n_tried:int, # configurations tried (pruned ones included)
+              seed:int=0, # seed of the bootstraps
+             ) -> dict:
+    "PBO over the configurations, Hansen's SPA test of the configurations against buy-and-hold and the model confidence set of the configurations and the baselines, each on the dates its streams share; a figure that cannot be computed is None and `<key>_why` says why."
+    from trader.research import stats as S
+    try: p = S.pbo_over_configs(configs.to_numpy(), PBO_CHUNKS)
+    except ValueError as e: p = {'pbo': None, 'why': str(e), 'logits': [], 'n_configs': configs.shape[1]}
+    out = {'pbo': p['pbo'], 'pbo_why': p['why'], 'pbo_logits': p['logits'], 'pbo_n_configs': p['n_configs'],
+           'spa_pvalue': None, 'spa': None, 'spa_why': None, 'mcs': None, 'mcs_why': None}
+    if 'buy_hold' not in baselines: out['spa_why'] = "no buy-and-hold baseline was stored for every fold, so there is no benchmark to test against"
+    else:
+        j = configs.join(baselines[['buy_hold']], how='inner').dropna()
+        try: spa = S.spa_test(j.pop('buy_hold').to_numpy(), j, reps=SNOOPING_REPS, seed=seed)
+        except ValueError as e: out['spa_why'] = str(e)
+        else: out.update(spa_pvalue=spa['pvalue'], spa={**spa, 'benchmark': 'buy_hold', 'bars': len(j), 'bars_unmatched': len(configs.index.symmetric_difference(baselines.index)),
+                                                          'n_trials': n_trials, 'n_configs_tried': n_tried})
+    cand = configs.join(baselines, how='inner').dropna()
+    try: m = S.model_confidence_set(cand, size=MCS_SIZE, reps=SNOOPING_REPS, seed=seed)
+    except ValueError as e: out['mcs_why'] = str(e)
+    else: out['mcs'] = {**m, 'configs': [str(c) for c in configs.columns], 'baselines': [str(b) for b in baselines.columns], 'bars': len(cand)}
+    return out
 
 def summary(self:Experiment) -> dict:
     "The experiment's statistics (JSON-ready)."
@@ -435,21 +490,25 @@ def summary(self:Experiment) -> dict:
                                     **({'guardian_off': {k: float(np.mean([_sharpe0(_off(cell[(sd, f)].metrics)[k]) for sd in seeds])) for k in ('total_return', 'sharpe', 'max_drawdown')}}
                                        if has_off else {})}
                                    for f in folds]})
-            rets = []
+            per_seed = []
             for sd in seeds:
-                r = np.concatenate([np.asarray(cell[(sd, f)].test_returns['r'][1:], dtype=float) for f in folds])
-                streams.append(r); names.append(f'{cid}/seed{sd}'); rets.append(r)
-            c['mean_returns'] = np.mean(rets, axis=0)
+                r = pd.concat([_bars(cell[(sd, f)].test_returns) for f in folds])
+                streams.append(r.to_numpy()); names.append(f'{cid}/seed{sd}'); per_seed.append(r)
+            c['mean_returns'] = pd.concat(per_seed, axis=1, join='inner').mean(axis=1)      # the configuration's seed mean, per bar, on its dates
+            c['scores'] = S_
         configs.append(c)
     ranked = [c for c in configs if c['complete']]
     if not ranked: return {'name': self.name, 'status': 'no complete configuration yet', 'configs': configs}
     best = max(ranked, key=lambda c: c['sharpe']['iqm'])
     trial_sharpes = [_sharpe0(sharpe_ratio(r)) for r in streams]
     n_trials = len(streams) + sum(len(seeds) for c in configs if not c['complete'])
-    dsr = S.dsr_trials(best['mean_returns'], trial_sharpes)
+    dsr = S.dsr_trials(best['mean_returns'].to_numpy(), trial_sharpes)
     dsr['n_trials'] = n_trials
-    M = np.column_stack(streams)
-    pbo = S.pbo(M, 16) if M.shape[1] >= 2 and M.shape[0] >= 32 else None
+    C = pd.concat({c['config_id']: c['mean_returns'] for c in ranked}, axis=1, join='inner')
+    B = pd.concat({b: pd.concat([_bars(base[(f, b)].test_returns) for f in folds]) for b in stored}, axis=1) if stored else pd.DataFrame(index=C.index)
+    snoop = _snooping(C, B, n_trials, len(configs))
+    poi = {b: S.probability_of_improvement(best['scores'], v) for b, v in bsharpe.items()}     # the best configuration against each baseline, per fold
+    profile = S.performance_profile({best['config_id']: best['scores'], **{b: v[None, :] for b, v in bsharpe.items()}}, reps=PROFILE_REPS)
     per_fold = []
     for i, f in enumerate(self.folds):
         row = {**f.label(), 'model': best['per_fold'][i]}
@@ -462,22 +521,55 @@ def summary(self:Experiment) -> dict:
         if b not in stored: baselines[b] = None; continue
         fs_ = [f for f in per_fold if f[b].get('total_return') is not None and f['model'].get('total_return') is not None]
         baselines[b] = {'sharpe_iqm': S.iqm(bsharpe[b]), 'sharpe_iqm_guardian_off': S.iqm(boff[b]) if b in boff else None,
-                        'share_beaten': best['share_beating'][b], 'folds_beaten_on_return': sum(f['model']['total_return'] > f[b]['total_return'] for f in fs_),
+                        'share_beaten': best['share_beating'][b], 'prob_improvement': poi[b],
+                        'folds_beaten_on_return': sum(f['model']['total_return'] > f[b]['total_return'] for f in fs_),
                         'folds': len(fs_), 'judged_by': 'engine' if all((f[b].get('params') or {}).get('judged_by') == 'engine' for f in per_fold) else 'vectorbt'}
-    for c in configs: c.pop('mean_returns', None)
+    for c in configs: c.pop('mean_returns', None); c.pop('scores', None)
     off = best.get('sharpe_guardian_off')
     out = {'name': self.name, 'symbols': self.spec.symbols, 'seeds': seeds, 'steps': self.spec.steps, 'folds': per_fold,
            'best': {'config_id': best['config_id'], 'config': best['config']}, 'guardian': bool(self.base.risk.guardian),
            'iqm': best['sharpe']['iqm'], 'ci': best['sharpe']['ci'], 'max_drawdown_iqm': best['max_drawdown']['iqm'],
            'iqm_guardian_off': None if off is None else off['iqm'], 'ci_guardian_off': None if off is None else off['ci'],
            'share_beating_buy_hold': best['share_beating_buy_hold'], 'buy_hold_sharpe_iqm': S.iqm(bh_sharpe) if 'buy_hold' in stored else None,
+           'prob_improvement': poi.get('buy_hold'),
+           'prob_improvement_why': None if 'buy_hold' in poi else "no buy-and-hold baseline was stored for every fold",
            'baselines': baselines, 'baselines_missing': [b for b in BASELINES if b not in stored],
-           'dsr': dsr['dsr'], 'n_trials': n_trials, 'pbo': None if pbo is None else pbo['pbo'],
-           'pbo_logits': None if pbo is None else [float(x) for x in pbo['logits']], 'configs': configs}
+           'dsr': dsr['dsr'], 'n_trials': n_trials, **snoop, 'performance_profile': profile, 'configs': configs}
+    ok, why = evidence(out)
+    out['evidence'] = {'promote': ok, 'why': why, 'alpha': EVIDENCE_ALPHA}
     out['verdict'] = verdict(out)
     return out
 
 def _listing(xs:list[str]) -> str: return xs[0] if len(xs) == 1 else ', '.join(xs[:-1]) + ' and ' + xs[-1]
+
+def _candidate(name:str, s:dict) -> str:
+    "A model confidence set's member in words: a baseline's name, or 'configuration ID' (marked when it is the best)."
+    from trader.research.baselines import BASELINE_NAMES
+    if name in BASELINE_NAMES: return BASELINE_NAMES[name]
+    return f"configuration {name}" + (" (the best)" if name == s['best']['config_id'] else '')
+
+def _snooping_text(s:dict) -> str:
+    "The verdict's sentences on data snooping: PBO over the configurations, the SPA test, the model confidence set (each, or why it is missing)."
+    pbo, k = s.get('pbo'), s.get('pbo_n_configs')
+    if pbo is not None: out = f"Over {k} configurations the probability of backtest overfitting is {pbo:.0%}. " if k else f"The probability of backtest overfitting is {pbo:.0%}. "
+    elif s.get('pbo_why'): out = f"The probability of backtest overfitting is not defined here ({s['pbo_why']}). "
+    else: out = "The probability of backtest overfitting needs two configurations or more. "
+    spa = s.get('spa')
+    if s.get('spa_pvalue') is not None and spa:
+        n, tried = spa['n_models'], spa.get('n_configs_tried', spa['n_models'])
+        out += (f"Hansen's SPA test of {'its' if n == 1 else 'the'} {n} configuration{'s' if n != 1 else ''} against buy-and-hold, bar by bar, gives p = {s['spa_pvalue']:.3f}"
+                + (f" ({tried - n} pruned configuration{'s' if tried - n != 1 else ''} not in the test)" if tried > n else '') + ". ")
+    elif s.get('spa_why'): out += f"There is no SPA test: {s['spa_why']}. "
+    m = s.get('mcs')
+    if m:
+        inc = m['included']
+        cfg, bl = [x for x in inc if x in m.get('configs', [])], [x for x in inc if x in m.get('baselines', [])]
+        out += (f"The {1 - m['size']:.0%} model confidence set of the configurations and the baselines holds " + _listing([_candidate(x, s) for x in inc])
+                + (": bar by bar the data cannot tell them apart. " if cfg and bl else
+                   ": every baseline is excluded as worse. " if cfg and m.get('baselines') else
+                   ": every configuration is excluded as worse. " if bl else ". "))
+    elif s.get('mcs_why'): out += f"There is no model confidence set: {s['mcs_why']}. "
+    return out
 
 def verdict(s:dict) -> str:
     "The experiment report's opening paragraph: whether the best configuration beat its baselines across walk-forward folds and seeds, with the statistics `summary` computed."
@@ -489,8 +581,9 @@ def verdict(s:dict) -> str:
            f"({s['best']['config'] or 'the defaults'}) has an out-of-sample Sharpe IQM of {s['iqm']:.2f} (95% CI {lo:.2f} to {hi:.2f})")
     if bh is None: out += "; no buy-and-hold baseline was stored, so there is nothing to judge it against. "
     else:
-        beats = lo > bh
-        out += (f" against {bh:.2f} for buy-and-hold; it beats buy-and-hold in {s['share_beating_buy_hold']:.0%} of (fold, seed) pairs. "
+        beats, pi = lo > bh, s.get('prob_improvement')
+        out += (f" against {bh:.2f} for buy-and-hold; it beats buy-and-hold in {s['share_beating_buy_hold']:.0%} of (fold, seed) pairs"
+                + (f" (probability of improvement {pi['p']:.2f}, 95% CI {pi['ci'][0]:.2f} to {pi['ci'][1]:.2f})" if pi else '') + ". "
                 + ("Its interval lies above buy-and-hold's: it beats buy-and-hold out of sample. " if beats else
                    "Its interval does not lie above buy-and-hold's: there is no evidence that it beats buy-and-hold out of sample. "))
     bs = {b: v for b, v in (s.get('baselines') or {}).items() if v}
@@ -516,10 +609,33 @@ def verdict(s:dict) -> str:
     missing = [BASELINE_NAMES[b] for b in s.get('baselines_missing', []) if any(f.get(b) is None for f in folds)]
     if missing and len(missing) < len(BASELINES):
         out += f"{_listing(missing)[0].upper() + _listing(missing)[1:]} {'was' if len(missing) == 1 else 'were'} not stored for this experiment (it ran before {'that baseline' if len(missing) == 1 else 'those baselines'} existed). "
-    return (out + f"After {s['n_trials']} trials the deflated Sharpe ratio is {'-' if s['dsr'] is None else format(s['dsr'], '.2f')}"
-            + (f" and the probability of backtest overfitting {s['pbo']:.0%}." if s['pbo'] is not None else "; the probability of backtest overfitting needs two trials or more."))
+    out += f"After {s['n_trials']} trials the deflated Sharpe ratio is {'-' if s['dsr'] is None else format(s['dsr'], '.2f')}. " + _snooping_text(s)
+    ok, why = evidence(s)
+    return out + f"Evidence that it beats buy-and-hold (its interval above buy-and-hold's IQM and SPA p below {EVIDENCE_ALPHA:g}): {'yes' if ok else 'no'}; {why}."
 
 Experiment.summary = summary
+
+
+# %% ../../nbs/14b_experiments.ipynb #26be6451
+def evidence(summary:dict, # an experiment's `summary` (stored or hand-made)
+             alpha:float=EVIDENCE_ALPHA, # level of the SPA test (0.05)
+            ) -> tuple[bool, str]:
+    "The experiment's promotion rule: True only when the best configuration's Sharpe IQM interval lies above buy-and-hold's Sharpe IQM and Hansen's SPA p-value (the configurations tried, against buy-and-hold) is below `alpha`; the string says why in words."
+    s = summary
+    if not s.get('ci'): return False, f"{s.get('status') or 'no complete configuration'}, so there is nothing to judge"
+    bh = s.get('buy_hold_sharpe_iqm')
+    if bh is None: return False, "no buy-and-hold baseline was stored, so there is nothing to judge the interval against"
+    lo, hi = s['ci']
+    above = lo > bh
+    interval = f"interval {lo:.2f}..{hi:.2f} {'above' if above else 'not above'} buy-and-hold's {bh:.2f}"
+    p = s.get('spa_pvalue')
+    if p is None:
+        return False, f"{interval}, but no SPA p-value: " + (s.get('spa_why') or "the summary predates the SPA test (`trader experiment show NAME` recomputes it)")
+    spa = s.get('spa') or {}
+    n, tried = spa.get('n_models'), spa.get('n_configs_tried')
+    over = '' if n is None else f" over {n} configuration{'s' if n != 1 else ''}" + (f" ({tried} tried)" if tried and tried > n else '')
+    return bool(above and p < alpha), f"{interval} and SPA p {p:.3f} {'<' if p < alpha else '>='} {alpha:g}{over}"
+
 
 # %% ../../nbs/14b_experiments.ipynb #1374990c
 def list_experiments(store:Store) -> pd.DataFrame:
