@@ -4,6 +4,7 @@
 #   make nbs    re-execute the notebooks in place (their committed outputs), then nbdev_clean
 #   make lab    JupyterLab on 127.0.0.1 with the project's kernel (`trader`)
 #   make docs   the static docs site (notebooks with their outputs, API reference, search) in _docs/, offline
+#   make power  the power study (synthetic markets with and without a planted edge; not in CI)
 #   make lock   re-compile requirements.lock from settings.ini (see the README's "Upgrading dependencies")
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -14,7 +15,7 @@ export NUMBA_CACHE_DIR ?= $(CURDIR)/.cache/numba
 export MPLBACKEND ?= Agg
 export PYTHONHASHSEED ?= 0
 
-.PHONY: install demo serve lab docs lock lock-check test bench sync-check clean-check nbtest nbs pytest clean
+.PHONY: install demo serve lab docs lock lock-check test bench power sync-check clean-check nbtest nbs pytest clean
 
 # Extra wheel folders for the lock's CPU build of torch (torch==X+cpu is not on PyPI): this machine keeps it in /opt/wheels.
 FIND_LINKS ?= $(wildcard /opt/wheels)
@@ -100,6 +101,9 @@ test: install   ## set PG=1 to start a throwaway PostgreSQL for the PostgreSQL t
 	$(MAKE) --no-print-directory nbtest
 	@if [ "$(PG)" = "1" ] && [ -z "$$TRADER_TEST_PG_URL" ]; then \
 	  .ci/with-postgres $(MAKE) --no-print-directory pytest; else $(MAKE) --no-print-directory pytest; fi
+
+power: install   ## the power study (not in CI; tens of minutes): the default experiment on a strong-edge, a weak-edge and 10 null synthetic markets; POWER_ARGS="--nulls 3 --steps 20000" for a quicker look
+	$(BIN)/trader power $(POWER_ARGS)
 
 bench: install   ## every benchmark runs and prints its figures; then a non-zero exit naming each one that missed a target or failed
 	@missed=""; for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || missed="$$missed $$b"; done; \

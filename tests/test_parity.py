@@ -33,7 +33,8 @@ def test_paper_replay_equals_backtest(prepared, window, what, guardian):
     # the plans' guardian limits (1.8% day drawdown, -$200 per $10k over 3 days): with them this small model is flattened and
     # halted on 2011-08-08 in the sell-off (and in January of the calm year); on the holdout it trades throughout
     s2 = s.model_copy(update={'env': s.env.model_copy(update={'fees_bps': fees, 'slippage_bps': slip}),
-                              'risk': s.risk.model_copy(update={'guardian': guardian})})
+                              'risk': s.risk.model_copy(update={'guardian': guardian, 'halt_resume_sessions': 0})})   # the plans' manual resume: a
+    # firing halts to the end, on both sides (parity with research's resume after N sessions: tests/test_resume_policy.py)
     if what == 'holdout':     # the sealed holdout is backtested only through `trader holdout`'s function (an audited look)
         assert window.split(':')[1] == s2.train.holdout_window.split(':')[1] and overlaps_holdout(window, s2)
         bt = holdout(mid, settings=s2, store=store, baselines=False, caller='test_parity').backtest

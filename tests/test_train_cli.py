@@ -90,7 +90,7 @@ def test_warm_start_single_to_dual(home):
     assert re.search(r'warm start from \S+: copied \d+ tensors, not copied \d+', r.stdout)
     assert 'copied   lstm_actor.weight_hh_l0' in r.stdout
     assert 'skipped  lstm_actor.weight_ih_l0 (128, 26) (source (128, 13))' in r.stdout
-    assert 'skipped  action_net.weight (9, 64) (source (3, 64))' in r.stdout
+    assert 'skipped  action_net.weight (6, 64) (source (3, 64))' in r.stdout   # 3 logits per asset
 
 def test_holdout_refused_without_flag(home):
     r = trader(home, 'train', '--steps', '256', '--train-window', '2005-01-01:2012-06-30', '-q')

@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGED = {'trader/ops/templates/backtest.ipynb': 'nbs/reports/backtest.ipynb',
             'trader/ops/templates/daily_gate.ipynb': 'nbs/reports/daily_gate.ipynb',
             'trader/ops/templates/experiment.ipynb': 'nbs/reports/experiment.ipynb',
+            'trader/ops/templates/power.ipynb': 'nbs/reports/power.ipynb',
             'trader/ops/templates/dashboard.ipynb': 'nbs/dashboard.ipynb'}
 SKIP = {'.git', '.venv', 'var', '.cache', '.test-home', 'build', 'dist', '_docs', '_proc', '__pycache__',
         '.pytest_cache', '.hypothesis', '.ipynb_checkpoints', 'benchmarks', 'monitoring', 'tests'}

@@ -141,7 +141,7 @@ def outage_drill(settings:Settings|None=None, store:Store|None=None, # productio
                  window:str='2012-05-01:2012-07-31', feed_down:tuple=('2012-05-14', '2012-05-18'), disconnect_bars:int=3) -> DrillResult:
     "The feed fails and the broker disconnects mid-replay, in a sandbox: cached fallback, no new orders, reconciliation, nothing lost or duplicated."
     from trader.core.audit import Audit
-    from trader.research.train import train, tiny_settings
+    from trader.research.train import churn_model
     s = settings or (store.settings if store is not None else load_settings())
     s = s.model_copy(update={'risk': s.risk.model_copy(update={'guardian': False})})   # this drill is about plumbing, not losses
 
@@ -155,8 +155,7 @@ def outage_drill(settings:Settings|None=None, store:Store|None=None, # productio
 
     def body(box):
         store, reg = box.store, box.registry
-        mid = use.get('model') or train(   # a small model that trades often, so orders are in flight when the broker drops
-            ','.join(use['symbols']), steps=1024, seed=0, settings=tiny_settings(box.settings), store=store, progress=False).model_id
+        mid = use.get('model') or churn_model(store, box.settings, use['symbols'], note='outage drill: an order per asset every bar')   # orders in flight when the broker drops, by construction
         syms = reg.get(mid)['symbols']
         drill = {'fail_from': feed_down[0], 'fail_to': feed_down[1], 'disconnect_bars': disconnect_bars, 'name': 'outage'}
         out = paper_session('sim', mid, window, settings=box.settings, store=store, drill=drill, tag=f'drill outage {pd.Timestamp.now(tz="UTC"):%Y%m%dT%H%M%S}')

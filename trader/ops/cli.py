@@ -16,10 +16,10 @@ from ..research.synthetic import EdgeKind, NoiseKind
 
 # %% auto #0
 __all__ = ['arg_cash_amount', 'arg_bps', 'arg_count', 'arg_seed_value', 'arg_port_number', 'cmd_ingest', 'cmd_quality',
-           'cmd_bars', 'cmd_train', 'cmd_models', 'cmd_backtest', 'cmd_holdout', 'cmd_experiment', 'cmd_sweep',
-           'cmd_report', 'cmd_gate', 'cmd_promote', 'cmd_runs', 'cmd_paper', 'cmd_status', 'cmd_kill', 'cmd_resume',
-           'cmd_drill', 'cmd_audit', 'cmd_dashboard', 'cmd_nightly', 'cmd_demo', 'cmd_drift', 'job_lease', 'ArgError',
-           'arg_number', 'arg_strength', 'arg_speed', 'arg_date', 'arg_window', 'arg_symbol', 'arg_symbols',
+           'cmd_bars', 'cmd_train', 'cmd_models', 'cmd_backtest', 'cmd_holdout', 'cmd_experiment', 'cmd_power',
+           'cmd_sweep', 'cmd_report', 'cmd_gate', 'cmd_promote', 'cmd_runs', 'cmd_paper', 'cmd_status', 'cmd_kill',
+           'cmd_resume', 'cmd_drill', 'cmd_audit', 'cmd_dashboard', 'cmd_nightly', 'cmd_demo', 'cmd_drift', 'job_lease',
+           'ArgError', 'arg_number', 'arg_strength', 'arg_speed', 'arg_date', 'arg_window', 'arg_symbol', 'arg_symbols',
            'arg_model_id', 'arg_name', 'arg_run_id', 'arg_ma_range', 'arg_existing_file', 'arg_existing_dir',
            'arg_text', 'arg_out_dir', 'check_args', 'build_parser', 'main']
 
@@ -197,15 +197,35 @@ def cmd_experiment(args) -> int:
     if args.action == 'show':
         if args.json: print(json.dumps(summ, indent=1, default=str)); return 0
         _say(summ.get('verdict', summ.get('status', '')))
+        short = {'buy_hold': 'buy-and-hold', 'vol_target': 'vol target', 'ma_cross': 'crossover', 'supervised': 'supervised'}
         rows = [{'fold': f['fold'], 'test': f['test'], 'model Sharpe': f['model']['sharpe'], 'model return': f['model']['total_return'],
-                 'buy-and-hold Sharpe': f['buy_hold']['sharpe'], 'buy-and-hold return': f['buy_hold']['total_return'],
-                 'crossover Sharpe': f['ma_cross']['sharpe']} for f in summ.get('folds', [])]
+                 **{f'{v} Sharpe': (f.get(k) or {}).get('sharpe') for k, v in short.items()}} for f in summ.get('folds', [])]
         with pd.option_context('display.width', 200): _say(pd.DataFrame(rows).to_string(index=False, float_format=lambda x: f'{x:.3f}'))
         return 0
     from trader.ops import reports as R
     out = s.reports_dir/'experiments'/args.target
     nb = R.run_template('experiment', out, {'name': args.target, 'output_dir': str(out), 'demo_if_empty': False})
     _say_written((nb, out/'report.html', out/'report.pdf', out/'summary.json'), out/'report.html', s)
+    return 0
+
+def cmd_power(args) -> int:
+    "The power study: the default experiment on synthetic markets with a strong, a weak and no planted edge; one line per kind and the study's line; a report."
+    from trader.research.power import default_markets, run_power
+    s = load_settings()
+    root = Path(args.root) if args.root else s.home/'power'
+    spec = None
+    if args.steps or args.seeds or args.folds:
+        from trader.research.power import POWER_SPEC
+        spec = {**POWER_SPEC, **({'steps': args.steps} if args.steps else {}), **({'seeds': args.seeds} if args.seeds else {}),
+                **({'folds': {**POWER_SPEC.get('folds', {}), 'n': args.folds}} if args.folds else {})}
+    with job_lease('power', 'trader power', s):
+        out = run_power(default_markets(args.nulls), root, spec, s, args.workers, train=not args.judge_only, say=_say)
+    _say(f"{out['seconds']:.0f} s (power study wall time); results: {root/'power.json'}")
+    if args.no_report: return 0
+    from trader.ops import reports as R
+    rep = s.reports_dir/'power'/pd.Timestamp.now(tz='UTC').strftime('%Y-%m-%d')
+    nb = R.run_template('power', rep, {'results': str(root/'power.json'), 'output_dir': str(rep)})
+    _say_written((nb, rep/'report.html', rep/'report.pdf', rep/'power.json'), rep/'report.html', s)
     return 0
 
 def cmd_sweep(args) -> int:
@@ -719,6 +739,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument('--ray', action='store_true', help='run: on a local Ray instance')
     sp.add_argument('--address', type=arg_text, help='run: on an existing Ray cluster at this address')
     sp.add_argument('--json', action='store_true', help='show: the summary as JSON (iqm, ci, dsr, n_trials, pbo, per-fold results)')
+
+    sp = add('power', cmd_power, 'the power study: does the pipeline find a planted edge and refuse a null one (synthetic markets; minutes to hours)',
+             epilog='examples:\n  trader power                      # 1 strong, 1 weak, 10 null markets, the default experiment on each\n'
+                    '  trader power --judge-only         # recompute the statistics from the stored trials\n'
+                    '  trader power --nulls 3 --steps 20000 --folds 2')
+    sp.add_argument('--nulls', type=arg_count, default=10, help='null markets (different seeds)')
+    sp.add_argument('--workers', type=arg_count, help='trial processes (default: one per CPU)')
+    sp.add_argument('--steps', type=arg_count, help="override the experiment's training steps")
+    sp.add_argument('--seeds', type=arg_count, help="override the experiment's seeds")
+    sp.add_argument('--folds', type=arg_count, help="override the experiment's folds")
+    sp.add_argument('--root', help='folder of the markets\' stores (default: <home>/power)')
+    sp.add_argument('--judge-only', action='store_true', help='do not train: judge what the stores hold')
+    sp.add_argument('--no-report', action='store_true', help='skip the papermill report')
 
     sp = add('sweep', cmd_sweep, 'moving-average crossover parameter sweep (one vectorbt call)')
     sp.add_argument('kind', choices=['ma'])

@@ -21,7 +21,7 @@ from ..core.store import Store
 
 # %% auto #0
 __all__ = ['TrainError', 'parse_window', 'check_holdout', 'params_sha256', 'warm_start', 'TrainResult', 'envs_for', 'train',
-           'tiny_settings', 'fixed_action_model']
+           'tiny_settings', 'fixed_action_model', 'churn_model']
 
 # %% ../../nbs/09_train.ipynb #73315697
 class TrainError(TraderError):
@@ -265,5 +265,35 @@ def fixed_action_model(store:Store, settings:Settings, action:int, # the joint a
     model.save(d/ARTIFACT)
     meta = {k: v for k, v in base.meta.items() if k not in ('id', 'artifact_sha256', 'created')}
     meta.update(kind='prepared', parent=base.model_id, params_sha256=params_sha256(model), note=note or f'prepared: always action {action}')
+    reg.register(mid, meta)
+    return mid
+
+def churn_model(store:Store, settings:Settings, symbols=('AAPL', 'MSFT'), note:str='') -> str:
+    "Register a model that, for every asset, buys when flat and sells when long: an order per asset every bar, by construction (drills need orders in flight); returns its id."
+    import torch
+    from sb3_contrib import RecurrentPPO
+    from trader.research.features import N_FEATURES
+    base = train(','.join(symbols), steps=64, seed=0, settings=tiny_settings(settings, 64, 1), store=store, progress=False)
+    reg = Registry(store, settings)
+    model = RecurrentPPO.load(reg.artifact(base.model_id), device='cpu')
+    p, n = model.policy, len(symbols)
+    with torch.no_grad():
+        lstm, H = p.lstm_actor, p.lstm_actor.hidden_size
+        for t in (lstm.weight_ih_l0, lstm.weight_hh_l0, lstm.bias_ih_l0, lstm.bias_hh_l0): t.zero_()
+        lstm.bias_ih_l0[:H] = 20.0; lstm.bias_ih_l0[H:2*H] = -20.0; lstm.bias_ih_l0[3*H:] = 20.0   # input gate open, forget shut, output open
+        for i in range(n): lstm.weight_ih_l0[2*H + i, i*(N_FEATURES + 1) + N_FEATURES] = 5.0          # cell i = tanh(5 x asset i's position)
+        for layer in p.mlp_extractor.policy_net:
+            if isinstance(layer, torch.nn.Linear):
+                layer.weight.zero_(); layer.bias.zero_()
+                for i in range(n): layer.weight[i, i] = 3.0                                      # carried through: unit i rises with the position
+        p.action_net.weight.zero_(); p.action_net.bias.fill_(-20.0)
+        for i in range(n):
+            p.action_net.bias[3*i + 2] = 1.0                                                    # flat: BUY (1 > 0)
+            p.action_net.weight[3*i + 2, i] = -10.0; p.action_net.weight[3*i + 0, i] = 10.0; p.action_net.bias[3*i + 0] = 0.0   # long: SELL
+    mid = new_model_id(symbols)
+    d = reg.model_dir(mid); d.mkdir(parents=True)
+    model.save(d/ARTIFACT)
+    meta = {k: v for k, v in base.meta.items() if k not in ('id', 'artifact_sha256', 'created')}
+    meta.update(kind='prepared', parent=base.model_id, params_sha256=params_sha256(model), note=note or 'prepared: buys when flat, sells when long, every bar')
     reg.register(mid, meta)
     return mid
