@@ -248,36 +248,38 @@ def tiny_settings(settings:Settings, n_steps:int=128, n_epochs:int=2) -> Setting
     return settings.model_copy(update={'train': settings.train.model_copy(update={'n_steps': n_steps, 'batch_size': 64, 'n_epochs': n_epochs,
                                                                                    'checkpoint_every': 0, 'n_envs': 1, 'augment': 0.0})})
 
-def fixed_action_model(store:Store, settings:Settings, action:int, # the joint action it always takes
-                       symbols=('AAPL', 'MSFT'), note:str='') -> str:
-    "Register a model that always chooses the joint action `action` (each asset's code of it); returns its id."
+def _prepared_model(store:Store, settings:Settings, symbols, edit, # edit(policy): sets the weights, under torch.no_grad()
+                    note:str) -> str:
+    "Train a 64-step model only for its shapes, let `edit` set its policy's weights, and register the result as a prepared model; returns its id."
     import torch
     from sb3_contrib import RecurrentPPO
     base = train(','.join(symbols), steps=64, seed=0, settings=tiny_settings(settings, 64, 1), store=store, progress=False)
     reg = Registry(store, settings)
     model = RecurrentPPO.load(reg.artifact(base.model_id), device='cpu')
-    with torch.no_grad():
-        model.policy.action_net.weight.zero_()
-        model.policy.action_net.bias.fill_(-20.0)
-        for i, code in enumerate(decode_action(action, len(symbols))): model.policy.action_net.bias[3*i + code] = 20.0   # 3 logits per asset
+    with torch.no_grad(): edit(model.policy)
     mid = new_model_id(symbols)
     d = reg.model_dir(mid); d.mkdir(parents=True)
     model.save(d/ARTIFACT)
     meta = {k: v for k, v in base.meta.items() if k not in ('id', 'artifact_sha256', 'created')}
-    meta.update(kind='prepared', parent=base.model_id, params_sha256=params_sha256(model), note=note or f'prepared: always action {action}')
+    meta.update(kind='prepared', parent=base.model_id, params_sha256=params_sha256(model), note=note)
     reg.register(mid, meta)
     return mid
+
+def fixed_action_model(store:Store, settings:Settings, action:int, # the joint action it always takes
+                       symbols=('AAPL', 'MSFT'), note:str='') -> str:
+    "Register a model that always chooses the joint action `action` (each asset's code of it); returns its id."
+    def edit(p):
+        p.action_net.weight.zero_()
+        p.action_net.bias.fill_(-20.0)
+        for i, code in enumerate(decode_action(action, len(symbols))): p.action_net.bias[3*i + code] = 20.0   # 3 logits per asset
+    return _prepared_model(store, settings, symbols, edit, note or f'prepared: always action {action}')
 
 def churn_model(store:Store, settings:Settings, symbols=('AAPL', 'MSFT'), note:str='') -> str:
     "Register a model that, for every asset, buys when flat and sells when long: an order per asset every bar, by construction (drills need orders in flight); returns its id."
     import torch
-    from sb3_contrib import RecurrentPPO
     from trader.research.features import N_FEATURES
-    base = train(','.join(symbols), steps=64, seed=0, settings=tiny_settings(settings, 64, 1), store=store, progress=False)
-    reg = Registry(store, settings)
-    model = RecurrentPPO.load(reg.artifact(base.model_id), device='cpu')
-    p, n = model.policy, len(symbols)
-    with torch.no_grad():
+    n = len(symbols)
+    def edit(p):
         lstm, H = p.lstm_actor, p.lstm_actor.hidden_size
         for t in (lstm.weight_ih_l0, lstm.weight_hh_l0, lstm.bias_ih_l0, lstm.bias_hh_l0): t.zero_()
         lstm.bias_ih_l0[:H] = 20.0; lstm.bias_ih_l0[H:2*H] = -20.0; lstm.bias_ih_l0[3*H:] = 20.0   # input gate open, forget shut, output open
@@ -290,10 +292,4 @@ def churn_model(store:Store, settings:Settings, symbols=('AAPL', 'MSFT'), note:s
         for i in range(n):
             p.action_net.bias[3*i + 2] = 1.0                                                    # flat: BUY (1 > 0)
             p.action_net.weight[3*i + 2, i] = -10.0; p.action_net.weight[3*i + 0, i] = 10.0; p.action_net.bias[3*i + 0] = 0.0   # long: SELL
-    mid = new_model_id(symbols)
-    d = reg.model_dir(mid); d.mkdir(parents=True)
-    model.save(d/ARTIFACT)
-    meta = {k: v for k, v in base.meta.items() if k not in ('id', 'artifact_sha256', 'created')}
-    meta.update(kind='prepared', parent=base.model_id, params_sha256=params_sha256(model), note=note or 'prepared: buys when flat, sells when long, every bar')
-    reg.register(mid, meta)
-    return mid
+    return _prepared_model(store, settings, symbols, edit, note or 'prepared: buys when flat, sells when long, every bar')
