@@ -546,5 +546,5 @@ def engine_step_nb(s, shares, targets, opened, pending, wanted, t, open_, close,
 def market_arrays(fs, corr_window:int=30, market:MarketArrays|None=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     "(day ordinal per row, ATR/price (T, N), mean pairwise correlation (T,), NaN where unknown) for the kernel, from `market` when already built."
     m = market or MarketArrays(fs, corr_window)
-    day = (fs.ts.tz_convert('UTC').normalize().asi8//86_400_000_000_000).astype(np.float64)
+    day = (fs.ts.tz_convert('UTC').normalize().as_unit('ns').asi8//86_400_000_000_000).astype(np.float64)   # ns whatever the index's unit
     return day, np.asarray(m.atr_rel, dtype=np.float64), np.array([np.nan if c is None else c for c in m.corr], dtype=np.float64)
