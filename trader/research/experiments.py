@@ -42,7 +42,7 @@ class Spec:
     name: str = 'default'
     symbols: list = field(default_factory=lambda: ['AAPL', 'MSFT'])
     seeds: list = field(default_factory=lambda: [0, 1, 2])
-    steps: int = 50_000
+    steps: int = 100_000                  # per trial; 50,000 was too few updates to learn a strong planted edge (14e_power)
     folds: FoldSpec = field(default_factory=FoldSpec)
     settings: dict = field(default_factory=dict)
     grid: dict = field(default_factory=dict)
@@ -97,7 +97,7 @@ def parse_spec(d:dict, base:Settings|None=None) -> Spec:
     seeds = list(range(int(seeds))) if isinstance(seeds, int) else [int(x) for x in seeds]
     if not seeds: raise ExperimentError("spec: seeds must be at least one (a configuration is judged over several seeds)")
     if len(set(seeds)) != len(seeds): raise ExperimentError(f"spec: seeds repeat: {seeds}")
-    steps = int(d.get('steps', 50_000))
+    steps = int(d.get('steps', Spec.steps))
     if steps < 64: raise ExperimentError(f"spec: steps must be >= 64, got {steps}")
     fs = FoldSpec(**f)
     if fs.scheme not in ('expanding', 'rolling'): raise ExperimentError(f"spec: [folds] scheme must be expanding or rolling, got {fs.scheme!r}")
@@ -382,12 +382,14 @@ def _run_optuna(self:Experiment, workers:int|None=None, say=print):
                                 pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=int(opt.get('pruner_warmup', 1))))
     dists = {k: _dist(v) for k, v in opt['params'].items()}
     if opt.get('enqueue_default'): study.enqueue_trial(_default_params(self.base, opt['params']))
+    whole = int(opt.get('pruner_warmup', 1)) >= len(self.folds)    # the pruner cannot stop a configuration: run its folds at once (more parallel)
     for i in range(int(opt['trials'])):
         t = study.ask(dists)
         config, scores = dict(t.params), []
         say(f"optuna trial {i}: {config}")
+        if whole: self._execute([TrialKey(config, sd, f) for f in self.folds for sd in self.spec.seeds], workers, say)
         for f in self.folds:
-            self._execute([TrialKey(config, sd, f) for sd in self.spec.seeds], workers, say)
+            if not whole: self._execute([TrialKey(config, sd, f) for sd in self.spec.seeds], workers, say)
             rows = self.store.query('SELECT metrics FROM exp_trials WHERE experiment = ? AND config_id = ? AND fold = ?', (self.name, config_id(config), f.index))
             scores.append(float(np.mean([(r[0]['sharpe'] or 0.0) for r in rows])))
             t.report(float(np.mean(scores)), step=f.index)

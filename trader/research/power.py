@@ -35,9 +35,12 @@ def default_markets(nulls:int=10, # null markets (different seeds)
 
 
 # %% ../../nbs/14e_power.ipynb #a704b327
-POWER_SPEC = {                  # the default experiment (its seeds, steps and fold scheme) over 3 folds, and a small search
+POWER_SPEC = {                  # the default experiment (its seeds, steps and fold scheme) over 3 folds, and a small Optuna search
     'seeds': 3, 'folds': {'n': 3},
-    'grid': {'train.learning_rate': [1e-4, 3e-4, 1e-3]},      # three configurations, the default (3e-4) among them: PBO and SPA need more than one
+    'optuna': {'trials': 3, 'seed': 0,
+               'enqueue_default': True,     # the first configuration is the default one
+               'pruner_warmup': 3,          # no pruning: PBO, SPA and the confidence set need every configuration on every fold
+               'params': {'train.learning_rate': {'low': 1e-4, 'high': 3e-3, 'log': True}}},
 }
 
 
