@@ -83,3 +83,14 @@ def test_a_report_through_the_cli_prints_no_kernel_transport_warning(tmp_path):
     assert list((tmp_path/'gates').glob('*.ipynb')), 'the template was not executed'
     assert 'without encryption' not in out and 'running over TCP' not in out, out[-3000:]
     assert not list(tmp_path.glob('kernel*')), 'kernel sockets were made in the working directory'   # a private temporary folder instead
+
+def test_hosted_ci_workflow_runs_the_ci_entry_point():
+    "`.github/workflows/ci.yml` (a fork's CI) runs `.ci/run` as root in Debian 12 (the apt packages the scripts install), privileged for Ray's namespace."
+    import yaml
+    wf = yaml.safe_load((ROOT/'.github'/'workflows'/'ci.yml').read_text())
+    job = wf['jobs']['test']
+    assert job['container']['image'].startswith('debian:bookworm') and '--privileged' in job['container']['options']
+    runs = [s.get('run', '') for s in job['steps']]
+    assert any('CI=true bash .ci/run' in r for r in runs), runs
+    assert any(s.get('uses', '').startswith('actions/checkout@') for s in job['steps'])
+    assert (ROOT/'.ci'/'run').stat().st_mode & 0o111, ".ci/run is executable"
