@@ -105,7 +105,7 @@ def pytest_collection_modifyitems(config, items):
 # does not group anything with pytest 9.2 and xdist 3.8: xdist appends the group to `item._nodeid`, which pytest 9 no
 # longer reads.) The modules start longest first (seconds measured on the 2-core CI machine, serial, fixture set-up
 # included): a long module started last would otherwise run alone at the end.
-MODULE_SECONDS = {'test_experiments': 190, 'test_reports_gate_promote': 140, 'test_power': 130, 'test_train_cli': 120,
+MODULE_SECONDS = {'test_experiments': 190, 'test_reports_gate_promote': 140, 'test_power': 130, 'test_power_study': 140, 'test_train_cli': 120,
                   'test_dashboard_browser': 120, 'test_service_alpaca': 115, 'test_recovery': 110,
                   'test_docs_browser': 100, 'test_service': 90, 'test_nbrun': 90, 'test_drills': 80,
                   'test_nightly': 80, 'test_ray': 70, 'test_holdout': 70, 'test_drift': 70, 'test_cli': 60,
