@@ -82,3 +82,21 @@ def test_train_four_stocks_cli(tmp_path):
     model = RecurrentPPO.load(d/'model.zip', device='cpu')
     assert isinstance(model.action_space, spaces.MultiDiscrete)
     _test_eq(model.action_space.nvec.tolist(), [3, 3, 3, 3])
+
+def test_experiment_folds_count_the_shared_bars(bars4, tmp_path):
+    "A fold's training window is checked on the bars every symbol has after the warm-up, not on any symbol's timestamps."
+    from trader.core.config import load_settings
+    from trader.core.store import Store
+    from trader.research.experiments import Experiment, ExperimentError, parse_spec
+    from trader.research.features import WARMUP
+    s = load_settings().model_copy(update={'home': tmp_path, 'db_url': f"sqlite:///{tmp_path/'t.db'}"})
+    with Store(settings=s) as store:
+        store.write_bars(bars4)
+        # train 2000-03-01..2005-12-20: ~1,460 AAPL bars, but only ~340 that GOOG shares after its 2004-08-19 listing and the warm-up
+        spec = {'name': 'g', 'symbols': SYMS, 'seeds': 1, 'steps': 64, 'folds': {'n': 1, 'start': '2000-03-01', 'end': '2006-12-31', 'min_train_bars': 500}}
+        with pytest.raises(ExperimentError, match=r'fold 0: training window 2000-03-01:2005-12-\d\d has (\d+) bars \(< 500\)') as e:
+            Experiment(parse_spec(spec, s), s, store)
+        n = int(re.search(r'has (\d+) bars', str(e.value)).group(1))
+        goog = bars4[(bars4.symbol == 'GOOG') & (bars4.ts <= pd.Timestamp('2005-12-31', tz='UTC'))]
+        assert n <= len(goog) - (WARMUP - 1), n
+        Experiment(parse_spec({**spec, 'folds': {**spec['folds'], 'min_train_bars': n}}, s), s, store)     # exactly n: accepted

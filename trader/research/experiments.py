@@ -12,6 +12,7 @@ from ..core.config import Settings, TraderError, load_settings
 from ..core.data import parse_symbols
 from ..core.store import Store, register_schema
 from ..core.registry import Registry
+from .features import WARMUP, pivot_bars
 from .train import parse_window, check_holdout
 
 # %% auto #0
@@ -306,7 +307,7 @@ class Experiment:
         missing = sorted(set(spec.symbols) - set(bars.symbol))
         if missing: raise ExperimentError(f"no stored bars of {', '.join(missing)}")
         self.bars = bars
-        self.folds = make_folds(spec.folds, self.holdout, pd.DatetimeIndex(sorted(bars.ts.unique())))
+        self.folds = make_folds(spec.folds, self.holdout, pd.DatetimeIndex(pivot_bars(bars, spec.symbols)['ts'][WARMUP - 1:]))   # the bars a trial decides on: every symbol's, after the warm-up
         self.base = apply_config(self.s, spec.settings)
 
     @property
