@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np, pandas as pd
 from ..core.config import Settings, TraderError, load_settings
 from ..core.runs import Run
+from ..research.risk import describe_risk_event
 
 # %% auto #0
 __all__ = ['FORMATS', 'NAMES', 'METRICS', 'EVENT_LABELS', 'CHROMIUM_ARGS', 'TEMPLATES', 'ReportError', 'fig_equity',
@@ -118,7 +119,7 @@ _REFUSING = ('halted', 'max_drawdown')      # breaches that refuse every new pos
 
 def interventions(run:Run, store=None, # the run's `Store`: a paper run's risk events are read from its `risk_events` table
                  ) -> pd.DataFrame:
-    "What the risk layer did during `run`, one row per intervention (ts, kind, detail; kinds in EVENT_LABELS), in time order."
+    "What the risk layer did during `run`, one row per intervention (ts, kind, detail: a sentence, `describe_risk_event`; kinds in EVENT_LABELS), in time order."
     rows = [(e['bar_ts'], e['kind'], str(e['detail'])) for e in (run.metrics or {}).get('risk_events') or []]
     if not rows and store is not None and run.kind == 'paper':
         f = store.frame('SELECT bar_ts, kind, detail FROM risk_events WHERE run_id = ? ORDER BY id', (run.id,))
@@ -128,6 +129,7 @@ def interventions(run:Run, store=None, # the run's `Store`: a paper run's risk e
         rows += [(ts, 'blocked' if str(b).startswith(_REFUSING) else 'clip', str(b)) for ts, br in zip(d.ts, d.breaches) for b in (br or [])]
     out = pd.DataFrame(rows, columns=['ts', 'kind', 'detail'])
     out['ts'] = pd.to_datetime(out.ts, utc=True)
+    out['detail'] = [describe_risk_event(k, x) for k, x in zip(out.kind, out.detail)]
     return out.sort_values('ts', kind='stable').reset_index(drop=True)
 
 def _plural(n:int, word:str) -> str: return f"{n} {word}{'' if n == 1 else 's'}"

@@ -12,7 +12,7 @@ from ..core.domain import BreachKind, EmergencyLevel
 
 # %% auto #0
 __all__ = ['LEVEL_NAMES', 'PortfolioState', 'MarketContext', 'Breach', 'RiskDecision', 'RiskEngine', 'historical_var',
-           'GuardianVerdict', 'RiskGuardian']
+           'GuardianVerdict', 'RiskGuardian', 'describe_breach', 'describe_risk_event']
 
 # %% ../../nbs/05_risk.ipynb #d34831a8
 @dataclass
@@ -174,3 +174,52 @@ class RiskGuardian:
             return tuple((math.copysign(min(abs(w), lim.core_weight), w) if i == k else 0.0) for i, w in enumerate(weights))
         if level == 6: return tuple(0.0 for _ in weights)
         return None
+
+# %% ../../nbs/05_risk.ipynb #b8cb1afe
+import ast, json
+
+_BREACH_WORDS = {'halted': 'refused: trading is halted', 'max_drawdown': 'refused: the max-drawdown halt',
+                 'position_cap': 'cut to the position cap', 'per_trade_risk': 'cut to the per-trade risk limit',
+                 'daily_loss_limit': 'no new risk: the daily loss limit', 'correlation_cap': 'cut by the correlation cap',
+                 'emergency_level': 'halved by the emergency level'}
+
+def describe_breach(breach) -> str:
+    "A pre-trade breach ('position_cap AAPL 35% > 30%') as a sentence ('Cut to the position cap: AAPL 35% > 30%.')."
+    head, _, rest = str(breach).partition(' ')
+    w = _BREACH_WORDS.get(head)
+    return (f"{w[0].upper()}{w[1:]}" + (f": {rest}." if rest else '.')) if w else str(breach)
+
+def _record(detail):
+    "A stored event detail as a dict when it is one (a dict, its JSON, or its Python repr), else as it is."
+    if isinstance(detail, dict) or not isinstance(detail, str): return detail
+    for parse in (json.loads, ast.literal_eval):
+        try:
+            d = parse(detail)
+            if isinstance(d, dict): return d
+        except (ValueError, SyntaxError, TypeError): pass
+    return detail
+
+def _closed(flatten) -> str:
+    parts = [f"{sym} ({abs(q):,.{0 if float(q).is_integer() else 4}f} shares {'sold' if q < 0 else 'bought back'})" for sym, q in flatten or []]
+    if not parts: return 'nothing was open'
+    return 'closed ' + (parts[0] if len(parts) == 1 else ', '.join(parts[:-1]) + ' and ' + parts[-1])
+
+def describe_risk_event(kind, # a `RiskEventKind` (or its value), or 'clip'/'blocked' for a pre-trade breach
+                        detail) -> str:
+    "One risk event as a sentence a manager reads: what fired, why, in percentages and dollars, and what it closed."
+    k, d = str(kind), _record(detail)
+    if k in ('clip', 'blocked') or not isinstance(d, dict): return describe_breach(d) if isinstance(d, str) else str(d)
+    if k in ('guardian', 'kill_switch'):
+        who = 'The guardian fired' if k == 'guardian' else 'The kill switch was pulled'
+        reason = str(d.get('reason', '')).removeprefix('kill switch: ')
+        return f"{who} {reason}; {_closed(d.get('flatten'))}." if k == 'guardian' else f"{who} ({reason}); {_closed(d.get('flatten'))}."
+    if k == 'emergency_level':
+        if 'resume' in d:
+            return f"Trading resumed at the caution level after {d.get('sessions')} sessions halted (the halt: {d.get('halt_reason') or 'unknown'})."
+        dd = d.get('drawdown_today')
+        return f"Emergency level {d.get('name')}" + (f": today's drawdown {dd:.2%}." if isinstance(dd, (int, float)) else '.')
+    if k == 'max_drawdown_halt':
+        return f"Trading halted by the max-drawdown rule ({str(d.get('breach', '')).removeprefix('max_drawdown ')}); it is not lifted automatically."
+    if k == 'bad_bar': return 'The bar failed the per-bar checks: ' + '; '.join(map(str, d.get('problems') or [])) + '.'
+    return f"{k}: {d}"
+
