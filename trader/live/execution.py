@@ -124,7 +124,7 @@ def reconcile(self:BrokerExecution, engine:TradingEngine, step:Step) -> list[Ord
             px, fees = (o.fill_price, o.fees) if q0 == 0 else ((_filled(o)*o.fill_price - v0)/dq, o.fees - f0)
             part = replace(o, qty=dq, fill_price=px, fees=fees)
             i = self.symbols.index(o.symbol)
-            step.fills.append(engine.book_fill(i, dq if o.side == Side.BUY else -dq, px, fees, o.reference_price or px, _tag(c, self.run_id), o.reference_price))
+            step.fills.append(engine.book_fill(i, dq if o.side == Side.BUY else -dq, px, fees, o.reference_price or px, _tag(c, self.run_id, o.symbol), o.reference_price))
             booked[c] = [q0 + dq, v0 + dq*px, f0 + fees]
             new.append(part); rec.fills.append(part)
             rec.audit.append(('fill', {'client_order_id': c, 'symbol': o.symbol, 'side': o.side, 'qty': dq, 'price': px, 'fees': fees,
@@ -137,9 +137,9 @@ def reconcile(self:BrokerExecution, engine:TradingEngine, step:Step) -> list[Ord
             b.open_orders.append(c)     # adopted: the broker has it, the ledger did not know
     return new
 
-def _tag(cid:str, run_id:str) -> str:
-    "The tag part of a client_order_id ('' for a decision's order)."
-    parts = cid[len(run_id) + 1:].split('-')
-    return parts[2] if len(parts) > 2 else ''
+def _tag(cid:str, run_id:str, symbol:str) -> str:
+    "The tag part of a client_order_id `run-YYYYmmddHHMM-SYMBOL[-tag]` ('' for a decision's order); the symbol is known, so one with a hyphen (BRK-B) is not taken for a tag."
+    tail = cid[len(run_id) + 1:].partition('-')[2]
+    return tail[len(symbol) + 1:] if tail.startswith(symbol + '-') else ''
 
 BrokerExecution.submit, BrokerExecution.reconcile = submit, reconcile
