@@ -275,6 +275,7 @@ TradingEngine.advance = advance
 # %% ../../nbs/13a_engine.ipynb #b54af990
 def decide(self:TradingEngine, bar:BarPrices, wanted:tuple[float, ...], # target weights the policy asks for
            market:MarketContext|None, execution, place:bool=True, # False: the last bar of a window, nothing left to fill on
+           shares:dict[int, float]|None=None, # {asset: target shares} already sized by the caller (a portfolio's netted sleeves); see below
           ) -> Step:
     "Check `wanted` with the pre-trade rules; changed targets become orders sized at this close for the next open."
     st, step = self.state, Step()
@@ -287,8 +288,11 @@ def decide(self:TradingEngine, bar:BarPrices, wanted:tuple[float, ...], # target
         st.halted, st.halt_reason, st.level, st.resumable = True, dec.breaches[0], int(EmergencyLevel.MANUAL), False
         step.events.append(RiskEvent(RiskEventKind.MAX_DRAWDOWN_HALT, EmergencyLevel.MANUAL, {'breach': dec.breaches[0]}))
     changed = [i for i in range(self.n) if dec.targets[i] != st.targets[i]]
-    if changed and place:
-        step.orders = self.orders_for(dec.targets, bar.close, changed, OrderType.OPG)
+    on_lot = lambda x: round(x/self.lot)*self.lot if self.lot > 0 else round(x, 9)       # a float's residue is no order
+    exact = {} if dec.halted else {i: on_lot(q - st.shares[i]) for i, q in (shares or {}).items() if dec.targets[i] == wanted[i]}   # passed as asked
+    if (changed or exact) and place:
+        step.orders = self.orders_for(dec.targets, bar.close, [i for i in changed if i not in exact], OrderType.OPG)
+        step.orders = sorted(step.orders + [EngineOrder(i, q, OrderType.OPG, bar.close[i]) for i, q in exact.items() if q], key=lambda o: o.asset)
         if step.orders: execution.place(self, step.orders, step)
     st.targets = list(dec.targets)
     step.decision, step.equity = dec, equity
