@@ -109,7 +109,7 @@ MODULE_SECONDS = {'test_experiments': 190, 'test_reports_gate_promote': 140, 'te
                   'test_dashboard_browser': 120, 'test_service_alpaca': 115, 'test_recovery': 110,
                   'test_docs_browser': 100, 'test_service': 90, 'test_nbrun': 90, 'test_drills': 80,
                   'test_nightly': 80, 'test_ray': 70, 'test_holdout': 70, 'test_drift': 70, 'test_cli': 60,
-                  'test_monitoring': 40, 'test_parity': 40, 'test_alpaca_e2e': 40, 'test_reports_pdf': 40}
+                  'test_alerts': 60, 'test_monitoring': 40, 'test_parity': 40, 'test_alpaca_e2e': 40, 'test_reports_pdf': 40}
 
 def _xdist_layout(config, items):
     "On an xdist worker (they all collect, the controller schedules in their order): the long modules first."

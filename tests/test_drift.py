@@ -122,22 +122,27 @@ def test_alert_fires_on_the_crisis_gauges(world, tmp_path):
         gauges[name] = {(x.labels['symbol'], x.labels['feature']): x.value for x in fam.samples}
         _test_eq(len(gauges[name]), 24)
     med = float(np.median(list(gauges['crisis'].values())))
-    summary = f"Model inputs drifted on crisis: median feature PSI {med:.2f} (bound 0.25)"
-    desc = (f"The median population stability index of the model's features on crisis is {med:.2f}, above 0.25 (a significant shift; "
+    summary = f"Model inputs drifted on session pa-crisis: median feature PSI {med:.2f} (bound 0.25)"
+    desc = (f"The median population stability index of the model's features on session pa-crisis (crisis) is {med:.2f}, above 0.25 (a significant shift; "
             "settings `drift.psi_alert`) for 30m: the market no longer looks like the model's training window. `trader drift` names the features; consider retraining.")
+    # each loop's session and dashboard link, as `trader_session_info` of its target gives them to every alert
+    info = ''.join(f"      - series: 'trader_session_info{{job=\"trader\", instance=\"{n}\", session=\"pa-{n}\", dashboard=\"http://127.0.0.1:8866\"}}'\n"
+                   f"        values: '1x12'\n" for n in ('crisis', 'calm'))
     (tmp_path/'alerts.yml').write_text((ROOT/'monitoring'/'alerts.yml').read_text())
     (tmp_path/'t.yml').write_text(f"""rule_files: [alerts.yml]
 evaluation_interval: 1m
 tests:
   - interval: 5m
     input_series:
-{_promtool_case(gauges['crisis'], 'crisis')}{_promtool_case(gauges['calm'], 'calm')}    alert_rule_test:
+{_promtool_case(gauges['crisis'], 'crisis')}{_promtool_case(gauges['calm'], 'calm')}{info}    alert_rule_test:
       - eval_time: 40m
         alertname: ModelInputDrift
         exp_alerts:
-          - exp_labels: {{severity: warning, job: trader, instance: crisis}}
+          - exp_labels: {{severity: warning, job: trader, instance: crisis, session: pa-crisis, dashboard: "http://127.0.0.1:8866"}}
             exp_annotations:
               summary: {json.dumps(summary)}
+              reason: {json.dumps(f"median feature PSI {med:.2f} > 0.25 for 30m")}
+              dashboard: "http://127.0.0.1:8866"
               description: {json.dumps(desc)}
 """)
     r = subprocess.run([promtool, 'test', 'rules', 't.yml'], capture_output=True, text=True, cwd=tmp_path, timeout=60)

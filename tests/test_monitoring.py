@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RULES, RULES_TEST = ROOT/'monitoring'/'alerts.yml', ROOT/'monitoring'/'alerts_test.yml'
 TRADER = str(Path(sys.executable).parent/'trader')
 FAST = '[train]\nn_steps = 128\nbatch_size = 64\nn_epochs = 2\ncheckpoint_every = 0\n'
-ALERTS = {'KillSwitchFired', 'HeartbeatStale', 'DecisionLatencyP95High', 'OrderLatencyP99High', 'DataQualityLow', 'ModelInputDrift'}
+ALERTS = {'GuardianFired', 'KillSwitchFired', 'DailyGateRed', 'HeartbeatStale', 'DecisionLatencyP95High', 'OrderLatencyP99High',
+          'DataQualityLow', 'DrawdownHigh', 'RiskLimitBreached', 'ModelInputDrift'}
 WAIT = hang_guard(6)                            # bound of every wait loop, seconds: Prometheus ready, a target seen, a rule evaluated
 SCRAPED_WAIT = hang_guard(12)                   # the paper replay's start (~8 s idle) until two scrapes of it with a bar counted
 # ~250 bars at 1 bar/s: ~250 s of serving, longer than SCRAPED_WAIT, so only a hang lets the replay end before Prometheus has

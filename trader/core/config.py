@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 # %% auto #0
 __all__ = ['TraderError', 'ConfigError', 'project_root', 'default_home', 'QualitySettings', 'AlpacaSettings', 'RiskSettings',
            'EnvSettings', 'TrainSettings', 'GateSettings', 'DemoSettings', 'DriftSettings', 'ServiceSettings',
-           'ReportSettings', 'AuditSettings', 'Settings', 'read_secrets_file', 'load_settings']
+           'MonitorSettings', 'ReportSettings', 'AuditSettings', 'Settings', 'read_secrets_file', 'load_settings']
 
 # %% ../../nbs/00_config.ipynb #fe4b54b7
 class TraderError(Exception):
@@ -192,6 +192,21 @@ class ServiceSettings(_Section):
     poll_max: float = Field(600.0, gt=0, description="longest wait between polls of a due bar")
     release: str = Field('19:00', pattern=r'^\d{2}:\d{2}$', description="live daily bars (Alpaca) are handed over from this New York time: Alpaca takes market-on-open orders for the next session only outside 09:28-19:00, so the schedule makes them due then")
 
+# %% ../../nbs/00_config.ipynb #6d671d98
+class MonitorSettings(_Section):
+    "Alerting (`trader.live.monitor`): the Alertmanager `trader alerts test` posts to, and the dashboard link every alert carries."
+    alertmanager_url: str = Field('http://127.0.0.1:9093', description="Alertmanager's base URL (its v2 API is under /api/v2): where deploy/trader-alertmanager.service listens and "
+                                  "monitoring/prometheus.yml sends alerts; `trader alerts test` posts its test notification there")
+    dashboard_url: str = Field('http://127.0.0.1:8866', description="the dashboard's address as the person who receives an alert opens it: every alert carries it as its link "
+                               "(the trading loop exports it with its session, `trader_session_info`); `trader dashboard` serves on 127.0.0.1:8866 by default")
+    alert_timeout: float = Field(10.0, gt=0, description="seconds `trader alerts test` waits for Alertmanager to answer")
+
+    @field_validator('alertmanager_url', 'dashboard_url')
+    @classmethod
+    def _check_http(cls, v:str) -> str:
+        if not v.startswith(('http://', 'https://')): raise ValueError(f"expected an http:// or https:// URL, got {v!r}")
+        return v.rstrip('/')
+
 # %% ../../nbs/00_config.ipynb #c3bf3242
 class ReportSettings(_Section):
     "Report files (`trader.ops.reports`): the PDF printed next to each HTML report by headless Chromium."
@@ -227,6 +242,7 @@ class Settings(_Section):
     audit: AuditSettings = AuditSettings()
     service: ServiceSettings = ServiceSettings()
     drift: DriftSettings = DriftSettings()
+    monitor: MonitorSettings = MonitorSettings()
     report: ReportSettings = ReportSettings()
     reports_dir: Path = Field(description="TRADER_REPORTS: where papermill reports are written (default: reports/ at the project root)")
     alpaca_key_id: SecretStr|None = Field(None, repr=False)

@@ -23,7 +23,7 @@ from .feeds import BarSet, FeedError, ReplayFeed, ResilientFeed
 from .execution import BarRecord, BrokerExecution, LiveMarket, SimulatedMarket
 from .journal import Journal
 from .controls import Controls, read_control, set_control
-from .monitor import LoopMetrics
+from .monitor import GateWatch, LoopMetrics
 from .drift import DriftMonitor
 from .service import BarSchedule, Lease, PacedFeed, ScaledClock, Service, StopFlag, WallClock, lease_holder, leases, session_of
 
@@ -54,6 +54,7 @@ class LoopState:
     engine: EngineState
     lstm: str|list|None = None         # the policy's LSTM state (`Policy.state_dump`)
     halted_at: str|None = None         # wall-clock time the session halted
+    halt_kind: str|None = None         # what halted it last: guardian, kill_switch or max_drawdown_halt (a `RiskEventKind`; the metrics and alerts name it)
     last_ts: str|None = None
     feed_state: str = 'fresh'
     broker_state: str = 'connected'
@@ -206,7 +207,6 @@ def _record(self:TradingLoop, rec:BarRecord, step=None, events=()):
     st = self.state
     if step is not None and step.fired:
         st.halted_at = pd.Timestamp.now(tz='UTC').isoformat()
-        self.metrics.kill_switch.set(1)
         ev = next(e for e in step.events if e.kind in (RiskEventKind.GUARDIAN, RiskEventKind.KILL_SWITCH))
         ev.detail['bar_ts'] = str(rec.ts)
         if step.rollback and self.model_arg == 'champion':
@@ -216,6 +216,9 @@ def _record(self:TradingLoop, rec:BarRecord, step=None, events=()):
                 ev.detail['rollback'] = {'from': self.registry.champion(), 'to': prev}
                 rec.rollback = (f'risk guardian fired in run {self.run_id} at {rec.ts}: {step.fired}', {'run_id': self.run_id, 'bar_ts': str(rec.ts)})
     for e in (list(step.events) if step is not None else []) + list(events):
+        if e.kind in (RiskEventKind.GUARDIAN, RiskEventKind.KILL_SWITCH, RiskEventKind.MAX_DRAWDOWN_HALT):
+            st.halt_kind = str(e.kind)
+            self.metrics.halt(e.kind, st.halt_reason)      # at once: a scrape never sees the halt's refusals without the halt
         rec.events.append(e)
         rec.audit.append(('risk_event', {'kind': str(e.kind), 'level': int(e.level), **e.detail}))
         (log.warning if e.level >= EmergencyLevel.ALERT else log.info)('risk event %s (level %d): %s', e.kind, e.level, e.detail)
@@ -232,7 +235,7 @@ def _update_metrics(self:TradingLoop, equity, closes, b):
     m, st = self.metrics, self.state
     m.equity.set(equity); m.pnl.set(equity - st.initial_equity); m.drawdown.set(max(0.0, 1 - equity/st.peak) if st.peak else 0)
     for g, w in zip(self._position_gauges, self.engine.weights(closes)): g.set(w)
-    m.kill_switch.set(1 if st.halted else 0); m.level.set(st.level); m.bars.inc()
+    m.halt((st.halt_kind or 'halted') if st.halted else None, st.halt_reason); m.level.set(st.level); m.bars.inc()
     m.quality.set(100.0*sum(st.quality)/len(st.quality) if st.quality else 100.0)
     m.feed_stale.set(1 if b.stale else 0); m.heartbeat.set(time.time())
 
@@ -397,7 +400,9 @@ def paper_session(broker:str='sim', # sim or alpaca
             hist_end = None if stored is None else store.ts_value(stored)
             feed = ResilientFeed(AlpacaFeed(syms, settings=s, after=last_ts or hist_end, clock=clock.now, settle=s.service.bar_final_after,
                                             release=s.service.release), None)
-        metrics = LoopMetrics(metrics_port) if metrics_port is not None else LoopMetrics()
+        # every alert on this session names its run and links the dashboard; the endpoint also shows the run's latest daily gate
+        metrics = LoopMetrics(metrics_port, session=run_id, dashboard=s.monitor.dashboard_url,
+                              gate=GateWatch(store.url, run_id, s) if metrics_port is not None else None)
         loop = TradingLoop(store, b, feed, run_id, syms, model, s, metrics, hist_end, SimulatedMarket(b) if broker == 'sim' else LiveMarket(),
                            auto_resume=resumes)
         # loaded: a rehearsal clock waiting for `ready` starts now, so the session's entry records its epoch (READY carries it too)

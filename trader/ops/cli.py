@@ -18,10 +18,10 @@ from ..research.synthetic import EdgeKind, NoiseKind
 __all__ = ['arg_cash_amount', 'arg_bps', 'arg_count', 'arg_seed_value', 'arg_port_number', 'cmd_ingest', 'cmd_quality',
            'cmd_bars', 'cmd_train', 'cmd_models', 'cmd_backtest', 'cmd_holdout', 'cmd_experiment', 'cmd_power',
            'cmd_sweep', 'cmd_report', 'cmd_gate', 'cmd_promote', 'cmd_runs', 'cmd_paper', 'cmd_status', 'cmd_kill',
-           'cmd_resume', 'cmd_drill', 'cmd_audit', 'cmd_dashboard', 'cmd_nightly', 'cmd_demo', 'cmd_drift', 'job_lease',
-           'ArgError', 'arg_number', 'arg_strength', 'arg_speed', 'arg_date', 'arg_window', 'arg_symbol', 'arg_symbols',
-           'arg_model_id', 'arg_name', 'arg_run_id', 'arg_ma_range', 'arg_existing_file', 'arg_existing_dir',
-           'arg_text', 'arg_out_dir', 'check_args', 'build_parser', 'main']
+           'cmd_resume', 'cmd_drill', 'cmd_audit', 'cmd_dashboard', 'cmd_nightly', 'cmd_demo', 'cmd_drift',
+           'cmd_alerts', 'job_lease', 'ArgError', 'arg_number', 'arg_strength', 'arg_speed', 'arg_date', 'arg_window',
+           'arg_symbol', 'arg_symbols', 'arg_model_id', 'arg_name', 'arg_run_id', 'arg_ma_range', 'arg_existing_file',
+           'arg_existing_dir', 'arg_text', 'arg_out_dir', 'check_args', 'build_parser', 'main']
 
 # %% ../../nbs/20_cli.ipynb #47322f2d
 def _say(*a, **kw): print(*a, **kw, flush=True)
@@ -404,6 +404,16 @@ def cmd_drift(args) -> int:
     with Store(settings=s) as store: r = drift_report(store, args.run, s, bars=args.bars)
     _say(json.dumps(r.to_dict(), indent=1, default=str) if args.json else r.render())
     return 3 if r.level == 'red' else 0
+
+def cmd_alerts(args) -> int:
+    "Alerting: `test` sends a test notification through Alertmanager (settings monitor.alertmanager_url), routed like any alert of its severity."
+    from trader.live.monitor import send_test_alert
+    s = load_settings()
+    r = send_test_alert(s, args.severity)            # cannot reach Alertmanager: exit 1 naming its address
+    lab = r['alert']['labels']
+    _say(f"test alert {lab['alertname']} (severity {lab['severity']}, session {lab['session']}) accepted by Alertmanager at "
+         f"{s.monitor.alertmanager_url}; routed to {', '.join(r['receivers']) or 'no receiver'}; it resolves at {r['alert']['endsAt']}")
+    return 0
 
 # %% ../../nbs/20_cli.ipynb #2eda805e
 @contextlib.contextmanager
@@ -842,6 +852,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument('--pack', type=arg_existing_dir, help='verify: an exported pack instead of the store (needs only the public key)')
     sp.add_argument('--public-key', dest='public_key', type=arg_existing_file, metavar='PEM',
                     help='verify: pin this public key (default: the published keys in $TRADER_HOME/audit/keys/, or the one in the pack)')
+
+    sp = add('alerts', cmd_alerts, 'send a test notification through Alertmanager, the way alerts reach a person',
+             epilog='examples:\n  trader alerts test\n  trader alerts test --severity critical   (the route that pages)\n'
+                    'Alertmanager\'s address is the setting monitor.alertmanager_url (default http://127.0.0.1:9093); exit 1 if it cannot be reached')
+    sp.add_argument('action', choices=['test'])
+    sp.add_argument('--severity', choices=['critical', 'warning'], default='warning', help='the route the test takes (critical pages, warning makes a ticket)')
 
     sp = add('dashboard', cmd_dashboard, 'serve the Voila dashboard on localhost')
     sp.add_argument('--port', type=arg_port_number, default=8866)
