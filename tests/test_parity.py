@@ -6,7 +6,7 @@ from trader.core.config import load_settings
 from trader.core.data import load_sample
 from trader.core.quality import DataQualityGate
 from trader.core.store import Store
-from trader.research.train import train
+from trader.research.train import churn_model
 from trader.core.registry import Registry
 from trader.research.backtest import backtest
 from trader.research.holdout import holdout, overlaps_holdout
@@ -19,7 +19,9 @@ def prepared(tmp_path_factory):
     s = load_settings({'TRADER_HOME': str(home)}, train={'n_steps': 128, 'batch_size': 64, 'n_epochs': 2, 'checkpoint_every': 0})
     store = Store(settings=s)
     store.ingest(DataQualityGate(s.quality).check(load_sample(['AAPL', 'MSFT']), source='sample'))
-    mid = train('AAPL,MSFT', steps=1024, seed=0, settings=s, store=store, progress=False).model_id
+    # a model that trades by construction (buys when flat, sells when long, every asset every bar): a trained model's trades
+    # change with every change to training, and parity means little without orders
+    mid = churn_model(store, s, note='parity test: an order per asset every bar')
     Registry(store, s).set_champion(mid, 'parity test')
     return s, store, mid
 
@@ -30,8 +32,7 @@ WINDOWS = [('2006-01-03:2006-12-29', 'calm'), ('2011-05-02:2011-12-30', 'sell-of
 def test_paper_replay_equals_backtest(prepared, window, what, guardian):
     s, store, mid = prepared
     fees, slip = 5.0, 10.0            # not the defaults (1 / 2 bp)
-    # the plans' guardian limits (1.8% day drawdown, -$200 per $10k over 3 days): with them this small model is flattened and
-    # halted on 2011-08-08 in the sell-off (and in January of the calm year); on the holdout it trades throughout
+    # the plans' guardian limits (1.8% day drawdown, -$200 per $10k over 3 days): the guardian fires in the sell-off
     s2 = s.model_copy(update={'env': s.env.model_copy(update={'fees_bps': fees, 'slippage_bps': slip}),
                               'risk': s.risk.model_copy(update={'guardian': guardian, 'halt_resume_sessions': 0})})   # the plans' manual resume: a
     # firing halts to the end, on both sides (parity with research's resume after N sessions: tests/test_resume_policy.py)
@@ -55,5 +56,5 @@ def test_paper_replay_equals_backtest(prepared, window, what, guardian):
     assert (po.side.to_numpy() == bt.orders.side.to_numpy()).all()
     # the guardian's firing (or not) is the same on both sides
     assert bool(bt.metrics['guardian_fired']) == bool(out['state'].halted and out['state'].halt_reason.startswith('at the'))
-    if guardian and what.startswith('sell-off'): assert bt.metrics['guardian_fired'] == ['2011-08-08 00:00:00+00:00'], bt.metrics['guardian_fired']
-    if guardian: assert (bt.orders.tag == 'flatten').any() == bool(bt.metrics['guardian_fired'])
+    if guardian and what.startswith('sell-off'): assert bt.metrics['guardian_fired'], 'the guardian fires in the August 2011 sell-off'
+    if guardian: assert not (bt.orders.tag == 'flatten').any() or bt.metrics['guardian_fired']     # a flatten only when the guardian fired (it fires flat too: nothing to close)
